@@ -1,0 +1,240 @@
+"""Model loading: one function, :func:`load_checkpoint`, for whatever the user typed as MODEL.
+
+Accepted: a Hugging Face checkpoint folder, a ``.gguf`` file, ``demo``, or a Hub id (only where the
+Hub is reachable). Every input ends up as a Hugging Face folder (safetensors + config + tokenizer);
+a GGUF is converted once into the cache so later loads are memory maps.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .config import ModelConfig
+from .demo import cache_dir, demo_gguf
+from .errors import UserError
+from .progress import log
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+OPTIONAL_FILES = ("generation_config.json", "special_tokens_map.json", "vocab.json", "merges.txt")
+
+
+class WeightStore:
+    """Read-only access to a checkpoint's tensors by name, memory-mapped from ``*.safetensors``.
+
+    Tensors are returned as float32 torch tensors (converted on access); nothing is read from disk
+    until a tensor is asked for, so a part of a 7B model can be processed without loading the rest.
+    A tied checkpoint has no ``lm_head.weight``: it is served from ``model.embed_tokens.weight``.
+    """
+
+    def __init__(self, folder: Path, tie_word_embeddings: bool):
+        from safetensors import safe_open
+
+        files = sorted(folder.glob("*.safetensors"))
+        if not files:
+            raise UserError(f"{folder}: no *.safetensors weights in this folder")
+        self._handles = {}
+        self._where: dict[str, Path] = {}
+        for f in files:
+            try:
+                h = safe_open(str(f), framework="pt")
+            except Exception as e:  # safetensors raises its own error types
+                raise UserError(f"{f}: cannot read safetensors file ({e})") from None
+            self._handles[f] = h
+            for k in h.keys():
+                self._where[k] = f
+        self.tie_word_embeddings = tie_word_embeddings
+
+    def names(self) -> list[str]:
+        return list(self._where)
+
+    def _resolve(self, name: str) -> str:
+        if name not in self._where and name == "lm_head.weight" and self.tie_word_embeddings:
+            return "model.embed_tokens.weight"
+        return name
+
+    def __contains__(self, name: str) -> bool:
+        return self._resolve(name) in self._where
+
+    def get(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The tensor ``name`` as ``dtype``. Raises UserError when the checkpoint lacks it."""
+        key = self._resolve(name)
+        if key not in self._where:
+            raise UserError(f"checkpoint has no tensor {name!r}; is this a complete Qwen2 checkpoint?")
+        return self._handles[self._where[key]].get_tensor(key).to(dtype)
+
+    def nbytes(self, name: str, bytes_per_element: int) -> int:
+        """Bytes of ``name`` at ``bytes_per_element`` (shape read from the header, no data read)."""
+        key = self._resolve(name)
+        shape = self._handles[self._where[key]].get_slice(key).get_shape()
+        n = 1
+        for s in shape:
+            n *= s
+        return n * bytes_per_element
+
+
+@dataclass
+class Checkpoint:
+    """A Qwen2 checkpoint as a Hugging Face folder.
+
+    Attributes:
+        path: the folder (config.json, *.safetensors, tokenizer.json, tokenizer_config.json).
+        config: the parsed model configuration.
+        generation_config: ``generation_config.json`` as a dict ({} when absent).
+        source: what the user typed (for messages and the manifest).
+    """
+
+    path: Path
+    config: ModelConfig
+    generation_config: dict = field(default_factory=dict)
+    source: str = ""
+    _weights: WeightStore | None = None
+
+    @property
+    def weights(self) -> WeightStore:
+        if self._weights is None:
+            self._weights = WeightStore(self.path, self.config.tie_word_embeddings)
+        return self._weights
+
+    def load_tokenizer(self):
+        """The checkpoint's own tokenizer (``transformers`` fast tokenizer with its chat template)."""
+        from .tokenizer import Tokenizer
+
+        return Tokenizer.from_folder(self.path, self.config, self.generation_config)
+
+    def load_transformers_model(self):
+        """The independent reference: ``transformers``' ``Qwen2ForCausalLM`` in fp32, eval mode."""
+        from transformers import Qwen2ForCausalLM
+
+        return Qwen2ForCausalLM.from_pretrained(self.path, dtype=torch.float32).eval()
+
+
+def load_checkpoint(spec: str | os.PathLike) -> Checkpoint:
+    """Resolve MODEL (folder, ``.gguf`` file, ``demo`` or Hub id) to a :class:`Checkpoint`.
+
+    Raises:
+        UserError: the path does not exist, is not a Qwen2 checkpoint, has no weights or tokenizer,
+            the GGUF cannot be read, the demo packages are missing, or the Hub is unreachable.
+    """
+    text = str(spec)
+    if text == "demo":
+        gguf = demo_gguf()
+        folder = _gguf_to_folder(gguf, key="demo-" + gguf.name)
+        return _open_folder(folder, source="demo")
+    path = Path(text).expanduser()
+    if path.is_dir():
+        return _open_folder(path, source=text)
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise UserError(f"{path}: a file MODEL must be a .gguf file; otherwise pass a checkpoint folder")
+        return _open_folder(_gguf_to_folder(path), source=text)
+    if _looks_like_hub_id(text):
+        return _open_folder(_download_from_hub(text), source=text)
+    raise UserError(f"{text}: no such file or folder (MODEL is a checkpoint folder, a .gguf file, 'demo' or a Hub id)")
+
+
+def _open_folder(folder: Path, source: str) -> Checkpoint:
+    if not (folder / "config.json").exists():
+        raise UserError(f"{folder}: no config.json; a checkpoint folder needs config.json, *.safetensors and tokenizer files")
+    config = ModelConfig.from_file(folder / "config.json")
+    if not any(folder.glob("*.safetensors")):
+        raise UserError(f"{folder}: no *.safetensors weights in this folder")
+    missing = [f for f in TOKENIZER_FILES if not (folder / f).exists()]
+    if missing:
+        raise UserError(f"{folder}: missing {', '.join(missing)}; copy the tokenizer files next to config.json")
+    gen = {}
+    if (folder / "generation_config.json").exists():
+        gen = json.loads((folder / "generation_config.json").read_text())
+    return Checkpoint(path=folder, config=config, generation_config=gen, source=source)
+
+
+def _gguf_to_folder(gguf: Path, key: str | None = None) -> Path:
+    """Convert a GGUF once into a Hugging Face folder in the cache (fp32 safetensors); returns it.
+
+    Dequantizing a GGUF through ``transformers`` takes tens of seconds; the folder makes every
+    later load a memory map. The conversion writes to a temporary folder and renames it when
+    complete, so an interrupted conversion is redone rather than half-used.
+    """
+    st = gguf.stat()
+    if key is None:
+        ident = f"{gguf.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()
+        key = f"{gguf.stem}-{hashlib.sha256(ident).hexdigest()[:12]}"
+    out = cache_dir() / "hf" / key
+    if (out / "config.json").exists():
+        return out
+    _check_gguf_architecture(gguf)
+    log(f"converting {gguf.name} to a Hugging Face folder in {out} (once; dequantizes to fp32)")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    except Exception as e:  # transformers raises many types for a bad GGUF
+        raise UserError(f"{gguf}: cannot load this GGUF ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    # transformers refuses save_pretrained on a GGUF-loaded model; write the dequantized tensors
+    # and the config ourselves (the config without its GGUF quantization block).
+    from safetensors.torch import save_file
+
+    tmp.mkdir(parents=True)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    cfg = model.config.to_dict()
+    cfg.pop("quantization_config", None)
+    cfg["architectures"] = ["Qwen2ForCausalLM"]
+    (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+    tok.save_pretrained(tmp)
+    model.generation_config.save_pretrained(tmp)
+    del model
+    tmp.rename(out)
+    return out
+
+
+def _check_gguf_architecture(gguf: Path) -> None:
+    try:
+        from gguf import GGUFReader
+
+        reader = GGUFReader(str(gguf), "r")
+        field_ = reader.fields.get("general.architecture")
+        arch = bytes(field_.parts[field_.data[0]]).decode() if field_ else None
+    except Exception as e:
+        raise UserError(f"{gguf}: not a readable GGUF file ({type(e).__name__}: {str(e)[:120]})") from None
+    if arch != "qwen2":
+        raise UserError(f"{gguf}: GGUF architecture is {arch!r}, not 'qwen2'; qwen-ondevice only converts Qwen2 models")
+
+
+def _looks_like_hub_id(text: str) -> bool:
+    parts = text.split("/")
+    return len(parts) == 2 and all(parts) and not text.startswith((".", "/", "~"))
+
+
+def _download_from_hub(repo_id: str) -> Path:
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or not _hub_reachable():
+        raise UserError(
+            f"{repo_id}: no such local folder and the Hugging Face Hub is not reachable from this "
+            "machine; download the checkpoint elsewhere and pass its local folder"
+        )
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.txt"]))
+    except Exception as e:
+        raise UserError(f"{repo_id}: download from the Hub failed ({type(e).__name__}); pass a local folder") from None
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False

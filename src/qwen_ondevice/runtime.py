@@ -1,0 +1,55 @@
+"""Open whatever MODEL the user names as an engine plus tokenizer, choosing the backend."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from .engine import Engine
+from .errors import UserError
+from .tokenizer import Tokenizer
+
+BACKENDS = ("torch", "ort-cpu", "qnn-htp")
+
+
+@dataclass
+class Runtime:
+    """An engine over one backend, the tokenizer, and a name for the model (for the server)."""
+
+    engine: Engine
+    tokenizer: Tokenizer
+    model_name: str
+
+
+def is_bundle(path: str | Path) -> bool:
+    return (Path(path) / "manifest.json").is_file()
+
+
+def open_runtime(model: str, backend: str | None = None, context_length: int = 4096, prompt_length: int = 128) -> Runtime:
+    """MODEL (bundle folder, checkpoint folder, .gguf, ``demo``, Hub id) -> :class:`Runtime`.
+
+    A bundle runs on ``ort-cpu`` unless ``backend`` says otherwise; a checkpoint runs on ``torch``
+    with the given context length (a bundle's context length is fixed by its graphs).
+
+    Raises:
+        UserError: unknown backend, a backend that cannot run this MODEL, or a bad MODEL.
+    """
+    if backend is not None and backend not in BACKENDS:
+        raise UserError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if is_bundle(model):
+        from .bundle import open_bundle_runtime
+
+        return open_bundle_runtime(Path(model), backend or "ort-cpu")
+    if backend not in (None, "torch"):
+        raise UserError(f"backend {backend!r} runs an exported bundle; {model} is a checkpoint (use --backend torch or export it first)")
+    from .backends.torch_backend import TorchBackend
+    from .checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(model)
+    if context_length > ckpt.config.max_position_embeddings:
+        raise UserError(
+            f"context length {context_length} exceeds the checkpoint's max_position_embeddings {ckpt.config.max_position_embeddings}"
+        )
+    tok = ckpt.load_tokenizer()
+    engine = Engine(TorchBackend(ckpt, context_length=context_length), prompt_length=prompt_length)
+    return Runtime(engine=engine, tokenizer=tok, model_name=Path(str(model)).name or str(model))

@@ -1,0 +1,74 @@
+"""Shared fixtures: tiny random Qwen2 checkpoints (seconds) and the real demo model."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+
+
+@pytest.fixture(scope="session")
+def demo_checkpoint():
+    """The real demo model (Qwen2.5-Coder-0.5B-Instruct), assembled and converted once."""
+    from qwen_ondevice.checkpoint import load_checkpoint
+
+    return load_checkpoint("demo")
+
+
+def make_tiny_checkpoint(folder: Path, tokenizer_src: Path, *, tied: bool = False, layers: int = 3,
+                         heads: int = 4, kv_heads: int = 2, hidden: int = 64, ffn: int = 128,
+                         seed: int = 0, max_positions: int = 4096) -> Path:
+    """Write a random Qwen2 checkpoint with transformers' own classes and the demo tokenizer.
+
+    Weights are drawn with std 0.1 (biases too), so activations are far from zero and the
+    comparisons against transformers mean something.
+    """
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    vocab = 151936
+    cfg = Qwen2Config(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=max_positions,
+        rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=tied, initializer_range=0.1,
+        bos_token_id=151643, eos_token_id=151645, use_sliding_window=False,
+    )
+    model = Qwen2ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.1)
+            elif "norm" in name:
+                p.uniform_(0.5, 1.5)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder, safe_serialization=True)
+    for f in TOKENIZER_FILES:
+        if (tokenizer_src / f).exists():
+            shutil.copy(tokenizer_src / f, folder / f)
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [151645, 151643], "bos_token_id": 151643}))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_factory(tmp_path_factory, demo_checkpoint):
+    """Returns make(**kwargs) -> Path of a tiny random checkpoint (cached per kwargs)."""
+    made = {}
+
+    def make(**kw):
+        key = tuple(sorted(kw.items()))
+        if key not in made:
+            folder = tmp_path_factory.mktemp("tiny")
+            made[key] = make_tiny_checkpoint(folder, demo_checkpoint.path, **kw)
+        return made[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_path(tiny_factory):
+    return tiny_factory()
