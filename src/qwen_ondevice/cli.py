@@ -166,7 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _extra_commands():
     """Commands that live in their own modules (added as they are implemented)."""
-    return []
+    from . import export
+
+    return [export.register_cli]
 
 
 def main(argv: list[str] | None = None) -> int:

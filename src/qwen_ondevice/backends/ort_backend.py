@@ -1,0 +1,77 @@
+"""The ``ort-cpu`` backend: a bundle's ONNX parts on ONNX Runtime's CPU execution provider."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..engine import Backend, KVCache
+
+DTYPES = {"float32": np.float32, "float16": np.float16, "uint8": np.uint8, "uint16": np.uint16, "int32": np.int32}
+
+
+class OrtBackend(Backend):
+    """Runs each part's AR-N graph in order; the host owns KV cache, positions and mask.
+
+    One ``InferenceSession`` per part and AR, created lazily (a decode-only run never loads the
+    AR-128 graphs). Float inputs are cast to the graph's input dtype; logits come back float32.
+    """
+
+    name = "ort-cpu"
+
+    def __init__(self, manifest, providers: list | None = None, session_options=None):
+        import onnxruntime as ort
+
+        self.ort = ort
+        self.manifest = manifest
+        self.config = manifest.config
+        self.context_length = manifest.context_length
+        self.ar_lengths = tuple(manifest.ar_lengths)
+        self.kv_dtype = DTYPES[manifest.data["kv_cache"]["dtype"]]
+        self.providers = providers or ["CPUExecutionProvider"]
+        self.session_options = session_options
+        self._sessions: dict[tuple[int, int], object] = {}
+        self._input_types: dict[tuple[int, int], dict[str, np.dtype]] = {}
+
+    def session(self, part_index: int, ar: int):
+        key = (part_index, ar)
+        if key not in self._sessions:
+            part = self.manifest.parts[part_index]
+            path = self.manifest.graph_path(part, ar)
+            so = self.session_options or self.ort.SessionOptions()
+            s = self.ort.InferenceSession(str(path), sess_options=so, providers=self.providers)
+            self._sessions[key] = s
+            self._input_types[key] = {i["name"]: DTYPES[i["dtype"]] for i in part["graphs"][str(ar)]["inputs"]}
+        return self._sessions[key]
+
+    def forward(self, input_ids, attention_mask, cos, sin, cache: KVCache, n_past, n_valid, last_only=False):
+        AR = input_ids.shape[1]
+        P = self.context_length - AR
+        hidden = None
+        logits = None
+        for i, part in enumerate(self.manifest.parts):
+            sess = self.session(i, AR)
+            types = self._input_types[(i, AR)]
+            if part["embedding"]:
+                (hidden,) = sess.run(None, {"input_ids": input_ids.astype(np.int32)})
+                continue
+            feeds = {
+                "hidden_states_in": hidden,
+                "attention_mask": attention_mask.astype(types["attention_mask"], copy=False),
+                "position_ids_cos": cos.astype(types["position_ids_cos"], copy=False),
+                "position_ids_sin": sin.astype(types["position_ids_sin"], copy=False),
+            }
+            layers = range(*part["layers"])
+            for l in layers:
+                k, v = cache.past(l, P)
+                feeds[f"past_key_{l}_in"] = np.ascontiguousarray(k)
+                feeds[f"past_value_{l}_in"] = np.ascontiguousarray(v)
+            names = [o["name"] for o in part["graphs"][str(AR)]["outputs"]]
+            outs = dict(zip(names, sess.run(names, feeds)))
+            for l in layers:
+                cache.write(l, n_past, outs[f"past_key_{l}_out"], outs[f"past_value_{l}_out"], n_valid)
+            if part["head"]:
+                logits = outs["logits"]
+            else:
+                hidden = outs["hidden_states_out"]
+        rows = logits[0, n_valid - 1 : n_valid] if last_only else logits[0, :n_valid]
+        return rows.astype(np.float32)

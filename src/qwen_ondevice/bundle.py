@@ -1,0 +1,118 @@
+"""The bundle folder (DESIGN.md section 6): manifest schema, integrity check, opening it to run."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import ModelConfig
+from .demo import sha256_file
+from .errors import UserError
+from .modeling import PartSpec
+
+SCHEMA = "qwen-ondevice.bundle"
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+#: Files copied from the checkpoint (those present); the chat template travels inside
+#: tokenizer_config.json and, for newer tokenizers, also as chat_template.jinja.
+CHECKPOINT_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json",
+                    "chat_template.jinja", "special_tokens_map.json")
+
+
+@dataclass
+class Manifest:
+    """A parsed ``manifest.json`` (the raw dict is kept in ``data``)."""
+
+    root: Path
+    data: dict
+
+    @property
+    def config(self) -> ModelConfig:
+        return ModelConfig.from_dict({**self.data["model"]["config_json"]}, source=str(self.root / MANIFEST))
+
+    @property
+    def precision(self) -> str:
+        return self.data["precision"]
+
+    @property
+    def context_length(self) -> int:
+        return int(self.data["context_length"])
+
+    @property
+    def ar_lengths(self) -> list[int]:
+        return [int(a) for a in self.data["ar"]]
+
+    @property
+    def parts(self) -> list[dict]:
+        return self.data["parts"]
+
+    def part_specs(self) -> list[PartSpec]:
+        n = len(self.parts)
+        return [PartSpec.from_dict(p, n) for p in self.parts]
+
+    def graph_path(self, part: dict, ar: int) -> Path:
+        return self.root / part["graphs"][str(ar)]["file"]
+
+
+def read_manifest(root: Path, verify: bool = True) -> Manifest:
+    """Read and check ``root/manifest.json``.
+
+    Raises:
+        UserError: no manifest, invalid JSON, an unknown schema or version, or (``verify``) a
+            file that is missing or whose sha256 no longer matches.
+    """
+    path = root / MANIFEST
+    if not path.is_file():
+        raise UserError(f"{root}: not a bundle (no {MANIFEST}); create one with `qwen-ondevice export`")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: invalid JSON ({e})") from None
+    if data.get("schema") != SCHEMA or data.get("schema_version") != SCHEMA_VERSION:
+        raise UserError(
+            f"{path}: unknown manifest schema {data.get('schema')!r} version {data.get('schema_version')!r} "
+            f"(this qwen-ondevice reads {SCHEMA} version {SCHEMA_VERSION}); re-export the bundle"
+        )
+    m = Manifest(root, data)
+    if verify:
+        bad = verify_files(m)
+        if bad:
+            raise UserError(f"{root}: {len(bad)} file(s) fail their sha256 or are missing: {', '.join(bad[:5])}; re-export the bundle")
+    return m
+
+
+def verify_files(m: Manifest) -> list[str]:
+    """Relative paths of manifest files that are missing or whose sha256 differs."""
+    bad = []
+    for rel, info in m.data["files"].items():
+        p = m.root / rel
+        if not p.is_file() or p.stat().st_size != info["bytes"] or sha256_file(p) != info["sha256"]:
+            bad.append(rel)
+    return bad
+
+
+def open_bundle_runtime(root: Path, backend: str):
+    """A :class:`~qwen_ondevice.runtime.Runtime` over a bundle on ``ort-cpu`` or ``qnn-htp``.
+
+    Raises:
+        UserError: a bad bundle (see :func:`read_manifest`), or a backend it cannot run.
+    """
+    from .engine import Engine
+    from .runtime import Runtime
+    from .tokenizer import Tokenizer
+
+    m = read_manifest(root)
+    if backend == "torch":
+        raise UserError("the torch backend runs a checkpoint, not a bundle; pass the checkpoint folder or use --backend ort-cpu")
+    if backend == "ort-cpu":
+        from .backends.ort_backend import OrtBackend
+
+        be = OrtBackend(m)
+    else:
+        raise UserError(f"backend {backend!r} is not available for this bundle yet")
+    cfg = m.config
+    gen = json.loads((root / "generation_config.json").read_text()) if (root / "generation_config.json").exists() else {}
+    tok = Tokenizer.from_folder(root, cfg, gen)
+    engine = Engine(be, prompt_length=max(m.ar_lengths), mask_value=float(m.data["mask_value"]))
+    return Runtime(engine=engine, tokenizer=tok, model_name=root.name)

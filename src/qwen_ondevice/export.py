@@ -1,0 +1,310 @@
+"""``qwen-ondevice export``: checkpoint -> bundle folder, in resumable stages.
+
+Stages: ``files`` (config and tokenizer copied), ``plan`` (parts by weight bytes), one stage per
+part (its external-data file and its AR graphs), ``manifest`` (sha256 of every file, written
+last). Each finished stage is recorded in ``BUNDLE/.export/state.json`` (written atomically);
+a re-run with the same options skips finished stages, so an export killed at any point (even by
+SIGKILL) resumes from the last finished stage. ``--force`` starts over.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .bundle import CHECKPOINT_FILES, MANIFEST, SCHEMA, SCHEMA_VERSION
+from .checkpoint import Checkpoint, load_checkpoint
+from .demo import sha256_file
+from .errors import UserError
+from .modeling import MASK_VALUE, PartSpec
+from .plan import check_weights_present, describe_plan, part_bytes, plan_parts
+from .progress import log
+
+STATE_DIR = ".export"
+PRECISIONS = ("fp32", "fp16")
+
+
+@dataclass
+class ExportOptions:
+    """What ``export`` was asked for; a resume must be asked for the same."""
+
+    model: str
+    precision: str = "fp32"
+    prompt_length: int = 128
+    context_length: int = 4096
+    num_parts: int | None = None
+    max_part_bytes: int | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def ar_lengths(self) -> list[int]:
+        return [self.prompt_length, 1] if self.prompt_length != 1 else [1]
+
+
+class ExportState:
+    """The stamps of finished stages, in ``BUNDLE/.export/state.json``."""
+
+    def __init__(self, out: Path, options: ExportOptions):
+        self.path = out / STATE_DIR / "state.json"
+        self.options = asdict(options)
+        self.done: dict[str, dict] = {}
+
+    def load(self) -> bool:
+        """Load an earlier state; True when it exists and was made with the same options."""
+        if not self.path.exists():
+            return False
+        state = json.loads(self.path.read_text())
+        if state.get("options") != self.options:
+            return False
+        self.done = state.get("done", {})
+        return True
+
+    def mark(self, stage: str, info: dict | None = None) -> None:
+        self.done[stage] = info or {}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"options": self.options, "done": self.done}, indent=1))
+        os.replace(tmp, self.path)
+
+
+def prepare_output(out: Path, options: ExportOptions, force: bool) -> ExportState:
+    """Make ``out`` ready: new, resumable (same options) or, with ``force``, emptied.
+
+    Raises:
+        UserError: ``out`` is a file, or a non-empty folder that is not an export with the same
+            options (nothing is touched then).
+    """
+    state = ExportState(out, options)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: exists and is not a folder")
+    if force and out.exists():
+        shutil.rmtree(out)
+    if out.exists() and any(out.iterdir()):
+        if state.load():
+            log(f"resuming the export in {out} (finished: {', '.join(state.done) or 'nothing'})")
+            return state
+        what = "an export with other options" if (out / STATE_DIR).exists() or (out / MANIFEST).exists() else "other files"
+        raise UserError(f"{out}: folder holds {what}; choose another --out or pass --force to overwrite it")
+    out.mkdir(parents=True, exist_ok=True)
+    return state
+
+
+def check_options(options: ExportOptions, ckpt: Checkpoint) -> None:
+    """Raises UserError for an unknown precision, AR >= CL, or CL beyond the checkpoint."""
+    if options.precision not in PRECISIONS:
+        raise UserError(f"unknown precision {options.precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if options.prompt_length < 1 or options.prompt_length >= options.context_length:
+        raise UserError(
+            f"--prompt-length (AR) {options.prompt_length} must be at least 1 and below --context-length (CL) {options.context_length}"
+        )
+    if options.context_length > ckpt.config.max_position_embeddings:
+        raise UserError(
+            f"--context-length {options.context_length} exceeds what the checkpoint reaches "
+            f"(max_position_embeddings {ckpt.config.max_position_embeddings})"
+        )
+
+
+def export(options: ExportOptions, out: Path, force: bool = False) -> Path:
+    """Export ``options.model`` into the bundle folder ``out``; returns ``out``.
+
+    Works part by part: only one part's weights are in memory at a time (read from the
+    memory-mapped checkpoint), so peak RSS stays near the largest part's weights.
+
+    Raises:
+        UserError: bad options, a bad checkpoint, or an ``out`` folder holding something else.
+    """
+    ckpt = load_checkpoint(options.model)
+    check_options(options, ckpt)
+    state = prepare_output(out, options, force)
+    cfg = ckpt.config
+    timings = dict(state.done.get("timings", {}))
+
+    if "files" not in state.done:
+        t0 = time.perf_counter()
+        copy_checkpoint_files(ckpt.path, out)
+        state.mark("files", {"seconds": round(time.perf_counter() - t0, 2)})
+
+    if "plan" not in state.done:
+        check_weights_present(ckpt.weights, cfg)
+        parts = plan_parts(cfg, options.precision, options.num_parts, options.max_part_bytes)
+        state.mark("plan", {"parts": [p.to_dict() for p in parts]})
+    parts = [PartSpec.from_dict(p, len(state.done["plan"]["parts"])) for p in state.done["plan"]["parts"]]
+    log(f"[plan] {len(parts)} parts at {options.precision}:\n" + describe_plan(cfg, options.precision, parts))
+
+    (out / "onnx").mkdir(exist_ok=True)
+    for part in parts:
+        stage = f"part:{part.name}"
+        if stage in state.done:
+            log(f"[onnx] {part.name}: done earlier, skipped")
+            continue
+        t0 = time.perf_counter()
+        info = export_part(ckpt, part, options, out)
+        info["seconds"] = round(time.perf_counter() - t0, 2)
+        info["peak_rss_bytes"] = _peak_rss()
+        state.mark(stage, info)
+
+    write_manifest(out, ckpt, options, parts, state)
+    state.mark("manifest")
+    return out
+
+
+def export_part(ckpt: Checkpoint, part: PartSpec, options: ExportOptions, out: Path) -> dict:
+    """Write ``onnx/<part>.data`` and one graph per AR; returns the part's manifest entry.
+
+    Files are written under temporary names and renamed at the end, so a killed export never
+    leaves a file that looks finished.
+    """
+    from .onnx_graph import ExternalData, build_part_graph
+    import onnx
+
+    onnx_dir = out / "onnx"
+    data_name = f"{part.name}.data"
+    tmp_data = onnx_dir / (data_name + ".partial")
+    data = ExternalData(tmp_data)
+    data.location = data_name  # graphs reference the final name
+    graphs = {}
+    tmp_files = []
+    try:
+        for ar in options.ar_lengths:
+            log(f"[onnx] {part.name}: AR-{ar} graph (CL {options.context_length})")
+            model, inputs, outputs = build_part_graph(
+                ckpt.config, ckpt.weights, part, ar, options.context_length, data, options.precision
+            )
+            fname = f"{part.name}.ar{ar}.onnx"
+            tmp = onnx_dir / (fname + ".partial")
+            tmp.write_bytes(model.SerializeToString())
+            tmp_files.append((tmp, onnx_dir / fname))
+            graphs[str(ar)] = {
+                "file": f"onnx/{fname}",
+                "inputs": [i.to_dict() for i in inputs],
+                "outputs": [o.to_dict() for o in outputs],
+            }
+            del model
+    finally:
+        data.close()
+    for tmp, final in tmp_files:
+        os.replace(tmp, final)
+    os.replace(tmp_data, onnx_dir / data_name)
+    return {
+        **part.to_dict(),
+        "data": f"onnx/{data_name}",
+        "weight_bytes": data.nbytes,
+        "graphs": graphs,
+    }
+
+
+def copy_checkpoint_files(src: Path, out: Path) -> None:
+    """Copy config, tokenizer and generation config; the chat template is written into
+    ``tokenizer_config.json`` too when the checkpoint keeps it in ``chat_template.jinja``."""
+    for name in CHECKPOINT_FILES:
+        if (src / name).exists():
+            shutil.copy(src / name, out / name)
+    tc_path = out / "tokenizer_config.json"
+    jinja = src / "chat_template.jinja"
+    if tc_path.exists() and jinja.exists():
+        tc = json.loads(tc_path.read_text())
+        if not tc.get("chat_template"):
+            tc["chat_template"] = jinja.read_text()
+            tc_path.write_text(json.dumps(tc, indent=2, ensure_ascii=False))
+
+
+def tool_versions() -> dict:
+    import importlib.metadata as md
+
+    versions = {"python": platform.python_version()}
+    for pkg in ("qwen-ondevice", "torch", "transformers", "onnx", "onnxruntime", "onnxruntime-qnn", "numpy"):
+        try:
+            versions[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return versions
+
+
+def write_manifest(out: Path, ckpt: Checkpoint, options: ExportOptions, parts: list[PartSpec], state: ExportState) -> None:
+    """Write ``manifest.json`` last: config, precision, AR list, CL, parts with their I/O
+    signatures, tool versions and the sha256 of every file in the bundle."""
+    cfg = ckpt.config
+    float_dtype = "float16" if options.precision == "fp16" else "float32"
+    part_entries = []
+    for p in parts:
+        info = dict(state.done[f"part:{p.name}"])
+        info.pop("seconds", None)
+        info.pop("peak_rss_bytes", None)
+        info["planned_weight_bytes"] = part_bytes(cfg, options.precision, p)
+        part_entries.append(info)
+    files = {}
+    for path in sorted(out.rglob("*")):
+        rel = path.relative_to(out).as_posix()
+        if path.is_file() and not rel.startswith(STATE_DIR) and rel != MANIFEST:
+            files[rel] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+    kv_per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * (2 if float_dtype == "float16" else 4)
+    manifest = {
+        "schema": SCHEMA,
+        "schema_version": SCHEMA_VERSION,
+        "model": {
+            "source": ckpt.source,
+            "config": cfg.to_dict(),
+            "config_json": json.loads((out / "config.json").read_text()),
+        },
+        "precision": options.precision,
+        "ar": options.ar_lengths,
+        "context_length": options.context_length,
+        "mask_value": MASK_VALUE,
+        "kv_cache": {
+            "dtype": float_dtype,
+            "key_layout": "(KVH, 1, D, P)",
+            "value_layout": "(KVH, 1, P, D)",
+            "bytes_per_token": kv_per_token,
+        },
+        "io_names": {"hidden_in": "hidden_states_in", "hidden_out": "hidden_states_out"},
+        "parts": part_entries,
+        "export": {"stages": {k: v for k, v in state.done.items() if k.startswith("part:") or k == "files"}},
+        "tools": tool_versions(),
+        "files": files,
+    }
+    tmp = out / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1))
+    os.replace(tmp, out / MANIFEST)
+    log(f"[manifest] {out / MANIFEST}: {len(files)} files, {sum(f['bytes'] for f in files.values()) / 1e6:.1f} MB")
+
+
+def _peak_rss() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def register_cli(sub) -> None:
+    """Add ``export`` to the CLI's subparsers."""
+    p = sub.add_parser("export", help="export MODEL to an on-device bundle folder")
+    p.add_argument("model", metavar="MODEL", help="checkpoint folder, .gguf file, 'demo' or a Hub id")
+    p.add_argument("--out", required=True, type=Path, help="the bundle folder to write")
+    p.add_argument("--precision", default="fp32", choices=PRECISIONS)
+    p.add_argument("--prompt-length", type=int, default=128, help="AR of the prompt processor (default 128)")
+    p.add_argument("--context-length", type=int, default=4096, help="CL (default 4096)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--num-parts", type=int, help="total parts, embedding included")
+    g.add_argument("--max-part-bytes", type=int, help="cap on a part's weight bytes (default 1 GiB)")
+    p.add_argument("--force", action="store_true", help="overwrite the --out folder and start over")
+    p.set_defaults(func=_cmd_export)
+
+
+def _cmd_export(args) -> int:
+    options = ExportOptions(
+        model=str(args.model),
+        precision=args.precision,
+        prompt_length=args.prompt_length,
+        context_length=args.context_length,
+        num_parts=args.num_parts,
+        max_part_bytes=args.max_part_bytes,
+    )
+    t0 = time.perf_counter()
+    out = export(options, args.out, force=args.force)
+    log(f"exported {options.model} to {out} in {time.perf_counter() - t0:.1f} s")
+    print(out)
+    return 0
