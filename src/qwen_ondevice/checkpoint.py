@@ -35,22 +35,32 @@ class WeightStore:
     """
 
     def __init__(self, folder: Path, tie_word_embeddings: bool):
-        from safetensors import safe_open
-
         files = sorted(folder.glob("*.safetensors"))
         if not files:
             raise UserError(f"{folder}: no *.safetensors weights in this folder")
         self._handles = {}
         self._where: dict[str, Path] = {}
         for f in files:
-            try:
-                h = safe_open(str(f), framework="pt")
-            except Exception as e:  # safetensors raises its own error types
-                raise UserError(f"{f}: cannot read safetensors file ({e})") from None
-            self._handles[f] = h
-            for k in h.keys():
+            for k in self._handle(f).keys():
                 self._where[k] = f
         self.tie_word_embeddings = tie_word_embeddings
+
+    def _handle(self, f: Path):
+        if f not in self._handles:
+            from safetensors import safe_open
+
+            try:
+                self._handles[f] = safe_open(str(f), framework="pt")
+            except Exception as e:  # safetensors raises its own error types
+                raise UserError(f"{f}: cannot read safetensors file ({e})") from None
+        return self._handles[f]
+
+    def release(self) -> None:
+        """Unmap the files (their pages stop counting in RSS); they reopen on the next access.
+
+        Export calls this after each part, so the memory map of a 7B checkpoint never holds more
+        than about one part's pages resident."""
+        self._handles.clear()
 
     def names(self) -> list[str]:
         return list(self._where)
@@ -68,12 +78,12 @@ class WeightStore:
         key = self._resolve(name)
         if key not in self._where:
             raise UserError(f"checkpoint has no tensor {name!r}; is this a complete Qwen2 checkpoint?")
-        return self._handles[self._where[key]].get_tensor(key).to(dtype)
+        return self._handle(self._where[key]).get_tensor(key).to(dtype)
 
     def nbytes(self, name: str, bytes_per_element: int) -> int:
         """Bytes of ``name`` at ``bytes_per_element`` (shape read from the header, no data read)."""
         key = self._resolve(name)
-        shape = self._handles[self._where[key]].get_slice(key).get_shape()
+        shape = self._handle(self._where[key]).get_slice(key).get_shape()
         n = 1
         for s in shape:
             n *= s

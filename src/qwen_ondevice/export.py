@@ -144,9 +144,11 @@ def export(options: ExportOptions, out: Path, force: bool = False) -> Path:
             continue
         t0 = time.perf_counter()
         info = export_part(ckpt, part, options, out)
+        ckpt.weights.release()
         info["seconds"] = round(time.perf_counter() - t0, 2)
         info["peak_rss_bytes"] = _peak_rss()
         state.mark(stage, info)
+        _stage_delay()
 
     write_manifest(out, ckpt, options, parts, state)
     state.mark("manifest")
@@ -271,6 +273,14 @@ def write_manifest(out: Path, ckpt: Checkpoint, options: ExportOptions, parts: l
     tmp.write_text(json.dumps(manifest, indent=1))
     os.replace(tmp, out / MANIFEST)
     log(f"[manifest] {out / MANIFEST}: {len(files)} files, {sum(f['bytes'] for f in files.values()) / 1e6:.1f} MB")
+
+
+def _stage_delay() -> None:
+    """Sleep ``$QWEN_ONDEVICE_EXPORT_STAGE_DELAY`` seconds after a stage (lets tests kill an
+    export between stages deterministically)."""
+    delay = float(os.environ.get("QWEN_ONDEVICE_EXPORT_STAGE_DELAY", "0") or 0)
+    if delay > 0:
+        time.sleep(delay)
 
 
 def _peak_rss() -> int:

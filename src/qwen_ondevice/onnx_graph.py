@@ -158,7 +158,7 @@ class WeightSource:
         if scale != 1.0:
             t = t * scale
         a = t.numpy()
-        return np.ascontiguousarray(a.T if transpose else a).astype(self.dtype)
+        return np.ascontiguousarray(a.T if transpose else a).astype(self.dtype, copy=False)
 
 
 def _rms_norm(b: GraphBuilder, x: str, weight_name: str, ws: WeightSource, eps: float) -> str:

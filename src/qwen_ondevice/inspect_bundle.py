@@ -1,0 +1,104 @@
+"""``qwen-ondevice inspect BUNDLE``: what is in a bundle, and whether its files are intact."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+from .bundle import read_manifest, verify_files
+
+
+def op_histogram(path: Path) -> dict[str, int]:
+    """Op-type counts of an ONNX graph (external data is not loaded)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return dict(sorted(Counter(n.op_type for n in model.graph.node).items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def inspect_bundle(root: Path) -> dict:
+    """A report dict: parts (files, bytes, graphs with I/O and op histograms), KV-cache bytes
+    per token and at full context, weight bytes per generated token, and the files whose
+    sha256 no longer matches (``bad_files``; empty when intact)."""
+    m = read_manifest(root, verify=False)
+    cfg = m.config
+    parts = []
+    for part in m.parts:
+        graphs = {}
+        for ar, g in part["graphs"].items():
+            graphs[ar] = {
+                "file": g["file"],
+                "bytes": (root / g["file"]).stat().st_size,
+                "inputs": g["inputs"],
+                "outputs": g["outputs"],
+                "ops": op_histogram(root / g["file"]),
+            }
+        parts.append({
+            "name": part["name"],
+            "layers": part["layers"],
+            "embedding": part["embedding"],
+            "head": part["head"],
+            "data": part["data"],
+            "data_bytes": (root / part["data"]).stat().st_size,
+            "weight_bytes": part["weight_bytes"],
+            "graphs": graphs,
+        })
+    kv_token = int(m.data["kv_cache"]["bytes_per_token"])
+    weight_bytes = sum(p["weight_bytes"] for p in parts)
+    # Decoding reads every decoder weight once per token; the embedding part reads one row.
+    emb = next((p["weight_bytes"] for p in parts if p["embedding"]), 0)
+    read_per_token = weight_bytes - emb + emb // cfg.vocab_size
+    return {
+        "bundle": str(root),
+        "precision": m.precision,
+        "ar": m.ar_lengths,
+        "context_length": m.context_length,
+        "model": {"source": m.data["model"]["source"], **cfg.to_dict()},
+        "parts": parts,
+        "weight_bytes": weight_bytes,
+        "kv_cache_bytes_per_token": kv_token,
+        "kv_cache_bytes_full_context": kv_token * m.context_length,
+        "bytes_read_per_token_full_context": read_per_token + kv_token * m.context_length,
+        "files": len(m.data["files"]),
+        "bad_files": verify_files(m),
+    }
+
+
+def format_report(r: dict) -> str:
+    mb = lambda b: f"{b / 1e6:.1f} MB"  # noqa: E731
+    lines = [
+        f"bundle {r['bundle']}: {r['model']['source']}, precision {r['precision']}, AR {r['ar']}, CL {r['context_length']}",
+        f"weights {mb(r['weight_bytes'])}; KV cache {r['kv_cache_bytes_per_token']} B/token, "
+        f"{mb(r['kv_cache_bytes_full_context'])} at full context; "
+        f"read per generated token at full context {mb(r['bytes_read_per_token_full_context'])}",
+    ]
+    for p in r["parts"]:
+        what = "embedding" if p["embedding"] else f"layers {p['layers'][0]}-{p['layers'][1] - 1}" + (" + head" if p["head"] else "")
+        lines.append(f"\n{p['name']} ({what}): weights {mb(p['weight_bytes'])}, {p['data']} {mb(p['data_bytes'])}")
+        for ar, g in p["graphs"].items():
+            lines.append(f"  AR-{ar}: {g['file']} ({g['bytes']} B)")
+            for kind in ("inputs", "outputs"):
+                io = g[kind]
+                shown = io if len(io) <= 8 else io[:6] + [{"name": f"... {len(io) - 7} more", "shape": [], "dtype": ""}] + io[-1:]
+                lines.append(f"    {kind}: " + ", ".join(f"{x['name']} {tuple(x['shape'])} {x['dtype']}".strip() for x in shown))
+            lines.append("    ops: " + ", ".join(f"{k} {v}" for k, v in g["ops"].items()))
+    lines.append("")
+    if r["bad_files"]:
+        lines.append(f"INTEGRITY: {len(r['bad_files'])} of {r['files']} files fail their sha256: {', '.join(r['bad_files'])}")
+    else:
+        lines.append(f"integrity: all {r['files']} files match their sha256")
+    return "\n".join(lines)
+
+
+def register_cli(sub) -> None:
+    p = sub.add_parser("inspect", help="parts, graphs, sizes, op histograms and integrity of a bundle")
+    p.add_argument("bundle", type=Path, metavar="BUNDLE")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=_cmd_inspect)
+
+
+def _cmd_inspect(args) -> int:
+    r = inspect_bundle(args.bundle)
+    print(json.dumps(r, indent=1) if args.json else format_report(r))
+    return 1 if r["bad_files"] else 0

@@ -1,0 +1,271 @@
+"""Export issue: ONNX parts vs the torch adapted graph, shared weights, ORT backend, resume, refusals."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from qwen_ondevice.bundle import read_manifest
+from qwen_ondevice.checkpoint import load_checkpoint
+from qwen_ondevice.cli import main
+from qwen_ondevice.engine import Engine
+from qwen_ondevice.export import ExportOptions, export
+from qwen_ondevice.modeling import build_part
+from qwen_ondevice.runtime import open_runtime
+
+AR, CL = 8, 64
+
+
+@pytest.fixture(scope="module")
+def tiny_bundle(tiny_factory, tmp_path_factory):
+    ckpt = tiny_factory(layers=3)
+    out = tmp_path_factory.mktemp("bundle") / "b"
+    export(ExportOptions(model=str(ckpt), prompt_length=AR, context_length=CL, num_parts=3), out)
+    return ckpt, out
+
+
+def _random_inputs(spec: dict, rng) -> dict[str, np.ndarray]:
+    feeds = {}
+    for i in spec["inputs"]:
+        shape = tuple(i["shape"])
+        if i["name"] == "input_ids":
+            feeds[i["name"]] = rng.integers(0, 151936, size=shape).astype(np.int32)
+        elif i["name"] == "attention_mask":
+            m = np.where(rng.random(shape) < 0.3, -1.0e4, 0.0).astype(np.float32)
+            m[..., -1] = 0.0  # every row sees something
+            feeds[i["name"]] = m
+        elif i["name"].startswith("position_ids"):
+            ang = rng.random(shape) * 6.28
+            feeds[i["name"]] = (np.cos(ang) if i["name"].endswith("cos") else np.sin(ang)).astype(np.float32)
+        else:
+            feeds[i["name"]] = rng.normal(0, 1, size=shape).astype(np.float32)
+    return feeds
+
+
+def test_each_part_and_ar_matches_torch(tiny_bundle):
+    import onnxruntime as ort
+
+    ckpt_path, out = tiny_bundle
+    ckpt = load_checkpoint(ckpt_path)
+    m = read_manifest(out)
+    rng = np.random.default_rng(0)
+    assert m.ar_lengths == [AR, 1]
+    for spec in m.part_specs():
+        module = build_part(ckpt.config, ckpt.weights, spec)
+        part = m.parts[spec.index - 1]
+        for ar in m.ar_lengths:
+            g = part["graphs"][str(ar)]
+            feeds = _random_inputs(g, rng)
+            sess = ort.InferenceSession(str(out / g["file"]), providers=["CPUExecutionProvider"])
+            names = [o["name"] for o in g["outputs"]]
+            got = dict(zip(names, sess.run(names, feeds)))
+            with torch.no_grad():
+                if spec.embedding:
+                    ref = {"hidden_states_out": module(torch.from_numpy(feeds["input_ids"]))}
+                else:
+                    t = {k: torch.from_numpy(v) for k, v in feeds.items()}
+                    L = list(spec.layers)
+                    y, ks, vs = module(t["hidden_states_in"], t["attention_mask"], t["position_ids_cos"],
+                                       t["position_ids_sin"], [t[f"past_key_{l}_in"] for l in L],
+                                       [t[f"past_value_{l}_in"] for l in L])
+                    ref = {("logits" if spec.head else "hidden_states_out"): y}
+                    for l, k, v in zip(L, ks, vs):
+                        ref[f"past_key_{l}_out"], ref[f"past_value_{l}_out"] = k, v
+            assert set(ref) == set(got)
+            for name, r in ref.items():
+                np.testing.assert_allclose(got[name], r.numpy(), atol=1e-4, rtol=0, err_msg=f"{spec.name} AR-{ar} {name}")
+
+
+def test_graph_io_names_follow_contract(tiny_bundle):
+    _, out = tiny_bundle
+    m = read_manifest(out)
+    first, middle, last = m.parts
+    assert [i["name"] for i in first["graphs"]["1"]["inputs"]] == ["input_ids"]
+    assert first["graphs"]["1"]["inputs"][0]["dtype"] == "int32"
+    names = [i["name"] for i in middle["graphs"][str(AR)]["inputs"]]
+    assert names[:4] == ["hidden_states_in", "attention_mask", "position_ids_cos", "position_ids_sin"]
+    l0 = middle["layers"][0]
+    shapes = {i["name"]: tuple(i["shape"]) for i in middle["graphs"][str(AR)]["inputs"]}
+    cfg = m.config
+    assert shapes["attention_mask"] == (1, 1, AR, CL)
+    assert shapes[f"past_key_{l0}_in"] == (cfg.num_key_value_heads, 1, cfg.head_dim, CL - AR)
+    assert shapes[f"past_value_{l0}_in"] == (cfg.num_key_value_heads, 1, CL - AR, cfg.head_dim)
+    outs = {o["name"]: tuple(o["shape"]) for o in last["graphs"]["1"]["outputs"]}
+    assert outs["logits"] == (1, 1, cfg.vocab_size)
+    L = cfg.num_hidden_layers - 1
+    assert outs[f"past_key_{L}_out"] == (cfg.num_key_value_heads, 1, cfg.head_dim, 1)
+    assert outs[f"past_value_{L}_out"] == (cfg.num_key_value_heads, 1, 1, cfg.head_dim)
+
+
+def test_both_graphs_share_one_weights_file(tiny_bundle):
+    ckpt_path, out = tiny_bundle
+    m = read_manifest(out)
+    for part in m.parts:
+        locations = set()
+        for g in part["graphs"].values():
+            model = onnx.load(str(out / g["file"]), load_external_data=False)
+            for init in model.graph.initializer:
+                if init.data_location == onnx.TensorProto.EXTERNAL:
+                    locations.add({e.key: e.value for e in init.external_data}["location"])
+        assert locations == {Path(part["data"]).name}
+    # total weight bytes within 1% of one copy of the checkpoint's fp32 weights
+    from safetensors import safe_open
+
+    one_copy = 0
+    with safe_open(str(Path(ckpt_path) / "model.safetensors"), "pt") as f:
+        for k in f.keys():
+            one_copy += f.get_tensor(k).numel() * 4
+    data_bytes = sum((out / p["data"]).stat().st_size for p in m.parts)
+    assert abs(data_bytes - one_copy) / one_copy < 0.01
+
+
+def test_ort_backend_matches_transformers_logits(tiny_bundle):
+    ckpt_path, out = tiny_bundle
+    rt = open_runtime(str(out))
+    assert rt.engine.backend.name == "ort-cpu"
+    hf = load_checkpoint(ckpt_path).load_transformers_model()
+    ids = list(np.random.default_rng(1).integers(0, 151936, size=3 * AR + 3))
+    for n in (AR - 1, AR, AR + 1, 2 * AR - 1, 2 * AR, 2 * AR + 1, 3 * AR + 3):
+        got = rt.engine.logits_all(ids[:n])
+        with torch.no_grad():
+            ref = hf(torch.tensor([ids[:n]])).logits[0].numpy()
+        np.testing.assert_allclose(got, ref, atol=1e-4, rtol=0, err_msg=f"prompt length {n}")
+
+
+def test_ort_kv_cached_greedy_equals_full_recompute(tiny_bundle):
+    ckpt_path, out = tiny_bundle
+    rt = open_runtime(str(out))
+    hf = load_checkpoint(ckpt_path).load_transformers_model()
+    prompt = [151644, 872, 198, 6023, 151645]
+    logits = rt.engine.prefill(prompt)
+    seq = list(prompt)
+    cached = []
+    for _ in range(50):
+        t = int(np.argmax(logits))
+        cached.append(t)
+        seq.append(t)
+        logits = rt.engine.feed([t])
+    seq = list(prompt)
+    recomputed = []
+    with torch.no_grad():
+        for _ in range(50):
+            t = int(hf(torch.tensor([seq])).logits[0, -1].argmax())
+            recomputed.append(t)
+            seq.append(t)
+    assert cached == recomputed
+
+
+def test_fp16_bundle_close_to_fp32(tiny_factory, tmp_path):
+    ckpt = tiny_factory(layers=3)
+    out = tmp_path / "fp16"
+    export(ExportOptions(model=str(ckpt), precision="fp16", prompt_length=AR, context_length=CL, num_parts=2), out)
+    m = read_manifest(out)
+    assert m.data["kv_cache"]["dtype"] == "float16"
+    assert all(i["dtype"] == "float16" for i in m.parts[1]["graphs"]["1"]["inputs"] if i["name"] != "input_ids")
+    rt = open_runtime(str(out))
+    hf = load_checkpoint(ckpt).load_transformers_model()
+    ids = list(range(1000, 1000 + 2 * AR + 1))
+    got = rt.engine.logits_all(ids)
+    with torch.no_grad():
+        ref = hf(torch.tensor([ids])).logits[0].numpy()
+    assert np.abs(got - ref).max() < 0.05 * np.abs(ref).max()
+    assert (got.argmax(-1) == ref.argmax(-1)).mean() > 0.9
+    fp16_bytes = sum((out / p["data"]).stat().st_size for p in m.parts)
+    assert fp16_bytes < 0.51 * sum(os.path.getsize(p) for p in Path(ckpt).glob("*.safetensors"))
+
+
+def _files_sha(out: Path) -> dict:
+    return json.loads((out / "manifest.json").read_text())["files"]
+
+
+def test_resume_after_sigkill_gives_same_files(tiny_factory, tmp_path):
+    ckpt = str(tiny_factory(layers=4))
+    args = [ckpt, "--prompt-length", str(AR), "--context-length", str(CL), "--num-parts", "4"]
+    ref = tmp_path / "ref"
+    assert main(["--quiet", "export", *args, "--out", str(ref)]) == 0
+    out = tmp_path / "killed"
+    env = dict(os.environ, QWEN_ONDEVICE_EXPORT_STAGE_DELAY="1.5")
+    proc = subprocess.Popen([sys.executable, "-m", "qwen_ondevice.cli", "export", *args, "--out", str(out)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = out / ".export" / "state.json"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if state.exists() and "part:part_2_of_4" in json.loads(state.read_text())["done"]:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = json.loads(state.read_text())["done"]
+    assert "part:part_2_of_4" in done and "manifest" not in done  # killed between stages
+    assert not (out / "manifest.json").exists()
+    assert main(["--quiet", "export", *args, "--out", str(out)]) == 0
+    assert _files_sha(out) == _files_sha(ref)
+
+
+def _one_line_error(capsys, argv) -> str:
+    code = main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith("error:"), err
+    return err[0]
+
+
+def test_refusals(tiny_bundle, tiny_factory, tmp_path, capsys):
+    ckpt = str(tiny_factory(layers=3))
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep me")
+    msg = _one_line_error(capsys, ["--quiet", "export", ckpt, "--out", str(other)])
+    assert "--force" in msg and (other / "notes.txt").read_text() == "keep me"
+    assert sorted(p.name for p in other.iterdir()) == ["notes.txt"]
+
+    msg = _one_line_error(capsys, ["--quiet", "export", ckpt, "--out", str(tmp_path / "x"), "--prompt-length", "64", "--context-length", "64"])
+    assert "prompt-length" in msg and not (tmp_path / "x").exists()
+    msg = _one_line_error(capsys, ["--quiet", "export", ckpt, "--out", str(tmp_path / "y"), "--context-length", "8192"])
+    assert "max_position_embeddings 4096" in msg and not (tmp_path / "y").exists()
+
+    # a bundle whose file fails its sha256
+    _, good = tiny_bundle
+    bad = tmp_path / "bad"
+    subprocess.run(["cp", "-r", str(good), str(bad)], check=True)
+    with open(bad / "onnx" / "part_2_of_3.data", "r+b") as f:
+        f.seek(100)
+        f.write(b"\x01\x02\x03\x04")
+    msg = _one_line_error(capsys, ["--quiet", "generate", str(bad), "--prompt", "hi"])
+    assert "sha256" in msg and "part_2_of_3.data" in msg
+    # an unknown manifest schema
+    m = json.loads((good / "manifest.json").read_text())
+    m["schema_version"] = 99
+    bad2 = tmp_path / "bad2"
+    subprocess.run(["cp", "-r", str(good), str(bad2)], check=True)
+    (bad2 / "manifest.json").write_text(json.dumps(m))
+    msg = _one_line_error(capsys, ["--quiet", "inspect", str(bad2)])
+    assert "schema" in msg
+
+
+def test_inspect_reports_parts_ops_and_integrity(tiny_bundle, capsys):
+    from qwen_ondevice.inspect_bundle import inspect_bundle
+
+    _, out = tiny_bundle
+    r = inspect_bundle(out)
+    cfg = read_manifest(out).config
+    assert r["bad_files"] == []
+    assert [p["name"] for p in r["parts"]] == ["part_1_of_3", "part_2_of_3", "part_3_of_3"]
+    layers_in_part2 = r["parts"][1]["layers"][1] - r["parts"][1]["layers"][0]
+    assert r["parts"][1]["graphs"]["1"]["ops"]["Softmax"] == layers_in_part2
+    assert r["parts"][1]["graphs"][str(AR)]["ops"]["MatMul"] == 9 * layers_in_part2  # 7 projections + 2 attention
+    assert r["kv_cache_bytes_per_token"] == 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 4
+    assert r["kv_cache_bytes_full_context"] == r["kv_cache_bytes_per_token"] * CL
+    assert main(["inspect", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "all" in text and "match their sha256" in text and "part_3_of_3" in text
