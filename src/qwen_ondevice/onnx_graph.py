@@ -162,15 +162,10 @@ class WeightSource:
 
 
 def _rms_norm(b: GraphBuilder, x: str, weight_name: str, ws: WeightSource, eps: float) -> str:
-    """RMSNorm in fp32 (upcast like transformers), then cast back and scale by the weight."""
-    x32 = b.op("Cast", [x], to=TensorProto.FLOAT) if b.T != TensorProto.FLOAT else x
-    sq = b.op("Mul", [x32, x32])
-    ms = b.op("ReduceMean", [sq, b.const("axes", np.array([-1], np.int64))], keepdims=1)
-    rstd = b.op("Reciprocal", [b.op("Sqrt", [b.op("Add", [ms, b.const("eps", np.array(eps, np.float32))])])])
-    y = b.op("Mul", [x32, rstd])
-    if b.T != TensorProto.FLOAT:
-        y = b.op("Cast", [y], to=b.T)
-    return b.op("Mul", [y, b.weight(weight_name, ws.tensor(weight_name))])
+    """RMSNorm as one ``SimplifiedLayerNormalization`` node (ONNX Runtime's RMSNorm, computed
+    in fp32 internally; the QNN HTP maps it to its fused RmsNorm op). A decomposed
+    Mul/ReduceMean/Sqrt chain would square Qwen2's outlier activations inside 16-bit tensors."""
+    return b.op("SimplifiedLayerNormalization", [x, b.weight(weight_name, ws.tensor(weight_name))], axis=-1, epsilon=eps)
 
 
 def _linear(b: GraphBuilder, x: str, w_name: str, ws: WeightSource, bias_name: str | None = None, scale: float = 1.0) -> str:
