@@ -30,7 +30,7 @@ AR, CL = 8, 64
 def tiny_bundle(tiny_factory, tmp_path_factory):
     ckpt = tiny_factory(layers=3)
     out = tmp_path_factory.mktemp("bundle") / "b"
-    export(ExportOptions(model=str(ckpt), prompt_length=AR, context_length=CL, num_parts=3), out)
+    export(ExportOptions(model=str(ckpt), precision="fp32", prompt_length=AR, context_length=CL, num_parts=3), out)
     return ckpt, out
 
 
@@ -190,7 +190,7 @@ def _files_sha(out: Path) -> dict:
 
 def test_resume_after_sigkill_gives_same_files(tiny_factory, tmp_path):
     ckpt = str(tiny_factory(layers=4))
-    args = [ckpt, "--prompt-length", str(AR), "--context-length", str(CL), "--num-parts", "4"]
+    args = [ckpt, "--precision", "fp32", "--prompt-length", str(AR), "--context-length", str(CL), "--num-parts", "4"]
     ref = tmp_path / "ref"
     assert main(["--quiet", "export", *args, "--out", str(ref)]) == 0
     out = tmp_path / "killed"

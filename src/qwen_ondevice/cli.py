@@ -166,9 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _extra_commands():
     """Commands that live in their own modules (added as they are implemented)."""
-    from . import export, inspect_bundle
+    from . import evaluate, export, inspect_bundle
 
-    return [export.register_cli, inspect_bundle.register_cli]
+    return [export.register_cli, inspect_bundle.register_cli, evaluate.register_cli]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,7 +26,10 @@ from .plan import check_weights_present, describe_plan, part_bytes, plan_parts
 from .progress import log
 
 STATE_DIR = ".export"
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = ("fp32", "fp16", "w8a16", "w4a16")
+QUANTIZED = ("w8a16", "w4a16")
+DEFAULT_PRECISION = "w4a16"
+DEFAULT_CALIBRATION_TOKENS = 4096
 
 
 @dataclass
@@ -34,12 +37,15 @@ class ExportOptions:
     """What ``export`` was asked for; a resume must be asked for the same."""
 
     model: str
-    precision: str = "fp32"
+    precision: str = DEFAULT_PRECISION
     prompt_length: int = 128
     context_length: int = 4096
     num_parts: int | None = None
     max_part_bytes: int | None = None
-    extra: dict = field(default_factory=dict)
+    calibration_text: str | None = None  # None: the WikiText-2 validation text shipped with the package
+    calibration_tokens: int = DEFAULT_CALIBRATION_TOKENS
+    weight_method: str = "mse"
+    int8_threshold: float | None = None
 
     @property
     def ar_lengths(self) -> list[int]:
@@ -137,34 +143,81 @@ def export(options: ExportOptions, out: Path, force: bool = False) -> Path:
     log(f"[plan] {len(parts)} parts at {options.precision}:\n" + describe_plan(cfg, options.precision, parts))
 
     (out / "onnx").mkdir(exist_ok=True)
+    quantized = options.precision in QUANTIZED
+    if quantized:
+        calib_plan = _calibration_plan(ckpt, options)
     for part in parts:
         stage = f"part:{part.name}"
         if stage in state.done:
             log(f"[onnx] {part.name}: done earlier, skipped")
             continue
         t0 = time.perf_counter()
-        info = export_part(ckpt, part, options, out)
+        if quantized:
+            info = _quantized_part(ckpt, part, options, out, state, calib_plan)
+        else:
+            info = export_part(ckpt, part, options.ar_lengths, options.context_length, options.precision, out / "onnx")
         ckpt.weights.release()
         info["seconds"] = round(time.perf_counter() - t0, 2)
         info["peak_rss_bytes"] = _peak_rss()
         state.mark(stage, info)
         _stage_delay()
+    if quantized:
+        from .quant_export import cleanup
+
+        cleanup(out / STATE_DIR)
 
     write_manifest(out, ckpt, options, parts, state)
     state.mark("manifest")
     return out
 
 
-def export_part(ckpt: Checkpoint, part: PartSpec, options: ExportOptions, out: Path) -> dict:
-    """Write ``onnx/<part>.data`` and one graph per AR; returns the part's manifest entry.
+def _calibration_plan(ckpt: Checkpoint, options: ExportOptions):
+    from .calibrate import CalibrationPlan, default_calibration_text, text_token_ids
+
+    path = Path(options.calibration_text) if options.calibration_text else default_calibration_text()
+    ids = text_token_ids(ckpt.load_tokenizer(), path, options.calibration_tokens, "calibration")
+    return CalibrationPlan.from_tokens(ids, options.prompt_length, options.context_length)
+
+
+def _quantized_part(ckpt: Checkpoint, part: PartSpec, options: ExportOptions, out: Path, state: "ExportState", plan) -> dict:
+    """float graphs -> calibration -> QDQ graphs for one part (each step a stamped stage)."""
+    from .quant_export import QuantSettings, calibrate_stage, quantize_part_graphs, remove_float_files
+    from .calibrate import PartStats
+
+    state_dir = out / STATE_DIR
+    float_dir, calib_dir = state_dir / "float", state_dir / "calib"
+    float_dir.mkdir(parents=True, exist_ok=True)
+    calib_dir.mkdir(parents=True, exist_ok=True)
+    settings = QuantSettings(options.precision, options.weight_method, options.int8_threshold)
+    if f"float:{part.name}" not in state.done:
+        info = export_part(ckpt, part, options.ar_lengths, options.context_length, "fp32", float_dir)
+        state.mark(f"float:{part.name}", info)
+    float_info = state.done[f"float:{part.name}"]
+    if f"calib:{part.name}" not in state.done:
+        t0 = time.perf_counter()
+        calibrate_stage(part, float_dir, float_info, plan, ckpt.config, calib_dir,
+                        hessians=options.weight_method == "gptq", mask_value=MASK_VALUE)
+        state.mark(f"calib:{part.name}", {"seconds": round(time.perf_counter() - t0, 2), "peak_rss_bytes": _peak_rss(),
+                                          "tokens": int(plan.ids.size)})
+        _stage_delay()
+    log(f"[quantize] {part.name}: {options.precision} ({options.weight_method})")
+    stats = PartStats.load(calib_dir / f"part_{part.index}.stats.npz")
+    info = quantize_part_graphs(part, float_dir, float_info, stats, settings, out / "onnx", MASK_VALUE)
+    remove_float_files(float_dir, float_info)
+    return info
+
+
+def export_part(ckpt: Checkpoint, part: PartSpec, ar_lengths: list[int], context_length: int, precision: str,
+                onnx_dir: Path) -> dict:
+    """Write ``<onnx_dir>/<part>.data`` and one float graph per AR; returns the part's manifest
+    entry (file paths relative to the bundle, ``onnx/...``).
 
     Files are written under temporary names and renamed at the end, so a killed export never
     leaves a file that looks finished.
     """
     from .onnx_graph import ExternalData, build_part_graph
-    import onnx
 
-    onnx_dir = out / "onnx"
+    onnx_dir.mkdir(parents=True, exist_ok=True)
     data_name = f"{part.name}.data"
     tmp_data = onnx_dir / (data_name + ".partial")
     data = ExternalData(tmp_data)
@@ -172,11 +225,9 @@ def export_part(ckpt: Checkpoint, part: PartSpec, options: ExportOptions, out: P
     graphs = {}
     tmp_files = []
     try:
-        for ar in options.ar_lengths:
-            log(f"[onnx] {part.name}: AR-{ar} graph (CL {options.context_length})")
-            model, inputs, outputs = build_part_graph(
-                ckpt.config, ckpt.weights, part, ar, options.context_length, data, options.precision
-            )
+        for ar in ar_lengths:
+            log(f"[onnx] {part.name}: AR-{ar} {precision} graph (CL {context_length})")
+            model, inputs, outputs = build_part_graph(ckpt.config, ckpt.weights, part, ar, context_length, data, precision)
             fname = f"{part.name}.ar{ar}.onnx"
             tmp = onnx_dir / (fname + ".partial")
             tmp.write_bytes(model.SerializeToString())
@@ -215,6 +266,23 @@ def copy_checkpoint_files(src: Path, out: Path) -> None:
             tc_path.write_text(json.dumps(tc, indent=2, ensure_ascii=False))
 
 
+def _quantization_summary(options: ExportOptions, parts: list[dict]) -> dict | None:
+    if options.precision not in QUANTIZED:
+        return None
+    from .quant_export import summarize_weights
+
+    return {
+        "precision": options.precision,
+        "weights": {"projections": f"int{4 if options.precision == 'w4a16' else 8} symmetric per output channel",
+                    "lm_head": "int8 symmetric per output channel", "embedding": "int8 symmetric per row",
+                    "norms_and_biases": "uint16 per tensor", "method": options.weight_method},
+        "activations": "uint16 asymmetric per tensor", "kv_cache": "uint8 per layer, in/out share one encoding",
+        "calibration": {"text": options.calibration_text or "wikitext2_valid.txt (shipped)", "tokens": options.calibration_tokens},
+        "mixed_precision": summarize_weights(parts),
+        "float_islands": [],
+    }
+
+
 def tool_versions() -> dict:
     import importlib.metadata as md
 
@@ -232,6 +300,7 @@ def write_manifest(out: Path, ckpt: Checkpoint, options: ExportOptions, parts: l
     signatures, tool versions and the sha256 of every file in the bundle."""
     cfg = ckpt.config
     float_dtype = "float16" if options.precision == "fp16" else "float32"
+    kv_dtype = "uint8" if options.precision in QUANTIZED else float_dtype
     part_entries = []
     for p in parts:
         info = dict(state.done[f"part:{p.name}"])
@@ -244,7 +313,7 @@ def write_manifest(out: Path, ckpt: Checkpoint, options: ExportOptions, parts: l
         rel = path.relative_to(out).as_posix()
         if path.is_file() and not rel.startswith(STATE_DIR) and rel != MANIFEST:
             files[rel] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
-    kv_per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * (2 if float_dtype == "float16" else 4)
+    kv_per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * {"uint8": 1, "float16": 2, "float32": 4}[kv_dtype]
     manifest = {
         "schema": SCHEMA,
         "schema_version": SCHEMA_VERSION,
@@ -258,13 +327,14 @@ def write_manifest(out: Path, ckpt: Checkpoint, options: ExportOptions, parts: l
         "context_length": options.context_length,
         "mask_value": MASK_VALUE,
         "kv_cache": {
-            "dtype": float_dtype,
+            "dtype": kv_dtype,
             "key_layout": "(KVH, 1, D, P)",
             "value_layout": "(KVH, 1, P, D)",
             "bytes_per_token": kv_per_token,
         },
         "io_names": {"hidden_in": "hidden_states_in", "hidden_out": "hidden_states_out"},
         "parts": part_entries,
+        "quantization": _quantization_summary(options, part_entries),
         "export": {"stages": {k: v for k, v in state.done.items() if k.startswith("part:") or k == "files"}},
         "tools": tool_versions(),
         "files": files,
@@ -294,7 +364,12 @@ def register_cli(sub) -> None:
     p = sub.add_parser("export", help="export MODEL to an on-device bundle folder")
     p.add_argument("model", metavar="MODEL", help="checkpoint folder, .gguf file, 'demo' or a Hub id")
     p.add_argument("--out", required=True, type=Path, help="the bundle folder to write")
-    p.add_argument("--precision", default="fp32", choices=PRECISIONS)
+    p.add_argument("--precision", default=DEFAULT_PRECISION, choices=PRECISIONS, help=f"default {DEFAULT_PRECISION}")
+    p.add_argument("--calibration-text", default=None, help="plain-text file for calibration (default: WikiText-2 validation, shipped)")
+    p.add_argument("--calibration-tokens", type=int, default=DEFAULT_CALIBRATION_TOKENS)
+    p.add_argument("--weight-method", choices=["mse", "gptq"], default="mse", help="weight rounding: MSE clipping search, or GPTQ")
+    p.add_argument("--int8-threshold", type=float, default=None,
+                   help="w4a16: keep a projection at int8 when its measured int4 relative output error exceeds this")
     p.add_argument("--prompt-length", type=int, default=128, help="AR of the prompt processor (default 128)")
     p.add_argument("--context-length", type=int, default=4096, help="CL (default 4096)")
     g = p.add_mutually_exclusive_group()
@@ -312,6 +387,10 @@ def _cmd_export(args) -> int:
         context_length=args.context_length,
         num_parts=args.num_parts,
         max_part_bytes=args.max_part_bytes,
+        calibration_text=args.calibration_text,
+        calibration_tokens=args.calibration_tokens,
+        weight_method=args.weight_method,
+        int8_threshold=args.int8_threshold,
     )
     t0 = time.perf_counter()
     out = export(options, args.out, force=args.force)

@@ -47,14 +47,17 @@ class ExternalData:
         self._f = open(path, "wb")
         self._pos = 0
 
-    def add(self, name: str, array: np.ndarray, onnx_type: int | None = None) -> TensorProto:
-        """Write ``array`` (once per name) and return an initializer that points at it."""
+    def add(self, name: str, array: np.ndarray, onnx_type: int | None = None, dims: tuple[int, ...] | None = None) -> TensorProto:
+        """Write ``array`` (once per name) and return an initializer that points at it.
+
+        ``onnx_type``/``dims`` override the array's own (for int4, ``array`` holds packed bytes)."""
         if name not in self.entries:
             raw = np.ascontiguousarray(array).tobytes()
             pad = (-self._pos) % ALIGN
             self._f.write(b"\0" * pad)
             self._pos += pad
-            self.entries[name] = (self._pos, len(raw), onnx_type or NP_TO_ONNX[array.dtype], tuple(array.shape))
+            t = onnx_type or NP_TO_ONNX[array.dtype]
+            self.entries[name] = (self._pos, len(raw), t, tuple(dims if dims is not None else array.shape))
             self._f.write(raw)
             self._pos += len(raw)
         offset, length, t, dims = self.entries[name]
@@ -119,6 +122,7 @@ class GraphBuilder:
         return f"{hint}_{self._n}"
 
     def weight(self, name: str, array: np.ndarray, onnx_type: int | None = None) -> str:
+        """An initializer stored in the part's external-data file (written once per part)."""
         if name not in self._init_names:
             self.initializers.append(self.data.add(name, array, onnx_type))
             self._init_names.add(name)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..encodings import Encoding
 from ..engine import Backend, KVCache
 
 DTYPES = {"float32": np.float32, "float16": np.float16, "uint8": np.uint8, "uint16": np.uint16, "int32": np.int32}
@@ -31,6 +32,13 @@ class OrtBackend(Backend):
         self.session_options = session_options
         self._sessions: dict[tuple[int, int], object] = {}
         self._input_types: dict[tuple[int, int], dict[str, np.dtype]] = {}
+        # quantized bundles: the encoding of every quantized graph input/output, by name
+        self.encodings: dict[str, Encoding] = {}
+        for part in manifest.parts:
+            for g in part["graphs"].values():
+                for io in g["inputs"] + g["outputs"]:
+                    if "encoding" in io:
+                        self.encodings[f"{part['name']}:{io['name']}"] = Encoding.from_dict(io["encoding"])
 
     def session(self, part_index: int, ar: int):
         key = (part_index, ar)
@@ -51,14 +59,19 @@ class OrtBackend(Backend):
         for i, part in enumerate(self.manifest.parts):
             sess = self.session(i, AR)
             types = self._input_types[(i, AR)]
+            name = part["name"]
             if part["embedding"]:
                 (hidden,) = sess.run(None, {"input_ids": input_ids.astype(np.int32)})
+                hidden_enc = self.encodings.get(f"{name}:hidden_states_out")
                 continue
+            in_enc = self.encodings.get(f"{name}:hidden_states_in")
+            if in_enc is not None and in_enc != hidden_enc:
+                hidden = in_enc.quantize(hidden_enc.dequantize(hidden))
             feeds = {
                 "hidden_states_in": hidden,
-                "attention_mask": attention_mask.astype(types["attention_mask"], copy=False),
-                "position_ids_cos": cos.astype(types["position_ids_cos"], copy=False),
-                "position_ids_sin": sin.astype(types["position_ids_sin"], copy=False),
+                "attention_mask": self._input(name, "attention_mask", attention_mask, types),
+                "position_ids_cos": self._input(name, "position_ids_cos", cos, types),
+                "position_ids_sin": self._input(name, "position_ids_sin", sin, types),
             }
             layers = range(*part["layers"])
             for l in layers:
@@ -71,7 +84,15 @@ class OrtBackend(Backend):
                 cache.write(l, n_past, outs[f"past_key_{l}_out"], outs[f"past_value_{l}_out"], n_valid)
             if part["head"]:
                 logits = outs["logits"]
+                logits_enc = self.encodings.get(f"{name}:logits")
             else:
                 hidden = outs["hidden_states_out"]
+                hidden_enc = self.encodings.get(f"{name}:hidden_states_out")
         rows = logits[0, n_valid - 1 : n_valid] if last_only else logits[0, :n_valid]
-        return rows.astype(np.float32)
+        return logits_enc.dequantize(rows) if logits_enc is not None else rows.astype(np.float32)
+
+    def _input(self, part_name: str, name: str, x: np.ndarray, types) -> np.ndarray:
+        """A float host input in the graph's dtype: quantized with the manifest's encoding for a
+        quantized graph, cast for a float one."""
+        enc = self.encodings.get(f"{part_name}:{name}")
+        return enc.quantize(x) if enc is not None else x.astype(types[name], copy=False)

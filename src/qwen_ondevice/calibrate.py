@@ -1,0 +1,277 @@
+"""Calibration: run the float parts over real text through the host loop and record statistics.
+
+The float AR-N graph of each part runs on ONNX Runtime with its intermediate tensors exposed as
+extra outputs, so statistics are keyed by the exact tensor names the QDQ rewrite quantizes.
+Calibration goes part by part: part k sees the hidden states part k-1 produced (kept on disk,
+N x H floats) and its own KV cache, filled chunk by chunk as in generation, so later chunks see
+a real cache. Only one part's weights are loaded at a time, which is what lets a 7B model be
+calibrated on a 24 GB machine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from .engine import make_call_inputs
+from .errors import UserError
+from .progress import log
+
+#: Ops whose output is a rearrangement of their input: they inherit its encoding, no statistics.
+DATA_MOVEMENT = {"Reshape", "Transpose", "Split", "Identity", "Squeeze", "Unsqueeze"}
+
+
+def default_calibration_text() -> Path:
+    """The calibration text shipped with the package (WikiText-2 validation split, CC BY-SA 3.0)."""
+    return Path(str(resources.files("qwen_ondevice") / "data" / "wikitext2_valid.txt"))
+
+
+def default_evaluation_text() -> Path:
+    """The held-out text shipped with the package (WikiText-2 test split, CC BY-SA 3.0)."""
+    return Path(str(resources.files("qwen_ondevice") / "data" / "wikitext2_test.txt"))
+
+
+def text_token_ids(tokenizer, path: Path, n_tokens: int, what: str = "calibration") -> list[int]:
+    """The first ``n_tokens`` token ids of the text file ``path``.
+
+    Raises:
+        UserError: the file is missing or holds fewer than ``n_tokens`` tokens.
+    """
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"{what} text {path} does not exist") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{what} text {path} is not UTF-8 text") from None
+    # Tokenize a prefix that is surely long enough (a token is at least one character here).
+    ids = tokenizer.encode(text[: max(n_tokens * 16, 1 << 16)])
+    if len(ids) < n_tokens:
+        ids = tokenizer.encode(text)
+    if len(ids) < n_tokens:
+        raise UserError(f"{what} text {path} holds {len(ids)} tokens, fewer than the {n_tokens} asked for; pass a longer text or ask for fewer tokens")
+    return ids[:n_tokens]
+
+
+@dataclass
+class CalibrationPlan:
+    """How calibration tokens are fed: sequences of ``seq_len`` tokens (a multiple of AR), each
+    from an empty cache, in AR-sized chunks."""
+
+    ids: np.ndarray  # (S, seq_len) int32
+    ar: int
+    context_length: int
+
+    @property
+    def chunks(self) -> list[tuple[int, int]]:
+        """(sequence, chunk) pairs in feeding order."""
+        S, T = self.ids.shape
+        return [(s, c) for s in range(S) for c in range(T // self.ar)]
+
+    @classmethod
+    def from_tokens(cls, ids: list[int], ar: int, context_length: int, max_seq_len: int = 2048) -> "CalibrationPlan":
+        seq = min(context_length, max_seq_len) // ar * ar
+        seq = max(seq, ar)
+        n = len(ids) // seq
+        if n == 0:
+            seq = len(ids) // ar * ar
+            n = 1
+        if seq == 0:
+            raise UserError(f"calibration needs at least {ar} tokens (one AR-{ar} chunk), got {len(ids)}")
+        return cls(np.asarray(ids[: n * seq], np.int32).reshape(n, seq), ar, context_length)
+
+
+@dataclass
+class TensorStats:
+    """Running statistics of one float tensor over every calibration call."""
+
+    lo: float = np.inf
+    hi: float = -np.inf
+    channel_absmax: np.ndarray | None = None  # (C,) over the last axis, for RMSNorm in/out
+    channel_sumsq: np.ndarray | None = None  # (K,) sum of x^2 per input channel of a MatMul
+    hessian: np.ndarray | None = None  # (K, K) float32 sum of x x^T (GPTQ)
+    rows: int = 0
+    sample: list = field(default_factory=list)  # value samples (KV tensors), for MSE clipping
+
+
+@dataclass
+class PartStats:
+    """Every tracked tensor's statistics for one part, plus the names of the special tensors."""
+
+    tensors: dict[str, TensorStats]
+
+    def save(self, path: Path) -> None:
+        arrays = {}
+        for name, s in self.tensors.items():
+            arrays[f"{name}|range"] = np.array([s.lo, s.hi, s.rows], np.float64)
+            for key in ("channel_absmax", "channel_sumsq", "hessian"):
+                v = getattr(s, key)
+                if v is not None:
+                    arrays[f"{name}|{key}"] = v
+            if s.sample:
+                arrays[f"{name}|sample"] = np.concatenate(s.sample)
+        tmp = path.with_name(path.name + ".partial.npz")
+        np.savez(tmp, **arrays)
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: Path) -> "PartStats":
+        data = np.load(path)
+        tensors: dict[str, TensorStats] = {}
+        for key in data.files:
+            name, kind = key.rsplit("|", 1)
+            s = tensors.setdefault(name, TensorStats())
+            if kind == "range":
+                s.lo, s.hi, s.rows = float(data[key][0]), float(data[key][1]), int(data[key][2])
+            elif kind == "sample":
+                s.sample = [data[key]]
+            else:
+                setattr(s, kind, data[key])
+        return cls(tensors)
+
+
+def tracked_tensors(model: onnx.ModelProto) -> dict[str, set[str]]:
+    """Which float tensors of a float part graph need statistics, and which kinds.
+
+    Returns name -> kinds, kinds from {"range", "matmul_input", "norm_io", "sample"}. Skipped:
+    outputs of data-movement ops and Softmax (fixed [0, 1]), the KV concatenations (they take
+    the cache's encoding) and the mask addition (its range is derived from the scores).
+    """
+    inits = {i.name for i in model.graph.initializer}
+    graph_inputs = {i.name for i in model.graph.input}
+    kinds: dict[str, set[str]] = {}
+
+    def add(name, kind):
+        kinds.setdefault(name, set()).add(kind)
+
+    if "hidden_states_in" in graph_inputs:
+        add("hidden_states_in", "range")
+    for node in model.graph.node:
+        out = node.output[0]
+        if node.op_type in DATA_MOVEMENT or node.op_type == "Softmax":
+            continue
+        if node.op_type == "Concat" and any(i.startswith("past_") for i in node.input):
+            continue
+        if node.op_type == "Add" and "attention_mask" in node.input:
+            continue
+        if node.op_type == "MatMul" and node.input[1] in inits:
+            add(node.input[0], "matmul_input")
+        if node.op_type == "SimplifiedLayerNormalization":
+            add(node.input[0], "norm_io")
+            add(out, "norm_io")
+        add(out, "range")
+    for o in model.graph.output:
+        if o.name.startswith("past_"):
+            add(o.name, "sample")
+    for k in kinds:
+        kinds[k].add("range")
+    return kinds
+
+
+class Calibrator:
+    """Accumulates :class:`TensorStats` from the arrays a calibration call returns."""
+
+    def __init__(self, kinds: dict[str, set[str]], hessians: bool, rng_seed: int = 0, sample_per_call: int = 4096):
+        self.kinds = kinds
+        self.hessians = hessians
+        self.stats = {name: TensorStats() for name in kinds}
+        self.rng = np.random.default_rng(rng_seed)
+        self.sample_per_call = sample_per_call
+
+    def update(self, name: str, x: np.ndarray) -> None:
+        s = self.stats[name]
+        kinds = self.kinds[name]
+        x = np.asarray(x, np.float32)
+        s.lo, s.hi = min(s.lo, float(x.min())), max(s.hi, float(x.max()))
+        if "norm_io" in kinds:
+            m = np.abs(x.reshape(-1, x.shape[-1])).max(axis=0)
+            s.channel_absmax = m if s.channel_absmax is None else np.maximum(s.channel_absmax, m)
+        if "matmul_input" in kinds:
+            rows = x.reshape(-1, x.shape[-1]).astype(np.float64)
+            sq = (rows**2).sum(axis=0)
+            s.channel_sumsq = sq if s.channel_sumsq is None else s.channel_sumsq + sq
+            s.rows += rows.shape[0]
+            if self.hessians:
+                r32 = rows.astype(np.float32)
+                h = r32.T @ r32
+                s.hessian = h if s.hessian is None else s.hessian + h
+        if "sample" in kinds:
+            flat = x.ravel()
+            s.sample.append(flat[self.rng.integers(0, flat.size, self.sample_per_call)])
+
+
+def calibrate_part(
+    float_graph: Path,
+    kinds: dict[str, set[str]],
+    plan: CalibrationPlan,
+    layers: range,
+    kv_shape: tuple[int, int],
+    hidden_in: np.ndarray | None,
+    cos_table: np.ndarray,
+    sin_table: np.ndarray,
+    mask_value: float,
+    hessians: bool = False,
+    label: str = "",
+) -> tuple[PartStats, np.ndarray]:
+    """Run one part's float AR graph over every calibration chunk; returns its statistics and
+    its outputs per chunk (hidden states (n_chunks, AR, H) or, for the last part, nothing useful).
+
+    ``hidden_in`` is (n_chunks, AR, H) float32 from the previous part (None for the embedding
+    part, which reads the token ids). ``kv_shape`` is (KVH, D). The part keeps its own float KV
+    cache per sequence, exactly as the engine does.
+    """
+    import onnxruntime as ort
+
+    model = onnx.load(str(float_graph), load_external_data=False)
+    existing = {o.name for o in model.graph.output}
+    for name in kinds:
+        if name not in existing and name not in {i.name for i in model.graph.input}:
+            model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    aug = float_graph.with_name(float_graph.stem + ".calib.onnx")
+    onnx.save(model, str(aug))
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every tensor
+    sess = ort.InferenceSession(str(aug), sess_options=so, providers=["CPUExecutionProvider"])
+    out_names = [o.name for o in sess.get_outputs()]
+    cal = Calibrator(kinds, hessians)
+    AR, CL = plan.ar, plan.context_length
+    P = CL - AR
+    KVH, D = kv_shape
+    chunks = plan.chunks
+    outputs = []
+    keys = {l: np.zeros((KVH, 1, D, P), np.float32) for l in layers}
+    values = {l: np.zeros((KVH, 1, P, D), np.float32) for l in layers}
+    for i, (s, c) in enumerate(chunks):
+        if c == 0:
+            for l in layers:
+                keys[l][:] = 0
+                values[l][:] = 0
+        tokens = plan.ids[s, c * AR : (c + 1) * AR]
+        n_past = c * AR
+        if hidden_in is None:
+            feeds = {"input_ids": tokens[None].astype(np.int32)}
+        else:
+            x = make_call_inputs(list(tokens), AR, n_past, CL, cos_table, sin_table, mask_value)
+            feeds = {"hidden_states_in": hidden_in[i][None], "attention_mask": x.attention_mask,
+                     "position_ids_cos": x.cos, "position_ids_sin": x.sin}
+            for l in layers:
+                feeds[f"past_key_{l}_in"] = keys[l]
+                feeds[f"past_value_{l}_in"] = values[l]
+        res = dict(zip(out_names, sess.run(out_names, feeds)))
+        for name in kinds:
+            cal.update(name, feeds[name] if name in feeds else res[name])
+        if hidden_in is not None:
+            for l in layers:
+                if n_past + AR <= P:
+                    keys[l][..., n_past : n_past + AR] = res[f"past_key_{l}_out"]
+                    values[l][:, :, n_past : n_past + AR, :] = res[f"past_value_{l}_out"]
+        main = "logits" if "logits" in res else "hidden_states_out"
+        outputs.append(res[main][0] if main == "hidden_states_out" else np.zeros((AR, 0), np.float32))
+        if (i + 1) % 8 == 0 or i + 1 == len(chunks):
+            log(f"[calibrate] {label}: chunk {i + 1}/{len(chunks)}")
+    del sess
+    aug.unlink()
+    return PartStats(cal.stats), np.stack(outputs)

@@ -1,0 +1,286 @@
+"""The QDQ rewrite: a float part graph -> the quantized graph of DESIGN.md section 4.
+
+Every float activation gets a QuantizeLinear/DequantizeLinear pair with its encoding (uint16;
+uint8 for the KV cache); the graph's own inputs and outputs become the quantized tensors
+themselves (uint16 hidden states, mask, cos, sin, logits; uint8 KV), named as in section 3.
+Decoder projection weights become ``DequantizeLinear(int4 or int8 weight (K, N), scale (N,),
+explicit zero point (N,) of the same type, axis=1)`` feeding the MatMul: one scale per output
+channel, and the explicit INT4 zero point the HTP needs to decode negative int4 values
+(DESIGN.md section 4). The embedding table is int8 with one scale per row (axis 0); norm weights
+and biases are uint16 per tensor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from .calibrate import DATA_MOVEMENT, PartStats
+from .encodings import Encoding, encoding_for_range, mse_range
+from .onnx_graph import IR_VERSION, OPSET, ExternalData, IOSpec, _signature
+from .weight_quant import QuantizedWeight
+
+SOFTMAX_ENCODING = Encoding(1.0 / 65535, 0, "uint16")
+#: Below the smallest attention score seen in calibration by this margin, a masked score is
+#: clipped: exp(-20) ~ 2e-9 of weight per masked slot, so even 4096 masked slots add < 1e-5.
+MASK_MARGIN = 20.0
+ONNX_U = {"uint8": TensorProto.UINT8, "uint16": TensorProto.UINT16}
+
+
+def read_initializer(t: TensorProto, base: Path) -> np.ndarray:
+    """A float initializer's values, from its external-data file when it has one."""
+    if t.data_location != TensorProto.EXTERNAL:
+        return numpy_helper.to_array(t)
+    info = {e.key: e.value for e in t.external_data}
+    dtype = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16}[t.data_type]
+    arr = np.fromfile(base / info["location"], dtype=np.uint8, count=int(info["length"]), offset=int(info["offset"]))
+    return arr.view(dtype).reshape(tuple(t.dims))
+
+
+def pack_int4(q: np.ndarray) -> np.ndarray:
+    """Pack int4 values (any int array in [-8, 7]) two per byte, low nibble first (ONNX spec)."""
+    flat = q.astype(np.int8).ravel()
+    if flat.size % 2:
+        flat = np.concatenate([flat, np.zeros(1, np.int8)])
+    lo = flat[0::2].astype(np.uint8) & 0x0F
+    hi = flat[1::2].astype(np.uint8) & 0x0F
+    return (lo | (hi << 4)).astype(np.uint8)
+
+
+@dataclass
+class ActivationEncodings:
+    """Encodings of every float activation of a part, by tensor name, plus why each range was
+    chosen (``notes``) for the manifest."""
+
+    enc: dict[str, Encoding]
+    notes: dict[str, str]
+
+
+def activation_encodings(model: onnx.ModelProto, stats: PartStats, mask_value: float) -> ActivationEncodings:
+    """Choose the encoding of every float tensor of ``model`` (the float AR graph).
+
+    - calibrated tensors: uint16 covering the observed [min, max] (outlier channels included:
+      uint16's 65536 levels keep Qwen2's massive activations and the ordinary ones both);
+    - KV cache (``past_*``): uint8 per layer, the range clipped to minimise MSE on a sample of
+      the cache values; ``past_*_in`` and ``past_*_out`` of a layer share it;
+    - mask: [mask_value, 0]; cos/sin: [-1, 1]; Softmax output: [0, 1];
+    - scores + mask: [min score - MASK_MARGIN, max score] (masked entries clipped on purpose);
+    - data-movement outputs inherit their input's encoding.
+    """
+    enc: dict[str, Encoding] = {}
+    notes: dict[str, str] = {}
+    st = stats.tensors
+    for name, s in st.items():
+        if name.startswith("past_"):
+            sample = np.concatenate(s.sample) if s.sample else np.array([s.lo, s.hi])
+            lo, hi = mse_range(sample, s.lo, s.hi, "uint8")
+            enc[name] = encoding_for_range(lo, hi, "uint8")
+            notes[name] = f"uint8 KV, MSE-clipped from [{s.lo:.3g}, {s.hi:.3g}] to [{lo:.3g}, {hi:.3g}]"
+        else:
+            enc[name] = encoding_for_range(s.lo, s.hi, "uint16")
+    for i in model.graph.input:
+        n = i.name
+        if n.startswith("past_"):
+            enc[n] = enc[n.replace("_in", "_out")]
+        elif n == "attention_mask":
+            enc[n] = encoding_for_range(mask_value, 0.0, "uint16")
+        elif n.startswith("position_ids_"):
+            enc[n] = encoding_for_range(-1.0, 1.0, "uint16")
+    for node in model.graph.node:
+        out = node.output
+        if node.op_type == "Softmax":
+            enc[out[0]] = SOFTMAX_ENCODING
+        elif node.op_type == "Concat" and any(i.startswith("past_") for i in node.input):
+            kv_in = next(i for i in node.input if i.startswith("past_"))
+            enc[out[0]] = enc[kv_in]
+        elif node.op_type == "Add" and "attention_mask" in node.input:
+            scores = next(i for i in node.input if i != "attention_mask")
+            s = st[scores]
+            enc[out[0]] = encoding_for_range(s.lo - MASK_MARGIN, s.hi, "uint16")
+            notes[out[0]] = f"scores+mask clipped below at min score - {MASK_MARGIN}"
+        elif node.op_type in DATA_MOVEMENT:
+            for o in out:
+                if o not in enc:
+                    enc[o] = enc[node.input[0]]
+    return ActivationEncodings(enc, notes)
+
+
+def quantize_graph(
+    model: onnx.ModelProto,
+    float_base: Path,
+    encodings: dict[str, Encoding],
+    weights: dict[str, QuantizedWeight],
+    data: ExternalData,
+) -> tuple[onnx.ModelProto, list[IOSpec], list[IOSpec]]:
+    """Rewrite the float ``model`` (initializers in ``float_base``) into its QDQ form.
+
+    ``weights`` maps MatMul weight initializer names to their quantized values; the embedding
+    table (a Gather's data) becomes int8 per row; other float initializers uint16 per tensor.
+    Big tensors go to ``data`` (shared by the part's graphs); scales and zero points are inline.
+
+    Raises:
+        KeyError: a float activation has no encoding (calibration missed it).
+    """
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    nodes: list[onnx.NodeProto] = []
+    new_inits: list[TensorProto] = []
+    rename: dict[str, str] = {}
+    outputs = {o.name for o in g.output}
+    consts: set[str] = set()
+
+    def const(name: str, arr: np.ndarray, onnx_type: int | None = None) -> str:
+        if name not in consts:
+            if onnx_type == TensorProto.INT4:
+                t = helper.make_tensor(name, TensorProto.INT4, list(arr.shape), pack_int4(arr).tobytes(), raw=True)
+            else:
+                t = numpy_helper.from_array(arr, name)
+            new_inits.append(t)
+            consts.add(name)
+        return name
+
+    def enc_consts(t: str, e: Encoding) -> tuple[str, str]:
+        return (const(f"{t}.scale", np.array(e.scale, np.float32)),
+                const(f"{t}.zero_point", np.array(e.zero_point, {"uint8": np.uint8, "uint16": np.uint16}[e.dtype])))
+
+    def big(name: str, arr: np.ndarray, onnx_type: int | None = None, dims=None) -> str:
+        if name not in consts:
+            if arr.nbytes >= 1024:
+                new_inits.append(data.add(name, arr, onnx_type, dims))
+            elif onnx_type == TensorProto.INT4:
+                new_inits.append(helper.make_tensor(name, TensorProto.INT4, list(dims), arr.tobytes(), raw=True))
+            else:
+                new_inits.append(numpy_helper.from_array(arr, name))
+            consts.add(name)
+        return name
+
+    # Graph inputs: the quantized tensors themselves, dequantized inside.
+    new_inputs = []
+    for i in g.input:
+        t = i.type.tensor_type
+        if t.elem_type in (TensorProto.FLOAT, TensorProto.FLOAT16):
+            e = encodings[i.name]
+            new_inputs.append(helper.make_tensor_value_info(i.name, ONNX_U[e.dtype], [d.dim_value for d in t.shape.dim]))
+            s, z = enc_consts(i.name, e)
+            nodes.append(helper.make_node("DequantizeLinear", [i.name, s, z], [i.name + "_dq"], name=i.name + "_DQ"))
+            rename[i.name] = i.name + "_dq"
+        else:
+            new_inputs.append(i)
+
+    gather_tables = {n.input[0] for n in g.node if n.op_type == "Gather"}
+    for name, t in inits.items():
+        if t.data_type not in (TensorProto.FLOAT, TensorProto.FLOAT16):
+            new_inits.append(t)
+            consts.add(name)
+            continue
+        w = read_initializer(t, float_base).astype(np.float32)
+        if name in weights:  # MatMul weight (K, N): per-output-channel int4/int8, axis 1
+            qw = weights[name]
+            K, N = qw.q.shape
+            if qw.bits == 4:
+                qname = big(name + ".q", pack_int4(qw.q), TensorProto.INT4, (K, N))
+                zp = const(name + ".zero_point", np.zeros(N, np.int8), TensorProto.INT4)
+            else:
+                qname = big(name + ".q", qw.q.astype(np.int8))
+                zp = const(name + ".zero_point", np.zeros(N, np.int8))
+            sc = big(name + ".scale", qw.scale.astype(np.float32))
+            nodes.append(helper.make_node("DequantizeLinear", [qname, sc, zp], [name + "_dq"], name=name + "_DQ", axis=1))
+        elif name in gather_tables:  # embedding (V, H): int8 symmetric per row, axis 0
+            scale = np.maximum(np.abs(w).max(axis=1), 1e-12) / 127.0
+            q = np.clip(np.rint(w / scale[:, None]), -127, 127).astype(np.int8)
+            qname = big(name + ".q", q)
+            sc = big(name + ".scale", scale.astype(np.float32))
+            zp = big(name + ".zero_point", np.zeros(w.shape[0], np.int8))
+            nodes.append(helper.make_node("DequantizeLinear", [qname, sc, zp], [name + "_dq"], name=name + "_DQ", axis=0))
+        else:  # norm weights, biases: uint16 per tensor
+            e = encoding_for_range(float(w.min()), float(w.max()), "uint16")
+            qname = big(name + ".q", e.quantize(w))
+            s, z = enc_consts(name, e)
+            nodes.append(helper.make_node("DequantizeLinear", [qname, s, z], [name + "_dq"], name=name + "_DQ"))
+        rename[name] = name + "_dq"
+
+    for node in g.node:
+        new = onnx.NodeProto()
+        new.CopyFrom(node)
+        del new.input[:]
+        new.input.extend(rename.get(i, i) for i in node.input)
+        del new.output[:]
+        float_outs = []
+        for o in node.output:
+            new.output.append(o + "_f" if o in outputs else o)
+            float_outs.append(o)
+        nodes.append(new)
+        for o in float_outs:
+            e = encodings[o]
+            s, z = enc_consts(o, e)
+            src = o + "_f" if o in outputs else o
+            qname = o if o in outputs else o + "_q"
+            nodes.append(helper.make_node("QuantizeLinear", [src, s, z], [qname], name=o + "_Q"))
+            nodes.append(helper.make_node("DequantizeLinear", [qname, s, z], [o + "_dq"], name=o + "_DQ"))
+            rename[o] = o + "_dq"
+
+    new_outputs = []
+    for o in g.output:
+        e = encodings[o.name]
+        dims = [d.dim_value for d in o.type.tensor_type.shape.dim]
+        new_outputs.append(helper.make_tensor_value_info(o.name, ONNX_U[e.dtype], dims))
+    graph = helper.make_graph(_prune_unused(nodes, new_outputs), g.name, new_inputs, new_outputs, new_inits)
+    out = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="qwen-ondevice")
+    out.ir_version = IR_VERSION
+    return out, _signature(list(graph.input)), _signature(list(graph.output))
+
+
+def _prune_unused(nodes: list[onnx.NodeProto], outputs) -> list[onnx.NodeProto]:
+    """Drop DequantizeLinear nodes nobody reads (e.g. the DQ after a graph output's Q)."""
+    used = {o.name for o in outputs}
+    for n in nodes:
+        used.update(n.input)
+    return [n for n in nodes if not (n.op_type == "DequantizeLinear" and n.output[0] not in used)]
+
+
+def check_quantized_graph(model: onnx.ModelProto, projection_weights: set[str]) -> list[str]:
+    """Check the produced model, not the config: returns a list of problems (empty when fine).
+
+    - every projection MatMul reads its weight through a DequantizeLinear with axis 1, a scale
+      of one value per output channel and an explicit zero point of the weight's type;
+    - every float input of a compute node comes from a DequantizeLinear, and every float output
+      of a compute node goes only into QuantizeLinear nodes (no float-only island).
+    """
+    g = model.graph
+    producer = {o: n for n in g.node for o in n.output}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in g.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    init = {t.name: t for t in g.initializer}
+    problems = []
+    for n in g.node:
+        if n.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        for idx, i in enumerate(n.input):
+            p = producer.get(i)
+            if i in init or p is None:
+                if i in init and init[i].data_type in (TensorProto.FLOAT, TensorProto.FLOAT16):
+                    problems.append(f"{n.name} ({n.op_type}) reads float initializer {i}")
+                continue
+            if p.op_type != "DequantizeLinear":
+                problems.append(f"{n.name} ({n.op_type}) input {i} comes from {p.op_type}, not DequantizeLinear")
+            if n.op_type == "MatMul" and idx == 1 and p.input[0].removesuffix(".q") in projection_weights:
+                q, s, z = (init.get(x) for x in p.input[:3])
+                axis = next((a.i for a in p.attribute if a.name == "axis"), 1)
+                if q is None or s is None or z is None:
+                    problems.append(f"{n.name}: weight DequantizeLinear lacks a constant weight/scale/zero point")
+                    continue
+                if axis != 1 or list(s.dims) != [q.dims[1]]:
+                    problems.append(f"{n.name}: weight {p.input[0]} scale shape {list(s.dims)} is not one per output channel ({q.dims[1]})")
+                if z.data_type != q.data_type:
+                    problems.append(f"{n.name}: zero point type {z.data_type} differs from weight type {q.data_type}")
+        for o in n.output:
+            for c in consumers.get(o, []):
+                if c.op_type != "QuantizeLinear":
+                    problems.append(f"{n.name} ({n.op_type}) output {o} feeds {c.op_type} unquantized")
+    return problems

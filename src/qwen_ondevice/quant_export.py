@@ -1,0 +1,190 @@
+"""The quantized export stages of one part: float graphs -> calibration -> QDQ graphs.
+
+Per part, in order (each a resumable stage of :mod:`qwen_ondevice.export`):
+1. ``float``: the part's fp32 graphs into ``BUNDLE/.export/float/`` (temporary);
+2. ``calib``: the float AR-128 graph over the calibration chunks (:mod:`calibrate`), with the
+   previous part's hidden states as input; statistics and this part's outputs saved;
+3. ``quant``: weights quantized per output channel (int4/int8, MSE clipping or GPTQ), activation
+   encodings chosen, both AR graphs rewritten to QDQ (:mod:`qdq`) into ``onnx/``, checked, and
+   the float files of the part deleted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from .calibrate import CalibrationPlan, PartStats, calibrate_part, tracked_tensors
+from .modeling import PartSpec
+from .onnx_graph import ExternalData
+from .progress import log
+from .qdq import activation_encodings, check_quantized_graph, quantize_graph, read_initializer
+from .weight_quant import QuantizedWeight, quantize_weight
+
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class QuantSettings:
+    """The quantization choices of an export (part of its options, so a resume must match).
+
+    precision: ``w4a16`` (int4 projections) or ``w8a16`` (int8 projections); lm_head int8 and
+    activations uint16 in both. weight_method: ``mse`` or ``gptq``. int8_threshold: a w4a16
+    projection whose measured relative output error at int4 exceeds this keeps int8 weights
+    (the mixed precision of DESIGN.md section 4); None keeps every projection at int4.
+    """
+
+    precision: str
+    weight_method: str = "mse"
+    int8_threshold: float | None = None
+
+    @property
+    def projection_bits(self) -> int:
+        return 4 if self.precision == "w4a16" else 8
+
+
+def is_projection(name: str) -> bool:
+    return name.startswith("model.layers.") and any(f".{p}." in name for p in PROJECTIONS)
+
+
+def quantize_part_graphs(
+    part: PartSpec,
+    float_dir: Path,
+    float_info: dict,
+    stats: PartStats,
+    settings: QuantSettings,
+    out_dir: Path,
+    mask_value: float,
+) -> dict:
+    """Quantize one part's weights and rewrite each of its float AR graphs; returns the
+    manifest entry (files, I/O signature with encodings, per-weight bits and errors).
+
+    Raises:
+        RuntimeError: the produced graph fails :func:`check_quantized_graph`.
+    """
+    ars = sorted(float_info["graphs"], key=int, reverse=True)
+    ref_graph = onnx.load(str(float_dir / Path(float_info["graphs"][ars[0]]["file"]).name), load_external_data=False)
+    enc = activation_encodings(ref_graph, stats, mask_value)
+    inits = {t.name: t for t in ref_graph.graph.initializer}
+    weights: dict[str, QuantizedWeight] = {}
+    weight_report = {}
+    matmul_inputs = {n.input[1]: n.input[0] for n in ref_graph.graph.node if n.op_type == "MatMul" and n.input[1] in inits}
+    for wname, act in matmul_inputs.items():
+        w = read_initializer(inits[wname], float_dir).astype(np.float32)
+        s = stats.tensors[act]
+        act_sq = s.channel_sumsq / max(s.rows, 1)
+        hess = s.hessian if settings.weight_method == "gptq" else None
+        if is_projection(wname):
+            bits = settings.projection_bits
+            qw = quantize_weight(w, bits, act_sq, hess, settings.weight_method)
+            if bits == 4 and settings.int8_threshold is not None and qw.rel_error > settings.int8_threshold:
+                q8 = quantize_weight(w, 8, act_sq, hess, settings.weight_method)
+                log(f"[quantize] {wname}: int4 error {qw.rel_error:.4f} > {settings.int8_threshold} -> int8 ({q8.rel_error:.5f})")
+                weight_report[wname] = {"bits": 8, "rel_error": q8.rel_error, "int4_rel_error": qw.rel_error,
+                                        "reason": f"int4 relative output error {qw.rel_error:.4f} above {settings.int8_threshold}"}
+                qw = q8
+            else:
+                weight_report[wname] = {"bits": bits, "rel_error": qw.rel_error}
+        else:  # lm_head: int8 per output channel
+            qw = quantize_weight(w, 8, act_sq, None, "mse")
+            weight_report[wname] = {"bits": 8, "rel_error": qw.rel_error}
+        weights[wname] = qw
+
+    data_name = f"{part.name}.data"
+    data = ExternalData(out_dir / (data_name + ".partial"))
+    data.location = data_name
+    graphs = {}
+    pending = []
+    projections = {n for n in weights if is_projection(n)}
+    try:
+        for ar in ars:
+            fmodel = onnx.load(str(float_dir / Path(float_info["graphs"][ar]["file"]).name), load_external_data=False)
+            qmodel, inputs, outputs = quantize_graph(fmodel, float_dir, enc.enc, weights, data)
+            problems = check_quantized_graph(qmodel, projections)
+            if problems:
+                raise RuntimeError(f"{part.name} AR-{ar}: quantized graph check failed: " + "; ".join(problems[:5]))
+            fname = f"{part.name}.ar{ar}.onnx"
+            tmp = out_dir / (fname + ".partial")
+            tmp.write_bytes(qmodel.SerializeToString())
+            pending.append((tmp, out_dir / fname))
+            io = lambda specs: [{**x.to_dict(), **({"encoding": enc.enc[x.name].to_dict()} if x.name in enc.enc else {})} for x in specs]  # noqa: E731
+            graphs[ar] = {"file": f"onnx/{fname}", "inputs": io(inputs), "outputs": io(outputs)}
+    finally:
+        data.close()
+    for tmp, final in pending:
+        os.replace(tmp, final)
+    os.replace(out_dir / (data_name + ".partial"), out_dir / data_name)
+    norm_report = {
+        name: {"min": s.lo, "max": s.hi, "channel_absmax_top": _top_channels(s.channel_absmax),
+               "encoding_covers": bool(enc.enc[name].lo <= s.lo + 1e-6 and enc.enc[name].hi >= s.hi - 1e-6)}
+        for name, s in stats.tensors.items() if s.channel_absmax is not None
+    }
+    return {
+        **part.to_dict(),
+        "data": f"onnx/{data_name}",
+        "weight_bytes": data.nbytes,
+        "graphs": graphs,
+        "weights": weight_report,
+        "kv_encodings": {n: e.to_dict() for n, e in enc.enc.items() if n.startswith("past_") and n.endswith("_out")},
+        "clipped": enc.notes,
+        "rmsnorm_ranges": norm_report,
+    }
+
+
+def _top_channels(m: np.ndarray | None, k: int = 4) -> list[list[float]]:
+    if m is None:
+        return []
+    idx = np.argsort(-m)[:k]
+    return [[int(i), float(m[i])] for i in idx]
+
+
+def calibrate_stage(part: PartSpec, float_dir: Path, float_info: dict, plan: CalibrationPlan, cfg, calib_dir: Path,
+                    hessians: bool, mask_value: float) -> None:
+    """Run calibration for ``part`` (reads the previous part's saved hidden states)."""
+    import torch
+
+    from .modeling import rope_tables
+
+    ar = str(plan.ar)
+    graph = float_dir / Path(float_info["graphs"][ar]["file"]).name
+    kinds = tracked_tensors(onnx.load(str(graph), load_external_data=False))
+    prev = calib_dir / f"part_{part.index - 1}.hidden.npy"
+    hidden_in = None if part.embedding else np.load(prev)
+    cos, sin = rope_tables(cfg, torch.arange(plan.context_length))
+    stats, outs = calibrate_part(graph, kinds, plan, part.layers, (cfg.num_key_value_heads, cfg.head_dim), hidden_in,
+                                 cos.numpy(), sin.numpy(), mask_value, hessians, label=part.name)
+    stats.save(calib_dir / f"part_{part.index}.stats.npz")
+    if not part.head:
+        tmp = calib_dir / f"part_{part.index}.hidden.partial.npy"
+        np.save(tmp, outs)
+        tmp.replace(calib_dir / f"part_{part.index}.hidden.npy")
+
+
+def remove_float_files(float_dir: Path, float_info: dict) -> None:
+    for g in float_info["graphs"].values():
+        (float_dir / Path(g["file"]).name).unlink(missing_ok=True)
+    (float_dir / Path(float_info["data"]).name).unlink(missing_ok=True)
+
+
+def cleanup(state_dir: Path) -> None:
+    """Remove the temporary float graphs and calibration files once the export is complete."""
+    for sub in ("float", "calib"):
+        shutil.rmtree(state_dir / sub, ignore_errors=True)
+
+
+def summarize_weights(parts: list[dict]) -> dict:
+    """Mixed-precision summary for the manifest: which projections kept int8, and why."""
+    int8 = {n: w for p in parts for n, w in p.get("weights", {}).items() if is_projection(n) and w["bits"] == 8}
+    return {"int8_projections": int8, "count": len(int8)}
+
+
+def save_json(path: Path, obj) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj))
+    os.replace(tmp, path)
