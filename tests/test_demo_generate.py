@@ -14,6 +14,8 @@ from qwen_ondevice.cli import main
 MAX_NEW = 32
 STOP_IDS = (151645, 151643)
 
+pytestmark = pytest.mark.demo
+
 
 def hf_template_ids(hf_tokenizer, messages) -> list[int]:
     out = hf_tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)

@@ -57,6 +57,7 @@ def demo_ref(demo_hf_model, text_ids):
     return hf_logits(demo_hf_model, text_ids[:258])
 
 
+@pytest.mark.demo
 @pytest.mark.parametrize("n", DEMO_LENGTHS)
 def test_demo_chunked_prefill_equals_single_pass(demo_engine, demo_ref, text_ids, n):
     check_chunked(demo_engine, text_ids[:258], demo_ref, n, DEMO_TOL)
