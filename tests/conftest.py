@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -10,6 +11,18 @@ import pytest
 import torch
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+
+#: Real English text for prompts (WikiText-2 validation split, read where it lies; never copied
+#: into the repository). ``QWEN_ONDEVICE_TEXT`` points elsewhere.
+TEXT_FILE = Path(os.environ.get("QWEN_ONDEVICE_TEXT", "/work/shared/data/wikitext-2/valid.txt"))
+
+
+def real_text(chars: int = 20000, offset: int = 0) -> str:
+    """``chars`` characters of real text from :data:`TEXT_FILE`, starting at ``offset``."""
+    with open(TEXT_FILE, encoding="utf-8") as f:
+        text = f.read(offset + chars)[offset:]
+    assert len(text) == chars, f"{TEXT_FILE} is shorter than {offset + chars} characters"
+    return text
 
 
 @pytest.fixture(scope="session")
@@ -20,9 +33,37 @@ def demo_checkpoint():
     return load_checkpoint("demo")
 
 
+@pytest.fixture(scope="session")
+def demo_tokenizer(demo_checkpoint):
+    """Our tokenizer wrapper over the demo model's own tokenizer files."""
+    return demo_checkpoint.load_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def hf_tokenizer(demo_checkpoint):
+    """``transformers``' own tokenizer of the demo model, loaded independently of our wrapper."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(demo_checkpoint.path))
+
+
+@pytest.fixture(scope="session")
+def demo_hf_model(demo_checkpoint):
+    """The independent reference: ``transformers``' Qwen2ForCausalLM of the demo model, fp32."""
+    return demo_checkpoint.load_transformers_model()
+
+
+@pytest.fixture(scope="session")
+def text_ids(hf_tokenizer):
+    """A few thousand token ids of real text (tokenized by transformers' tokenizer)."""
+    ids = hf_tokenizer.encode(real_text(20000), add_special_tokens=False)
+    assert len(ids) > 2000
+    return ids
+
+
 def make_tiny_checkpoint(folder: Path, tokenizer_src: Path, *, tied: bool = False, layers: int = 3,
                          heads: int = 4, kv_heads: int = 2, hidden: int = 64, ffn: int = 128,
-                         seed: int = 0, max_positions: int = 4096) -> Path:
+                         seed: int = 0, max_positions: int = 4096, rope_theta: float = 10000.0) -> Path:
     """Write a random Qwen2 checkpoint with transformers' own classes and the demo tokenizer.
 
     Weights are drawn with std 0.1 (biases too), so activations are far from zero and the
@@ -35,7 +76,7 @@ def make_tiny_checkpoint(folder: Path, tokenizer_src: Path, *, tied: bool = Fals
     cfg = Qwen2Config(
         vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
         num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=max_positions,
-        rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=tied, initializer_range=0.1,
+        rope_theta=rope_theta, rms_norm_eps=1e-6, tie_word_embeddings=tied, initializer_range=0.1,
         bos_token_id=151643, eos_token_id=151645, use_sliding_window=False,
     )
     model = Qwen2ForCausalLM(cfg).eval()

@@ -39,7 +39,12 @@ class KVCache:
         return self.keys[layer][..., :P], self.values[layer][:, :, :P, :]
 
     def write(self, layer: int, start: int, new_key: np.ndarray, new_value: np.ndarray, n: int) -> None:
-        """Store the first ``n`` of the new entries (KVH, 1, D, AR) / (KVH, 1, AR, D) at ``start``."""
+        """Store the first ``n`` of the new entries (KVH, 1, D, AR) / (KVH, 1, AR, D) at ``start``.
+
+        Entries past the capacity are dropped: the CL-th token of a full sequence has no slot, and
+        needs none, since no later token can attend to it.
+        """
+        n = min(n, self.capacity - start)
         self.keys[layer][..., start : start + n] = new_key[..., :n]
         self.values[layer][:, :, start : start + n, :] = new_value[:, :, :n, :]
 
