@@ -14,7 +14,11 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jin
 
 #: Real English text for prompts (WikiText-2 validation split, read where it lies; never copied
 #: into the repository). ``QWEN_ONDEVICE_TEXT`` points elsewhere.
-TEXT_FILE = Path(os.environ.get("QWEN_ONDEVICE_TEXT", "/work/shared/data/wikitext-2/valid.txt"))
+# Real text on disk: the repository's ../shared copy of WikiText-2 when present, else the same
+# file as shipped inside the package.
+_SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2" / "valid.txt"
+_SHIPPED = Path(__file__).resolve().parents[1] / "src" / "qwen_ondevice" / "data" / "wikitext2_valid.txt"
+TEXT_FILE = Path(os.environ.get("QWEN_ONDEVICE_TEXT", _SHARED if _SHARED.exists() else _SHIPPED))
 
 
 def real_text(chars: int = 20000, offset: int = 0) -> str:

@@ -80,10 +80,16 @@ def test_prompt_over_the_context_length(capsys, tiny_path):
         (["--max-new-tokens", "0"], "max new tokens"),
         (["--context-length", "8192"], "max_position_embeddings"),
         (["--context-length", "32", "--prompt-length", "32"], "must be below the context length 32"),
-        (["--context-length", "32"], "must be below the context length 32"),  # the default AR is 128
         (["--backend", "ort-cpu"], "bundle"),
     ],
 )
 def test_bad_options(capsys, tiny_path, extra, fragment):
     code, out, err = run_cli(capsys, ["generate", str(tiny_path), "--prompt", "hi", *extra])
     assert_one_line_error(code, out, err, fragment)
+
+
+def test_small_context_without_prompt_length_uses_a_smaller_ar(capsys, tiny_path):
+    code, out, err = run_cli(capsys, ["generate", str(tiny_path), "--prompt", "hi", "--context-length", "64",
+                                      "--max-new-tokens", "3", "--json"])
+    assert code == 0, err
+    assert len(json.loads(out)["token_ids"]) == 3

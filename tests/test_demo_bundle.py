@@ -55,7 +55,6 @@ def test_demo_bundle_greedy_equals_transformers_generate(demo_fp32_bundle, hf_mo
 
 
 def open_text() -> str:
-    from pathlib import Path
+    from conftest import real_text
 
-    here = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2" / "valid.txt"
-    return here.read_text()[:4000]
+    return real_text(4000)

@@ -13,7 +13,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODEL", help="bundle folder, checkpoint folder, .gguf file, 'demo' or a Hub id")
     p.add_argument("--backend", choices=["torch", "ort-cpu", "qnn-htp"], help="default: ort-cpu for a bundle, torch for a checkpoint")
     p.add_argument("--context-length", type=int, default=4096, help="CL for a checkpoint on the torch backend (default 4096)")
-    p.add_argument("--prompt-length", type=int, default=128, help="AR of the prompt processor (default 128)")
+    p.add_argument("--prompt-length", type=int, default=None,
+                   help="AR of the prompt processor for a checkpoint (default 128, or CL/2 when CL is below 256)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:

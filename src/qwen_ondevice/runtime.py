@@ -25,7 +25,7 @@ def is_bundle(path: str | Path) -> bool:
     return (Path(path) / "manifest.json").is_file()
 
 
-def open_runtime(model: str, backend: str | None = None, context_length: int = 4096, prompt_length: int = 128) -> Runtime:
+def open_runtime(model: str, backend: str | None = None, context_length: int = 4096, prompt_length: int | None = None) -> Runtime:
     """MODEL (bundle folder, checkpoint folder, .gguf, ``demo``, Hub id) -> :class:`Runtime`.
 
     A bundle runs on ``ort-cpu`` unless ``backend`` says otherwise; a checkpoint runs on ``torch``
@@ -51,5 +51,7 @@ def open_runtime(model: str, backend: str | None = None, context_length: int = 4
             f"context length {context_length} exceeds the checkpoint's max_position_embeddings {ckpt.config.max_position_embeddings}"
         )
     tok = ckpt.load_tokenizer()
+    if prompt_length is None:
+        prompt_length = min(128, max(1, context_length // 2))
     engine = Engine(TorchBackend(ckpt, context_length=context_length), prompt_length=prompt_length)
     return Runtime(engine=engine, tokenizer=tok, model_name=Path(str(model)).name or str(model))

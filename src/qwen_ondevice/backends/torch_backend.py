@@ -34,10 +34,13 @@ class TorchBackend(Backend):
         P = self.context_length - AR
         dt = self.dtype
         hidden = self.embedding(torch.from_numpy(input_ids))  # (1, AR, H)
-        past = [cache.past(l, P) for l in range(self.config.num_hidden_layers)]
+        # Only the n_past filled slots can be visible, so the float reference attends over those
+        # alone (the masked slots would add exactly zero): same result, transformers-like speed.
+        past = [cache.past(l, n_past) for l in range(self.config.num_hidden_layers)]
+        mask = np.concatenate([attention_mask[..., :n_past], attention_mask[..., P:]], axis=-1)
         hidden, new_k, new_v = self.decoder.layers_forward(
             hidden,
-            torch.from_numpy(attention_mask).to(dt),
+            torch.from_numpy(mask).to(dt),
             torch.from_numpy(cos).to(dt),
             torch.from_numpy(sin).to(dt),
             [torch.from_numpy(k).to(dt) for k, _ in past],
