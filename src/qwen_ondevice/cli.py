@@ -166,7 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _extra_commands():
     """Commands that live in their own modules (added as they are implemented)."""
-    return []
+    from .server import register_cli as serve
+
+    return [serve]
 
 
 def main(argv: list[str] | None = None) -> int:
