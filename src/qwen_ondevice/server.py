@@ -64,6 +64,7 @@ class OpenAIError(Exception):
         self.code = code
 
     def body(self) -> dict:
+        """The JSON error body."""
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
@@ -169,6 +170,7 @@ class _SamplingFields(_Strict):
             raise OpenAIError("logprobs are not supported", param="logprobs", code="unsupported_parameter")
 
     def sampling(self) -> SamplingParams:
+        """The request's sampling parameters, OpenAI defaults filled in; 400 when out of range."""
         seed = None if self.seed is None else self.seed % 2**64  # negative seeds as two's complement
         params = SamplingParams(
             temperature=1.0 if self.temperature is None else self.temperature,
@@ -184,6 +186,7 @@ class _SamplingFields(_Strict):
         return params
 
     def stops(self) -> list[str]:
+        """``stop`` as a list of strings."""
         if self.stop is None:
             return []
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
@@ -335,6 +338,7 @@ class GenerationWorker:
 
     @property
     def queued(self) -> int:
+        """Jobs waiting for the engine (not counting the running one)."""
         return self._jobs.qsize()
 
     def start(self) -> None:
@@ -487,6 +491,7 @@ class _App:
             )
 
     def prepare_chat(self, req: ChatCompletionRequest) -> _Prepared:
+        """Validate and tokenize a chat request (the tokenizer's own chat template); 400 on error."""
         req.check_supported()
         sampling = req.sampling()
         messages = [m.to_template() for m in req.messages]
@@ -500,6 +505,7 @@ class _App:
         return _Prepared("chat", ids, sampling, req.limit() or self.context_length, req.stops(), bool(req.stream), req.include_usage)
 
     def prepare_completion(self, req: CompletionRequest) -> _Prepared:
+        """Validate and tokenize a completion request (raw text or token ids, no template); 400 on error."""
         req.check_supported()
         sampling = req.sampling()
         prompt = req.prompt
