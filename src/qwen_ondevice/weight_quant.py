@@ -97,6 +97,9 @@ def _gptq(W: torch.Tensor, s: torch.Tensor, H: torch.Tensor, qmin: int, qmax: in
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     W[dead, :] = 0
+    # "act-order": quantize the input features with the largest Hessian diagonal first
+    perm = torch.argsort(torch.diag(H), descending=True)
+    W, H = W[perm], H[perm][:, perm]
     H += torch.eye(K, dtype=H.dtype) * damp * torch.mean(torch.diag(H))
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
     sd = s.double()
@@ -117,4 +120,6 @@ def _gptq(W: torch.Tensor, s: torch.Tensor, H: torch.Tensor, qmin: int, qmax: in
             E1[i] = err
         Q[i1:i2] = Q1
         W[i2:] -= Hinv[i1:i2, i2:].T @ E1
-    return Q.float()
+    out = torch.empty_like(Q)
+    out[perm] = Q
+    return out.float()
