@@ -144,6 +144,8 @@ class Engine:
         self.mask_value = mask_value
         self.cache = backend.new_cache()
         self.tokens: list[int] = []
+        self.exact = 0  # leading cached tokens whose KV a fresh prefill would compute bit for bit
+        self.reused = 0  # cached prompt tokens the last prefill kept
         from .modeling import rope_tables
         import torch
 
@@ -153,6 +155,7 @@ class Engine:
     def reset(self) -> None:
         """Forget the cached sequence (the buffers are reused)."""
         self.tokens = []
+        self.exact = 0
 
     def _call(self, tokens: list[int], ar: int, last_only: bool = False) -> np.ndarray:
         n_past = len(self.tokens)
@@ -208,13 +211,22 @@ class Engine:
                 + (f"{over} over" if over > 0 else "no room left in")
                 + f" the context length {self.context_length}; shorten it or export with a larger --context-length"
             )
-        keep = 0
-        for a, b in zip(self.tokens, prompt[:-1]):
-            if a != b:
-                break
-            keep += 1
+        # Reuse only KV that a fresh prefill would compute identically: prompt KV (not decoded
+        # tokens, which came from AR-1 calls) cut back to an AR boundary, where fresh chunks start.
+        # Logits then do not depend on what ran before, so a seeded request gives the same text
+        # alone, after another request, streamed or not.
+        limit = min(self.exact, len(prompt) - 1, len(self.tokens))
+        common = 0
+        while common < limit and self.tokens[common] == prompt[common]:
+            common += 1
+        singles_from = ((self.context_length - self.ar) // self.ar + 1) * self.ar
+        keep = common if common >= singles_from else common - common % self.ar
         self.tokens = self.tokens[:keep]
-        return self.feed(prompt[keep:])
+        self.reused = keep
+        self.exact = keep
+        logits = self.feed(prompt[keep:])
+        self.exact = len(prompt)
+        return logits
 
     def logits_all(self, prompt: list[int]) -> np.ndarray:
         """Logits (n, V) float32 of every position of ``prompt``, fed from an empty cache in

@@ -334,7 +334,6 @@ class GenerationWorker:
         self.completed = 0
         self.cancelled = 0
         self.last_job: Job | None = None
-        self._exact = 0  # leading engine.tokens whose KV a fresh prefill would compute bit for bit
 
     @property
     def queued(self) -> int:
@@ -374,28 +373,6 @@ class GenerationWorker:
         self._jobs.put(job)
         return job
 
-    def _keep_exact_prefix(self, prompt_ids: list[int]) -> int:
-        """Trim the engine's cached sequence so the next prefill reproduces a fresh one exactly.
-
-        The engine reuses any cached common prefix, but logits computed after a reused prefix
-        differ from a fresh prefill's in the last bits (the new tokens sit in other columns of
-        other calls), and that is enough to change a seeded sample now and then (a token at the
-        top-k/top-p edge). Keeping only prompt-prefill KV, cut down to a multiple of the prompt
-        processor's AR (where fresh prefill chunks start), makes every request's output a
-        function of the request alone: the same text alone, concurrently, streamed or not.
-        Returns how many cached tokens are kept.
-        """
-        eng = self.runtime.engine
-        limit = min(self._exact, len(prompt_ids) - 1, len(eng.tokens))
-        common = 0
-        while common < limit and eng.tokens[common] == prompt_ids[common]:
-            common += 1
-        # prefill feeds AR-sized chunks from 0 while they fit the past, then single tokens
-        singles_from = ((eng.context_length - eng.ar) // eng.ar + 1) * eng.ar
-        keep = common if common >= singles_from else common - common % eng.ar
-        eng.tokens = eng.tokens[:keep]
-        return keep
-
     def _run(self) -> None:
         rt = self.runtime
         while True:
@@ -409,12 +386,10 @@ class GenerationWorker:
                 continue
             self.busy = True
             self.last_job = job
-            job.reused = self._keep_exact_prefix(job.prompt_ids)
-            self._exact = 0  # until the prefill below has run
             gen = stream_generate(rt.engine, rt.tokenizer, job.prompt_ids, job.sampling, job.max_tokens, job.stop)
             try:
                 for chunk in gen:
-                    self._exact = len(job.prompt_ids)
+                    job.reused = rt.engine.reused
                     if chunk.token is not None:
                         job.generated += 1
                     job._deliver(chunk)
@@ -425,7 +400,6 @@ class GenerationWorker:
                 if not isinstance(e, UserError):
                     logger.exception("generation failed")
                 rt.engine.reset()
-                self._exact = 0
                 job._deliver(e)
             finally:
                 job.done = True
