@@ -44,8 +44,8 @@ class ExportOptions:
     max_part_bytes: int | None = None
     calibration_text: str | None = None  # None: the WikiText-2 validation text shipped with the package
     calibration_tokens: int = DEFAULT_CALIBRATION_TOKENS
-    weight_method: str = "mse"
-    int8_threshold: float | None = None
+    weight_method: str = "gptq"
+    int8_fraction: float = 0.1
 
     @property
     def ar_lengths(self) -> list[int]:
@@ -188,7 +188,7 @@ def _quantized_part(ckpt: Checkpoint, part: PartSpec, options: ExportOptions, ou
     float_dir, calib_dir = state_dir / "float", state_dir / "calib"
     float_dir.mkdir(parents=True, exist_ok=True)
     calib_dir.mkdir(parents=True, exist_ok=True)
-    settings = QuantSettings(options.precision, options.weight_method, options.int8_threshold)
+    settings = QuantSettings(options.precision, options.weight_method, options.int8_fraction)
     if f"float:{part.name}" not in state.done:
         info = export_part(ckpt, part, options.ar_lengths, options.context_length, "fp32", float_dir)
         state.mark(f"float:{part.name}", info)
@@ -367,9 +367,10 @@ def register_cli(sub) -> None:
     p.add_argument("--precision", default=DEFAULT_PRECISION, choices=PRECISIONS, help=f"default {DEFAULT_PRECISION}")
     p.add_argument("--calibration-text", default=None, help="plain-text file for calibration (default: WikiText-2 validation, shipped)")
     p.add_argument("--calibration-tokens", type=int, default=DEFAULT_CALIBRATION_TOKENS)
-    p.add_argument("--weight-method", choices=["mse", "gptq"], default="mse", help="weight rounding: MSE clipping search, or GPTQ")
-    p.add_argument("--int8-threshold", type=float, default=None,
-                   help="w4a16: keep a projection at int8 when its measured int4 relative output error exceeds this")
+    p.add_argument("--weight-method", choices=["mse", "gptq"], default="gptq",
+                   help="weight rounding after the per-channel MSE clipping search: GPTQ (default) or plain rounding (mse)")
+    p.add_argument("--int8-fraction", type=float, default=0.1,
+                   help="w4a16: share of projection weights kept at int8, chosen by measured int4 error (default 0.1)")
     p.add_argument("--prompt-length", type=int, default=128, help="AR of the prompt processor (default 128)")
     p.add_argument("--context-length", type=int, default=4096, help="CL (default 4096)")
     g = p.add_mutually_exclusive_group()
@@ -390,7 +391,7 @@ def _cmd_export(args) -> int:
         calibration_text=args.calibration_text,
         calibration_tokens=args.calibration_tokens,
         weight_method=args.weight_method,
-        int8_threshold=args.int8_threshold,
+        int8_fraction=args.int8_fraction,
     )
     t0 = time.perf_counter()
     out = export(options, args.out, force=args.force)

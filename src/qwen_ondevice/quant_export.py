@@ -35,14 +35,15 @@ class QuantSettings:
     """The quantization choices of an export (part of its options, so a resume must match).
 
     precision: ``w4a16`` (int4 projections) or ``w8a16`` (int8 projections); lm_head int8 and
-    activations uint16 in both. weight_method: ``mse`` or ``gptq``. int8_threshold: a w4a16
-    projection whose measured relative output error at int4 exceeds this keeps int8 weights
-    (the mixed precision of DESIGN.md section 4); None keeps every projection at int4.
+    activations uint16 in both. weight_method: ``mse`` or ``gptq``. int8_fraction (w4a16): the
+    share of a part's projection weights kept at int8, given to the projections with the largest
+    measured relative output error at int4 (the mixed precision of DESIGN.md section 4; 0 keeps
+    every projection at int4).
     """
 
     precision: str
-    weight_method: str = "mse"
-    int8_threshold: float | None = None
+    weight_method: str = "gptq"
+    int8_fraction: float = 0.1
 
     @property
     def projection_bits(self) -> int:
@@ -75,38 +76,50 @@ def quantize_part_graphs(
     weights: dict[str, QuantizedWeight] = {}
     weight_report = {}
     matmul_inputs = {n.input[1]: n.input[0] for n in ref_graph.graph.node if n.op_type == "MatMul" and n.input[1] in inits}
-    for wname, act in matmul_inputs.items():
+    def quantize(wname: str, bits: int, method: str) -> QuantizedWeight:
         w = read_initializer(inits[wname], float_dir).astype(np.float32)
-        s = stats.tensors[act]
+        s = stats.tensors[matmul_inputs[wname]]
         act_sq = s.channel_sumsq / max(s.rows, 1)
-        hess = s.hessian if settings.weight_method == "gptq" else None
+        return quantize_weight(w, bits, act_sq, s.hessian if method == "gptq" else None, method)
+
+    projections = [n for n in matmul_inputs if is_projection(n)]
+    for i, wname in enumerate(matmul_inputs):
         if is_projection(wname):
-            bits = settings.projection_bits
-            qw = quantize_weight(w, bits, act_sq, hess, settings.weight_method)
-            if bits == 4 and settings.int8_threshold is not None and qw.rel_error > settings.int8_threshold:
-                q8 = quantize_weight(w, 8, act_sq, hess, settings.weight_method)
-                log(f"[quantize] {wname}: int4 error {qw.rel_error:.4f} > {settings.int8_threshold} -> int8 ({q8.rel_error:.5f})")
-                weight_report[wname] = {"bits": 8, "rel_error": q8.rel_error, "int4_rel_error": qw.rel_error,
-                                        "reason": f"int4 relative output error {qw.rel_error:.4f} above {settings.int8_threshold}"}
-                qw = q8
-            else:
-                weight_report[wname] = {"bits": bits, "rel_error": qw.rel_error}
+            weights[wname] = quantize(wname, settings.projection_bits, settings.weight_method)
+            weight_report[wname] = {"bits": settings.projection_bits, "rel_error": weights[wname].rel_error}
         else:  # lm_head: int8 per output channel
-            qw = quantize_weight(w, 8, act_sq, None, "mse")
-            weight_report[wname] = {"bits": 8, "rel_error": qw.rel_error}
-        weights[wname] = qw
+            weights[wname] = quantize(wname, 8, "mse")
+            weight_report[wname] = {"bits": 8, "rel_error": weights[wname].rel_error}
+        if (i + 1) % 28 == 0:
+            log(f"[quantize] {part.name}: {i + 1}/{len(matmul_inputs)} weights")
+    if settings.projection_bits == 4 and settings.int8_fraction > 0 and projections:
+        # Mixed precision by measured sensitivity: the largest relative output errors go to int8.
+        size = {n: inits[n].dims[0] * inits[n].dims[1] for n in projections}
+        budget = settings.int8_fraction * sum(size.values())
+        used = 0
+        for n in sorted(projections, key=lambda n: -weights[n].rel_error):
+            if used + size[n] > budget:
+                continue
+            used += size[n]
+            int4_err = weights[n].rel_error
+            weights[n] = quantize(n, 8, settings.weight_method)
+            weight_report[n] = {"bits": 8, "rel_error": weights[n].rel_error, "int4_rel_error": int4_err,
+                                "reason": f"among the largest measured int4 relative output errors ({int4_err:.4f}); "
+                                          f"int8 budget {settings.int8_fraction:.0%} of the part's projection weights"}
+        log(f"[quantize] {part.name}: {sum(1 for w in weight_report.values() if w.get('int4_rel_error') is not None)} "
+            f"projections kept at int8 ({used / sum(size.values()):.1%} of projection weights)")
 
     data_name = f"{part.name}.data"
     data = ExternalData(out_dir / (data_name + ".partial"))
     data.location = data_name
     graphs = {}
     pending = []
-    projections = {n for n in weights if is_projection(n)}
+    projection_set = set(projections)
     try:
         for ar in ars:
             fmodel = onnx.load(str(float_dir / Path(float_info["graphs"][ar]["file"]).name), load_external_data=False)
             qmodel, inputs, outputs = quantize_graph(fmodel, float_dir, enc.enc, weights, data)
-            problems = check_quantized_graph(qmodel, projections)
+            problems = check_quantized_graph(qmodel, projection_set)
             if problems:
                 raise RuntimeError(f"{part.name} AR-{ar}: quantized graph check failed: " + "; ".join(problems[:5]))
             fname = f"{part.name}.ar{ar}.onnx"
