@@ -30,7 +30,7 @@ AR, CL = 8, 64
 def tiny_bundle(tiny_factory, tmp_path_factory):
     ckpt = tiny_factory(layers=3)
     out = tmp_path_factory.mktemp("bundle") / "b"
-    export(ExportOptions(model=str(ckpt), precision="fp32", prompt_length=AR, context_length=CL, num_parts=3), out)
+    export(ExportOptions(model=str(ckpt), precision="fp32", prompt_length=AR, context_length=CL, num_parts=3, eval_tokens=256, eval_window=CL), out)
     return ckpt, out
 
 
@@ -168,7 +168,7 @@ def test_ort_kv_cached_greedy_equals_full_recompute(tiny_bundle):
 def test_fp16_bundle_close_to_fp32(tiny_factory, tmp_path):
     ckpt = tiny_factory(layers=3)
     out = tmp_path / "fp16"
-    export(ExportOptions(model=str(ckpt), precision="fp16", prompt_length=AR, context_length=CL, num_parts=2), out)
+    export(ExportOptions(model=str(ckpt), precision="fp16", prompt_length=AR, context_length=CL, num_parts=2, eval_tokens=0), out)
     m = read_manifest(out)
     assert m.data["kv_cache"]["dtype"] == "float16"
     assert all(i["dtype"] == "float16" for i in m.parts[1]["graphs"]["1"]["inputs"] if i["name"] != "input_ids")
@@ -190,7 +190,7 @@ def _files_sha(out: Path) -> dict:
 
 def test_resume_after_sigkill_gives_same_files(tiny_factory, tmp_path):
     ckpt = str(tiny_factory(layers=4))
-    args = [ckpt, "--precision", "fp32", "--prompt-length", str(AR), "--context-length", str(CL), "--num-parts", "4"]
+    args = [ckpt, "--precision", "fp32", "--prompt-length", str(AR), "--context-length", str(CL), "--num-parts", "4", "--eval-tokens", "128"]
     ref = tmp_path / "ref"
     assert main(["--quiet", "export", *args, "--out", str(ref)]) == 0
     out = tmp_path / "killed"
@@ -269,3 +269,15 @@ def test_inspect_reports_parts_ops_and_integrity(tiny_bundle, capsys):
     assert main(["inspect", str(out)]) == 0
     text = capsys.readouterr().out
     assert "all" in text and "match their sha256" in text and "part_3_of_3" in text
+
+
+def test_report_of_fp32_bundle_matches_its_float_reference(tiny_bundle):
+    """The fp32 bundle computes what the float model computes, so the report says so."""
+    _, out = tiny_bundle
+    r = json.loads((out / "report.json").read_text())
+    acc = r["accuracy"]
+    assert acc["tokens"] == 4 * (CL - 1) and acc["window"] == CL and acc["text"] == "wikitext2_test.txt"
+    assert abs(acc["perplexity_ratio"] - 1) < 1e-4
+    assert acc["top1_agreement"] > 0.99 and acc["mean_kl"] < 1e-6
+    assert "report.json" in read_manifest(out).data["files"]
+    assert r["sizes"]["kv_cache_bytes_full_context"] == r["sizes"]["kv_cache_bytes_per_token"] * CL

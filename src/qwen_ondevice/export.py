@@ -46,6 +46,8 @@ class ExportOptions:
     calibration_tokens: int = DEFAULT_CALIBRATION_TOKENS
     weight_method: str = "gptq"
     int8_fraction: float = 0.1
+    eval_tokens: int = 2048  # held-out tokens scored for report.json (0 skips the accuracy report)
+    eval_window: int = 1024
 
     @property
     def ar_lengths(self) -> list[int]:
@@ -166,6 +168,11 @@ def export(options: ExportOptions, out: Path, force: bool = False) -> Path:
 
         cleanup(out / STATE_DIR)
 
+    if options.eval_tokens > 0 and "report" not in state.done:
+        from .report import write_report
+
+        summary = write_report(out, build_manifest(out, ckpt, options, parts, state), options.eval_tokens, options.eval_window)
+        state.mark("report", summary)
     write_manifest(out, ckpt, options, parts, state)
     state.mark("manifest")
     return out
@@ -296,8 +303,23 @@ def tool_versions() -> dict:
 
 
 def write_manifest(out: Path, ckpt: Checkpoint, options: ExportOptions, parts: list[PartSpec], state: ExportState) -> None:
-    """Write ``manifest.json`` last: config, precision, AR list, CL, parts with their I/O
-    signatures, tool versions and the sha256 of every file in the bundle."""
+    """Write ``manifest.json`` last: :func:`build_manifest` plus the sha256 of every file."""
+    manifest = build_manifest(out, ckpt, options, parts, state)
+    files = {}
+    for path in sorted(out.rglob("*")):
+        rel = path.relative_to(out).as_posix()
+        if path.is_file() and not rel.startswith(STATE_DIR) and rel != MANIFEST:
+            files[rel] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+    manifest["files"] = files
+    tmp = out / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1))
+    os.replace(tmp, out / MANIFEST)
+    log(f"[manifest] {out / MANIFEST}: {len(files)} files, {sum(f['bytes'] for f in files.values()) / 1e6:.1f} MB")
+
+
+def build_manifest(out: Path, ckpt: Checkpoint, options: ExportOptions, parts: list[PartSpec], state: ExportState) -> dict:
+    """The manifest without its file list: config, precision, AR list, CL, parts with their I/O
+    signatures (and encodings), quantization summary, tool versions."""
     cfg = ckpt.config
     float_dtype = "float16" if options.precision == "fp16" else "float32"
     kv_dtype = "uint8" if options.precision in QUANTIZED else float_dtype
@@ -308,11 +330,6 @@ def write_manifest(out: Path, ckpt: Checkpoint, options: ExportOptions, parts: l
         info.pop("peak_rss_bytes", None)
         info["planned_weight_bytes"] = part_bytes(cfg, options.precision, p)
         part_entries.append(info)
-    files = {}
-    for path in sorted(out.rglob("*")):
-        rel = path.relative_to(out).as_posix()
-        if path.is_file() and not rel.startswith(STATE_DIR) and rel != MANIFEST:
-            files[rel] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
     kv_per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * {"uint8": 1, "float16": 2, "float32": 4}[kv_dtype]
     manifest = {
         "schema": SCHEMA,
@@ -337,12 +354,9 @@ def write_manifest(out: Path, ckpt: Checkpoint, options: ExportOptions, parts: l
         "quantization": _quantization_summary(options, part_entries),
         "export": {"stages": {k: v for k, v in state.done.items() if k.startswith("part:") or k == "files"}},
         "tools": tool_versions(),
-        "files": files,
+        "files": {},
     }
-    tmp = out / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1))
-    os.replace(tmp, out / MANIFEST)
-    log(f"[manifest] {out / MANIFEST}: {len(files)} files, {sum(f['bytes'] for f in files.values()) / 1e6:.1f} MB")
+    return manifest
 
 
 def _stage_delay() -> None:
@@ -376,6 +390,9 @@ def register_cli(sub) -> None:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--num-parts", type=int, help="total parts, embedding included")
     g.add_argument("--max-part-bytes", type=int, help="cap on a part's weight bytes (default 1 GiB)")
+    p.add_argument("--eval-tokens", type=int, default=2048,
+                   help="held-out tokens scored against the float model for report.json (0 skips; default 2048)")
+    p.add_argument("--eval-window", type=int, default=1024, help="window of the accuracy report (capped at CL)")
     p.add_argument("--force", action="store_true", help="overwrite the --out folder and start over")
     p.set_defaults(func=_cmd_export)
 
@@ -392,6 +409,8 @@ def _cmd_export(args) -> int:
         calibration_tokens=args.calibration_tokens,
         weight_method=args.weight_method,
         int8_fraction=args.int8_fraction,
+        eval_tokens=args.eval_tokens,
+        eval_window=args.eval_window,
     )
     t0 = time.perf_counter()
     out = export(options, args.out, force=args.force)

@@ -1,0 +1,63 @@
+"""``report.json``: the bundle's accuracy against the float model, its sizes and bytes per token."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .bundle import Manifest
+from .progress import log
+
+
+def bytes_per_token(manifest: dict) -> dict:
+    """Bytes a generated token moves (bytes): every decoder weight once (the embedding part
+    reads one row), plus the KV cache at full context."""
+    cfg = manifest["model"]["config"]
+    parts = manifest["parts"]
+    weights = sum(p["weight_bytes"] for p in parts)
+    emb = sum(p["weight_bytes"] for p in parts if p["embedding"])
+    kv_token = manifest["kv_cache"]["bytes_per_token"]
+    read = weights - emb + emb // cfg["vocab_size"]
+    return {
+        "weight_bytes": weights,
+        "weight_bytes_read_per_token": read,
+        "kv_cache_bytes_per_token": kv_token,
+        "kv_cache_bytes_full_context": kv_token * manifest["context_length"],
+        "bytes_per_token_full_context": read + kv_token * manifest["context_length"],
+    }
+
+
+def write_report(out: Path, manifest: dict, eval_tokens: int, window: int) -> dict:
+    """Evaluate the bundle in ``out`` (ORT CPU) against its float source on the shipped held-out
+    text, write ``out/report.json`` and print the summary; returns the accuracy dict.
+
+    The bundle is opened from the in-memory ``manifest`` (the file is written after the report,
+    so that it can list report.json's sha256)."""
+    from .backends.ort_backend import OrtBackend
+    from .calibrate import default_evaluation_text, text_token_ids
+    from .engine import Engine
+    from .evaluate import evaluate_engines, reference_engine
+    from .tokenizer import Tokenizer
+
+    m = Manifest(out, manifest)
+    window = min(window, m.context_length)
+    tokens = max(eval_tokens // window, 1) * window
+    gen = json.loads((out / "generation_config.json").read_text()) if (out / "generation_config.json").exists() else {}
+    tok = Tokenizer.from_folder(out, m.config, gen)
+    engine = Engine(OrtBackend(m), prompt_length=max(m.ar_lengths), mask_value=float(manifest["mask_value"]))
+    text = default_evaluation_text()
+    ids = text_token_ids(tok, text, tokens, "evaluation")
+    ref, _ = reference_engine(manifest["model"]["source"], window)
+    log(f"[report] scoring {tokens} held-out tokens in windows of {window} against the float model")
+    acc = evaluate_engines(engine, ref, ids, window, text.name)
+    report = {
+        "precision": manifest["precision"],
+        "accuracy": {k: v for k, v in acc.to_dict().items() if k != "seconds"},
+        "reference": {"model": manifest["model"]["source"], "backend": "torch", "dtype": "float32"},
+        "bundle_backend": "ort-cpu",
+        "sizes": bytes_per_token(manifest),
+        "mixed_precision": (manifest.get("quantization") or {}).get("mixed_precision"),
+    }
+    (out / "report.json").write_text(json.dumps(report, indent=1))
+    log(f"[report] {acc.format()}")
+    return {"perplexity_ratio": acc.perplexity_ratio, "top1_agreement": acc.top1_agreement, "seconds": acc.seconds}
