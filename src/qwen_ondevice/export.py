@@ -128,6 +128,9 @@ def export(options: ExportOptions, out: Path, force: bool = False) -> Path:
     """
     ckpt = load_checkpoint(options.model)
     check_options(options, ckpt)
+    quantized = options.precision in QUANTIZED
+    # the calibration text is checked before anything is written: a refusal leaves no folder
+    calib_plan = _calibration_plan(ckpt, options) if quantized else None
     state = prepare_output(out, options, force)
     cfg = ckpt.config
     timings = dict(state.done.get("timings", {}))
@@ -145,9 +148,6 @@ def export(options: ExportOptions, out: Path, force: bool = False) -> Path:
     log(f"[plan] {len(parts)} parts at {options.precision}:\n" + describe_plan(cfg, options.precision, parts))
 
     (out / "onnx").mkdir(exist_ok=True)
-    quantized = options.precision in QUANTIZED
-    if quantized:
-        calib_plan = _calibration_plan(ckpt, options)
     for part in parts:
         stage = f"part:{part.name}"
         if stage in state.done:

@@ -9,6 +9,24 @@ from ..engine import Backend, KVCache
 
 DTYPES = {"float32": np.float32, "float16": np.float16, "uint8": np.uint8, "uint16": np.uint16, "int32": np.int32}
 
+#: ONNX Runtime fuses ``DequantizeLinear(int4/int8 weight) -> MatMul`` into ``MatMulNBits``, whose
+#: default accuracy level (4) quantizes the activations to int8 blocks inside the product: far
+#: coarser than the uint16 activations of the QDQ model, so the CPU run would no longer simulate
+#: the device numerics. Level 1 keeps the fused kernel but computes in fp32, like the QDQ graph.
+QDQ_MATMULNBITS_ACCURACY = ("session.qdq_matmulnbits_accuracy_level", "1")
+
+
+def qdq_session_options(ort, so=None):
+    """``so`` (or new SessionOptions) set to run a QDQ graph with its own arithmetic (see
+    :data:`QDQ_MATMULNBITS_ACCURACY`); a level the caller already set is kept."""
+    so = so or ort.SessionOptions()
+    key, value = QDQ_MATMULNBITS_ACCURACY
+    try:
+        so.get_session_config_entry(key)
+    except RuntimeError:
+        so.add_session_config_entry(key, value)
+    return so
+
 
 class OrtBackend(Backend):
     """Runs each part's AR-N graph in order; the host owns KV cache, positions and mask.
@@ -45,7 +63,7 @@ class OrtBackend(Backend):
         if key not in self._sessions:
             part = self.manifest.parts[part_index]
             path = self.manifest.graph_path(part, ar)
-            so = self.session_options or self.ort.SessionOptions()
+            so = qdq_session_options(self.ort, self.session_options)
             s = self.ort.InferenceSession(str(path), sess_options=so, providers=self.providers)
             self._sessions[key] = s
             self._input_types[key] = {i["name"]: DTYPES[i["dtype"]] for i in part["graphs"][str(ar)]["inputs"]}
