@@ -25,7 +25,7 @@ from .modeling import PartSpec
 from .onnx_graph import ExternalData
 from .progress import log
 from .qdq import activation_encodings, check_quantized_graph, quantize_graph, read_initializer
-from .weight_quant import QuantizedWeight, quantize_weight
+from .weight_quant import QuantizedWeight, hessian_factor, quantize_weight
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -76,11 +76,16 @@ def quantize_part_graphs(
     weights: dict[str, QuantizedWeight] = {}
     weight_report = {}
     matmul_inputs = {n.input[1]: n.input[0] for n in ref_graph.graph.node if n.op_type == "MatMul" and n.input[1] in inits}
+    factors = {}  # one Hessian factorisation per layer input, shared by q/k/v and gate/up
+
     def quantize(wname: str, bits: int, method: str) -> QuantizedWeight:
         w = read_initializer(inits[wname], float_dir).astype(np.float32)
-        s = stats.tensors[matmul_inputs[wname]]
+        act = matmul_inputs[wname]
+        s = stats.tensors[act]
         act_sq = s.channel_sumsq / max(s.rows, 1)
-        return quantize_weight(w, bits, act_sq, s.hessian if method == "gptq" else None, method)
+        if method == "gptq" and act not in factors:
+            factors[act] = hessian_factor(s.hessian)
+        return quantize_weight(w, bits, act_sq, factors.get(act) if method == "gptq" else None, method)
 
     projections = [n for n in matmul_inputs if is_projection(n)]
     for i, wname in enumerate(matmul_inputs):

@@ -55,14 +55,38 @@ def mse_scales(w: torch.Tensor, bits: int, act_sq: torch.Tensor, grid: int = 24,
     return best_s
 
 
+@dataclass
+class HessianFactor:
+    """What GPTQ needs from a layer input's Hessian H = sum x x^T (K, K), computed once and shared
+    by every weight that reads the same input (q/k/v; gate/up): the act-order permutation (K,)
+    and the upper Cholesky factor (K, K) of the damped, permuted H^-1 (Frantar et al. 2022)."""
+
+    perm: torch.Tensor
+    hinv: torch.Tensor
+    dead: torch.Tensor
+
+
+def hessian_factor(hessian: np.ndarray, damp: float = 0.01) -> HessianFactor:
+    H = torch.from_numpy(np.asarray(hessian, np.float32)).clone()
+    K = H.shape[0]
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    # "act-order": quantize the input features with the largest Hessian diagonal first
+    perm = torch.argsort(torch.diag(H), descending=True)
+    H = H[perm][:, perm]
+    H += torch.eye(K, dtype=H.dtype) * damp * torch.mean(torch.diag(H))
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    return HessianFactor(perm, hinv.float(), dead)
+
+
 def quantize_weight(
-    w: np.ndarray, bits: int, act_sq: np.ndarray | None = None, hessian: np.ndarray | None = None,
+    w: np.ndarray, bits: int, act_sq: np.ndarray | None = None, hessian: "np.ndarray | HessianFactor | None" = None,
     method: str = "mse", damp: float = 0.01, block: int = 128,
 ) -> QuantizedWeight:
     """Quantize W (K, N) float32 per output channel to ``bits`` (4 or 8).
 
     ``act_sq`` (K,) is E[x_k^2] of the layer input (uniform when None); ``hessian`` (K, K) is
-    sum x x^T, needed by ``gptq``.
+    sum x x^T (or its :class:`HessianFactor`), needed by ``gptq``.
 
     Raises:
         ValueError: an unknown method, or gptq without a Hessian.
@@ -77,7 +101,8 @@ def quantize_weight(
     elif method == "gptq":
         if hessian is None:
             raise ValueError("gptq needs the input Hessian")
-        q = _gptq(W, s, torch.from_numpy(np.asarray(hessian, np.float32)), qmin, qmax, damp, block)
+        factor = hessian if isinstance(hessian, HessianFactor) else hessian_factor(hessian, damp)
+        q = _gptq(W, s, factor, qmin, qmax, block)
     else:
         raise ValueError(f"unknown weight method {method!r}")
     deq = q * s
@@ -85,24 +110,17 @@ def quantize_weight(
     return QuantizedWeight(q.to(torch.int8).numpy(), s.numpy().astype(np.float32), bits, rel)
 
 
-def _gptq(W: torch.Tensor, s: torch.Tensor, H: torch.Tensor, qmin: int, qmax: int, damp: float, block: int) -> torch.Tensor:
+def _gptq(W: torch.Tensor, s: torch.Tensor, f: HessianFactor, qmin: int, qmax: int, block: int) -> torch.Tensor:
     """GPTQ (Frantar et al. 2022, Alg. 1) on W (K, N) with fixed per-channel scales s (N,).
 
-    Rows of W (input features) are quantized in order; the rounding error of each row is spread
-    over the rows not yet quantized through the upper Cholesky factor of H^-1.
+    Rows of W (input features) are quantized in act-order; the rounding error of each row is
+    spread over the rows not yet quantized through the upper Cholesky factor of H^-1.
     """
-    W = W.clone().double()
-    H = H.clone().double()
+    W = W.clone()
+    W[f.dead, :] = 0
+    W = W[f.perm]
+    Hinv = f.hinv
     K = W.shape[0]
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1
-    W[dead, :] = 0
-    # "act-order": quantize the input features with the largest Hessian diagonal first
-    perm = torch.argsort(torch.diag(H), descending=True)
-    W, H = W[perm], H[perm][:, perm]
-    H += torch.eye(K, dtype=H.dtype) * damp * torch.mean(torch.diag(H))
-    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
-    sd = s.double()
     Q = torch.zeros_like(W)
     for i1 in range(0, K, block):
         i2 = min(i1 + block, K)
@@ -112,14 +130,13 @@ def _gptq(W: torch.Tensor, s: torch.Tensor, H: torch.Tensor, qmin: int, qmax: in
         Hb = Hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
             w = W1[i]
-            d = Hb[i, i]
-            q = torch.clamp(torch.round(w / sd), qmin, qmax)
+            q = torch.clamp(torch.round(w / s), qmin, qmax)
             Q1[i] = q
-            err = (w - q * sd) / d
+            err = (w - q * s) / Hb[i, i]
             W1[i:] -= Hb[i, i:, None] * err[None, :]
             E1[i] = err
         Q[i1:i2] = Q1
         W[i2:] -= Hinv[i1:i2, i2:].T @ E1
     out = torch.empty_like(Q)
-    out[perm] = Q
-    return out.float()
+    out[f.perm] = Q
+    return out
