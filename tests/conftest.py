@@ -117,3 +117,14 @@ def tiny_factory(tmp_path_factory, demo_checkpoint):
 @pytest.fixture(scope="session")
 def tiny_path(tiny_factory):
     return tiny_factory()
+
+
+def one_line_error(capsys, argv) -> str:
+    """Run the CLI; assert exit 2 and a single ``error:`` line on stderr; return that line."""
+    from qwen_ondevice.cli import main
+
+    code = main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith("error:"), err
+    return err[0]

@@ -15,6 +15,7 @@ import onnx
 import pytest
 import torch
 
+from conftest import one_line_error as _one_line_error
 from qwen_ondevice.bundle import read_manifest
 from qwen_ondevice.checkpoint import load_checkpoint
 from qwen_ondevice.cli import main
@@ -210,14 +211,6 @@ def test_resume_after_sigkill_gives_same_files(tiny_factory, tmp_path):
     assert not (out / "manifest.json").exists()
     assert main(["--quiet", "export", *args, "--out", str(out)]) == 0
     assert _files_sha(out) == _files_sha(ref)
-
-
-def _one_line_error(capsys, argv) -> str:
-    code = main(argv)
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2
-    assert len(err) == 1 and err[0].startswith("error:"), err
-    return err[0]
 
 
 def test_refusals(tiny_bundle, tiny_factory, tmp_path, capsys):

@@ -17,6 +17,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+from conftest import one_line_error as _one_line_error
 from qwen_ondevice import qdq
 from qwen_ondevice.backends.ort_backend import qdq_session_options
 from qwen_ondevice.bundle import read_manifest
@@ -674,14 +675,6 @@ def test_single_projection_ort_equals_numpy(tmp_path, bits):
 
 # --------------------------------------------------------------------------------------------
 # 3. refusals
-
-
-def _one_line_error(capsys, argv) -> str:
-    code = main(argv)
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2
-    assert len(err) == 1 and err[0].startswith("error:"), err
-    return err[0]
 
 
 def test_refuses_short_calibration_text_before_writing(tiny, tmp_path, capsys):
