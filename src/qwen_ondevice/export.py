@@ -46,6 +46,7 @@ class ExportOptions:
     calibration_tokens: int = DEFAULT_CALIBRATION_TOKENS
     weight_method: str = "gptq"
     int8_fraction: float = 0.1
+    weight_block_size: int | None = None  # w4a16: int4 scales per block of input rows (block-wise)
     eval_tokens: int = 2048  # held-out tokens scored for report.json (0 skips the accuracy report)
     eval_window: int = 1024
 
@@ -195,7 +196,7 @@ def _quantized_part(ckpt: Checkpoint, part: PartSpec, options: ExportOptions, ou
     float_dir, calib_dir = state_dir / "float", state_dir / "calib"
     float_dir.mkdir(parents=True, exist_ok=True)
     calib_dir.mkdir(parents=True, exist_ok=True)
-    settings = QuantSettings(options.precision, options.weight_method, options.int8_fraction)
+    settings = QuantSettings(options.precision, options.weight_method, options.int8_fraction, options.weight_block_size)
     if f"float:{part.name}" not in state.done:
         info = export_part(ckpt, part, options.ar_lengths, options.context_length, "fp32", float_dir)
         state.mark(f"float:{part.name}", info)
@@ -280,7 +281,8 @@ def _quantization_summary(options: ExportOptions, parts: list[dict]) -> dict | N
 
     return {
         "precision": options.precision,
-        "weights": {"projections": f"int{4 if options.precision == 'w4a16' else 8} symmetric per output channel",
+        "weights": {"projections": f"int{4 if options.precision == 'w4a16' else 8} symmetric "
+                    + (f"per block of {options.weight_block_size} input rows" if options.weight_block_size and options.precision == "w4a16" else "per output channel"),
                     "lm_head": "int8 symmetric per output channel", "embedding": "int8 symmetric per row",
                     "norms_and_biases": "uint16 per tensor", "method": options.weight_method},
         "activations": "uint16 asymmetric per tensor", "kv_cache": "uint8 per layer, in/out share one encoding",
@@ -390,6 +392,9 @@ def register_cli(sub) -> None:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--num-parts", type=int, help="total parts, embedding included")
     g.add_argument("--max-part-bytes", type=int, help="cap on a part's weight bytes (default 1 GiB)")
+    p.add_argument("--weight-block-size", type=int, default=None,
+                   help="w4a16: int4 scales per block of this many input rows (e.g. 64) instead of per output "
+                        "channel; more accurate, runs on ONNX Runtime CPU, not verified on the HTP")
     p.add_argument("--eval-tokens", type=int, default=2048,
                    help="held-out tokens scored against the float model for report.json (0 skips; default 2048)")
     p.add_argument("--eval-window", type=int, default=1024, help="window of the accuracy report (capped at CL)")
@@ -409,6 +414,7 @@ def _cmd_export(args) -> int:
         calibration_tokens=args.calibration_tokens,
         weight_method=args.weight_method,
         int8_fraction=args.int8_fraction,
+        weight_block_size=args.weight_block_size,
         eval_tokens=args.eval_tokens,
         eval_window=args.eval_window,
     )

@@ -178,17 +178,19 @@ def quantize_graph(
             consts.add(name)
             continue
         w = read_initializer(t, float_base).astype(np.float32)
-        if name in weights:  # MatMul weight (K, N): per-output-channel int4/int8, axis 1
+        if name in weights:  # MatMul weight (K, N): int4/int8 per output channel (axis 1) or per block
             qw = weights[name]
             K, N = qw.q.shape
+            zshape = qw.scale.shape  # (N,) or (K / B, N)
             if qw.bits == 4:
                 qname = big(name + ".q", pack_int4(qw.q), TensorProto.INT4, (K, N))
-                zp = const(name + ".zero_point", np.zeros(N, np.int8), TensorProto.INT4)
+                zp = big(name + ".zero_point", pack_int4(np.zeros(zshape, np.int8)), TensorProto.INT4, zshape)
             else:
                 qname = big(name + ".q", qw.q.astype(np.int8))
-                zp = const(name + ".zero_point", np.zeros(N, np.int8))
+                zp = big(name + ".zero_point", np.zeros(zshape, np.int8))
             sc = big(name + ".scale", qw.scale.astype(np.float32))
-            nodes.append(helper.make_node("DequantizeLinear", [qname, sc, zp], [name + "_dq"], name=name + "_DQ", axis=1))
+            attrs = {"axis": 1} if qw.block_size is None else {"axis": 0, "block_size": qw.block_size}
+            nodes.append(helper.make_node("DequantizeLinear", [qname, sc, zp], [name + "_dq"], name=name + "_DQ", **attrs))
         elif name in gather_tables:  # embedding (V, H): int8 symmetric per row, axis 0
             scale = np.maximum(np.abs(w).max(axis=1), 1e-12) / 127.0
             q = np.clip(np.rint(w / scale[:, None]), -127, 127).astype(np.int8)
@@ -272,10 +274,13 @@ def check_quantized_graph(model: onnx.ModelProto, projection_weights: set[str]) 
             if n.op_type == "MatMul" and idx == 1 and p.input[0].removesuffix(".q") in projection_weights:
                 q, s, z = (init.get(x) for x in p.input[:3])
                 axis = next((a.i for a in p.attribute if a.name == "axis"), 1)
+                bsize = next((a.i for a in p.attribute if a.name == "block_size"), 0)
                 if q is None or s is None or z is None:
                     problems.append(f"{n.name}: weight DequantizeLinear lacks a constant weight/scale/zero point")
                     continue
-                if axis != 1 or list(s.dims) != [q.dims[1]]:
+                per_channel = axis == 1 and not bsize and list(s.dims) == [q.dims[1]]
+                per_block = axis == 0 and bsize and list(s.dims) == [q.dims[0] // bsize, q.dims[1]]
+                if not (per_channel or per_block):
                     problems.append(f"{n.name}: weight {p.input[0]} scale shape {list(s.dims)} is not one per output channel ({q.dims[1]})")
                 if z.data_type != q.data_type:
                     problems.append(f"{n.name}: zero point type {z.data_type} differs from weight type {q.data_type}")

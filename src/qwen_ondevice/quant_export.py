@@ -44,6 +44,7 @@ class QuantSettings:
     precision: str
     weight_method: str = "gptq"
     int8_fraction: float = 0.1
+    block_size: int | None = None  # int4 scales per block of this many input rows (None: per channel)
 
     @property
     def projection_bits(self) -> int:
@@ -85,7 +86,8 @@ def quantize_part_graphs(
         act_sq = s.channel_sumsq / max(s.rows, 1)
         if method == "gptq" and act not in factors:
             factors[act] = hessian_factor(s.hessian)
-        return quantize_weight(w, bits, act_sq, factors.get(act) if method == "gptq" else None, method)
+        block = settings.block_size if bits == 4 and is_projection(wname) else None
+        return quantize_weight(w, bits, act_sq, factors.get(act) if method == "gptq" else None, method, block_size=block)
 
     projections = [n for n in matmul_inputs if is_projection(n)]
     for i, wname in enumerate(matmul_inputs):

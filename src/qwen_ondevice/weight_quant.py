@@ -23,16 +23,24 @@ import torch
 
 @dataclass
 class QuantizedWeight:
-    """q (K, N) int8 storage of int4/int8 values, scale (N,) float32, bits 4 or 8, and the
+    """q (K, N) int8 storage of int4/int8 values; scale (N,) float32 per output channel, or
+    (K / B, N) per block of B input rows when ``block_size`` is set; bits 4 or 8; and the
     relative output error ``rel_error`` = sum E[x^2](W - Wq)^2 / sum E[x^2] W^2 (measured)."""
 
     q: np.ndarray
     scale: np.ndarray
     bits: int
     rel_error: float
+    block_size: int | None = None
+
+    def row_scales(self) -> np.ndarray:
+        """The scale of every element, (K, N) or broadcastable (1, N)."""
+        if self.block_size is None:
+            return self.scale[None, :]
+        return np.repeat(self.scale, self.block_size, axis=0)
 
     def dequantize(self) -> np.ndarray:
-        return self.q.astype(np.float32) * self.scale[None, :]
+        return self.q.astype(np.float32) * self.row_scales()
 
 
 def _qrange(bits: int) -> tuple[int, int]:
@@ -40,7 +48,9 @@ def _qrange(bits: int) -> tuple[int, int]:
 
 
 def mse_scales(w: torch.Tensor, bits: int, act_sq: torch.Tensor, grid: int = 24, min_ratio: float = 0.5) -> torch.Tensor:
-    """Per-channel scales (N,) minimising sum_k act_sq[k] (w - s q)^2 over clipping ratios."""
+    """Per-channel scales (N,) minimising sum_k act_sq[k] (w - s q)^2 over clipping ratios.
+
+    For block-wise scales call it on each block of rows (w (B, N), act_sq (B,))."""
     qmin, qmax = _qrange(bits)
     absmax = w.abs().amax(dim=0).clamp_min(1e-12)  # (N,)
     best_s = absmax / qmax
@@ -81,20 +91,30 @@ def hessian_factor(hessian: np.ndarray, damp: float = 0.01) -> HessianFactor:
 
 def quantize_weight(
     w: np.ndarray, bits: int, act_sq: np.ndarray | None = None, hessian: "np.ndarray | HessianFactor | None" = None,
-    method: str = "mse", damp: float = 0.01, block: int = 128,
+    method: str = "mse", damp: float = 0.01, block: int = 128, block_size: int | None = None,
 ) -> QuantizedWeight:
-    """Quantize W (K, N) float32 per output channel to ``bits`` (4 or 8).
+    """Quantize W (K, N) float32 to ``bits`` (4 or 8): per output channel, or per block of
+    ``block_size`` input rows within each output channel (block-wise, "LPBQ-style" grouping).
 
     ``act_sq`` (K,) is E[x_k^2] of the layer input (uniform when None); ``hessian`` (K, K) is
-    sum x x^T (or its :class:`HessianFactor`), needed by ``gptq``.
+    sum x x^T (or its :class:`HessianFactor`), needed by ``gptq``. With blocks, GPTQ keeps the
+    block scales fixed from the start ("static groups"), so act-order stays valid.
 
     Raises:
-        ValueError: an unknown method, or gptq without a Hessian.
+        ValueError: an unknown method, gptq without a Hessian, or K not a multiple of block_size.
     """
     W = torch.from_numpy(np.ascontiguousarray(w, np.float32))
     K, N = W.shape
     a = torch.ones(K) if act_sq is None else torch.from_numpy(np.asarray(act_sq, np.float32))
-    s = mse_scales(W, bits, a)
+    if block_size is None:
+        s = mse_scales(W, bits, a)  # (N,)
+        blocks = None
+    else:
+        if K % block_size:
+            raise ValueError(f"input size {K} is not a multiple of the block size {block_size}")
+        blocks = torch.stack([mse_scales(W[i : i + block_size], bits, a[i : i + block_size])
+                              for i in range(0, K, block_size)])  # (K / B, N)
+        s = blocks.repeat_interleave(block_size, dim=0)  # (K, N)
     qmin, qmax = _qrange(bits)
     if method == "mse":
         q = torch.clamp(torch.round(W / s), qmin, qmax)
@@ -107,11 +127,13 @@ def quantize_weight(
         raise ValueError(f"unknown weight method {method!r}")
     deq = q * s
     rel = float((a[:, None] * (W - deq) ** 2).sum() / (a[:, None] * W**2).sum().clamp_min(1e-30))
-    return QuantizedWeight(q.to(torch.int8).numpy(), s.numpy().astype(np.float32), bits, rel)
+    scale = (s if blocks is None else blocks).numpy().astype(np.float32)
+    return QuantizedWeight(q.to(torch.int8).numpy(), scale, bits, rel, block_size)
 
 
 def _gptq(W: torch.Tensor, s: torch.Tensor, f: HessianFactor, qmin: int, qmax: int, block: int) -> torch.Tensor:
-    """GPTQ (Frantar et al. 2022, Alg. 1) on W (K, N) with fixed per-channel scales s (N,).
+    """GPTQ (Frantar et al. 2022, Alg. 1) on W (K, N) with fixed scales s: (N,) per channel or
+    (K, N) per element (block-wise).
 
     Rows of W (input features) are quantized in act-order; the rounding error of each row is
     spread over the rows not yet quantized through the upper Cholesky factor of H^-1.
@@ -119,6 +141,7 @@ def _gptq(W: torch.Tensor, s: torch.Tensor, f: HessianFactor, qmin: int, qmax: i
     W = W.clone()
     W[f.dead, :] = 0
     W = W[f.perm]
+    S = s[f.perm] if s.dim() == 2 else s.expand(W.shape[0], -1)  # (K, N), in act-order
     Hinv = f.hinv
     K = W.shape[0]
     Q = torch.zeros_like(W)
@@ -130,9 +153,10 @@ def _gptq(W: torch.Tensor, s: torch.Tensor, f: HessianFactor, qmin: int, qmax: i
         Hb = Hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
             w = W1[i]
-            q = torch.clamp(torch.round(w / s), qmin, qmax)
+            sr = S[i1 + i]
+            q = torch.clamp(torch.round(w / sr), qmin, qmax)
             Q1[i] = q
-            err = (w - q * s) / Hb[i, i]
+            err = (w - q * sr) / Hb[i, i]
             W1[i:] -= Hb[i, i:, None] * err[None, :]
             E1[i] = err
         Q[i1:i2] = Q1
