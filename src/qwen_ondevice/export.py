@@ -46,6 +46,7 @@ class ExportOptions:
     calibration_tokens: int = DEFAULT_CALIBRATION_TOKENS
     weight_method: str = "mse"
     int8_threshold: float | None = None
+    chipset: str = "snapdragon-8-elite"  # QNN context binaries for this chipset; "none" skips (compile.py)
 
     @property
     def ar_lengths(self) -> list[int]:
@@ -113,6 +114,9 @@ def check_options(options: ExportOptions, ckpt: Checkpoint) -> None:
             f"--context-length {options.context_length} exceeds what the checkpoint reaches "
             f"(max_position_embeddings {ckpt.config.max_position_embeddings})"
         )
+    from .compile import check_chipset_option
+
+    check_chipset_option(options.chipset, options.precision)
 
 
 def export(options: ExportOptions, out: Path, force: bool = False) -> Path:
@@ -166,7 +170,10 @@ def export(options: ExportOptions, out: Path, force: bool = False) -> Path:
 
         cleanup(out / STATE_DIR)
 
-    write_manifest(out, ckpt, options, parts, state)
+    from .compile import compile_stage
+
+    extra = compile_stage(out, ckpt, options, parts, state)  # QNN context binaries + Genie files
+    write_manifest(out, ckpt, options, parts, state, extra)
     state.mark("manifest")
     return out
 
@@ -295,7 +302,8 @@ def tool_versions() -> dict:
     return versions
 
 
-def write_manifest(out: Path, ckpt: Checkpoint, options: ExportOptions, parts: list[PartSpec], state: ExportState) -> None:
+def write_manifest(out: Path, ckpt: Checkpoint, options: ExportOptions, parts: list[PartSpec], state: ExportState,
+                   extra: dict | None = None) -> None:
     """Write ``manifest.json`` last: config, precision, AR list, CL, parts with their I/O
     signatures, tool versions and the sha256 of every file in the bundle."""
     cfg = ckpt.config
@@ -335,6 +343,7 @@ def write_manifest(out: Path, ckpt: Checkpoint, options: ExportOptions, parts: l
         "io_names": {"hidden_in": "hidden_states_in", "hidden_out": "hidden_states_out"},
         "parts": part_entries,
         "quantization": _quantization_summary(options, part_entries),
+        **(extra or {}),
         "export": {"stages": {k: v for k, v in state.done.items() if k.startswith("part:") or k == "files"}},
         "tools": tool_versions(),
         "files": files,
@@ -375,6 +384,9 @@ def register_cli(sub) -> None:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--num-parts", type=int, help="total parts, embedding included")
     g.add_argument("--max-part-bytes", type=int, help="cap on a part's weight bytes (default 1 GiB)")
+    p.add_argument("--chipset", default="snapdragon-8-elite",
+                   help="compile QNN context binaries for this Snapdragon chipset (quantized precisions; default "
+                        "snapdragon-8-elite); 'none' skips")
     p.add_argument("--force", action="store_true", help="overwrite the --out folder and start over")
     p.set_defaults(func=_cmd_export)
 
@@ -391,6 +403,7 @@ def _cmd_export(args) -> int:
         calibration_tokens=args.calibration_tokens,
         weight_method=args.weight_method,
         int8_threshold=args.int8_threshold,
+        chipset=args.chipset,
     )
     t0 = time.perf_counter()
     out = export(options, args.out, force=args.force)
