@@ -203,14 +203,29 @@ def _compile_worker() -> None:
         result = {"ok": False, "failed_ar": e.ar, "error": str(e)}
     except BaseException as e:  # report everything to the parent
         result = {"ok": False, "failed_ar": None, "error": f"{type(e).__name__}: {e}"}
+    result["peak_rss_bytes"] = _own_peak_rss()
     Path(spec["result"]).write_text(json.dumps(result))
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
 
 
+def _own_peak_rss() -> int:
+    """This process's peak RSS since its exec (VmHWM). ``ru_maxrss`` of a child would also count
+    the parent's pages at fork time (Linux keeps it across exec)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def _run_worker(spec: dict) -> tuple[dict, int, str]:
-    """Run :func:`_compile_worker` in a child; returns (result, peak RSS bytes, stderr text)."""
+    """Run :func:`_compile_worker` in a child; returns (result, the child's peak RSS bytes, stderr text)."""
     src_root = str(Path(__file__).resolve().parents[1])
     env = dict(os.environ)
     env["PYTHONPATH"] = src_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
@@ -222,14 +237,13 @@ def _run_worker(spec: dict) -> tuple[dict, int, str]:
                                     stdin=subprocess.PIPE, stdout=err, stderr=err, env=env)
             proc.stdin.write(json.dumps(spec).encode())
             proc.stdin.close()
-            _, status, usage = os.wait4(proc.pid, 0)
-            proc.returncode = os.waitstatus_to_exitcode(status)
+            proc.wait()
         stderr = err_path.read_text(errors="replace")
-        peak = int(usage.ru_maxrss) * 1024
         rpath = Path(spec["result"])
         if not rpath.exists():
-            return {"ok": False, "failed_ar": None, "error": f"the compiler process died (exit status {proc.returncode})"}, peak, stderr
-        return json.loads(rpath.read_text()), peak, stderr
+            return {"ok": False, "failed_ar": None, "error": f"the compiler process died (exit status {proc.returncode})"}, 0, stderr
+        result = json.loads(rpath.read_text())
+        return result, int(result.get("peak_rss_bytes", 0)), stderr
 
 
 def _qnn_messages(stderr: str, limit: int = 4) -> str:
