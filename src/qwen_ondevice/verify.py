@@ -5,7 +5,8 @@ the ``ort-cpu`` engine (the QDQ ONNX parts on ONNX Runtime's CPU EP); the inputs
 its last AR-128 call (the prompt processor) and in one AR-1 call (the token generator) are
 captured with the outputs it returned. Each part's context binary then runs on the HTP (the
 simulator on x86_64) with those very quantized inputs, and every output is compared after
-dequantizing both with the manifest's encodings: cosine similarity and max abs difference, and
+dequantizing both with the manifest's encodings (over the rows of the call's real tokens: the host
+discards the padded ones): cosine similarity and max abs difference, and
 for the last part whether the argmax token agrees on the row the runtime samples from (the last
 valid row of each call; the other rows are reported too, with the CPU's margin where they differ).
 
@@ -79,6 +80,14 @@ class _Recorder:
         return outs
 
 
+def valid_rows(name: str, x: np.ndarray, n_valid: int) -> np.ndarray:
+    """The entries of output ``name`` that belong to the call's ``n_valid`` real tokens (the host
+    discards the padded rows): the token axis is 3 for ``past_key_*_out`` (KVH, 1, D, AR), 2 for
+    ``past_value_*_out`` (KVH, 1, AR, D), 1 for hidden states and logits (1, AR, .)."""
+    axis = 3 if name.startswith("past_key_") else 2 if name.startswith("past_value_") else 1
+    return np.take(x, np.arange(n_valid), axis=axis)
+
+
 def compare(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
     """Cosine similarity and max abs difference of two float arrays (cosine 1 when both are 0)."""
     a, b = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
@@ -138,15 +147,16 @@ def verify_bundle(root: Path, chipset: str | None = None, prompt: str = DEFAULT_
             call = calls[(i, ar)]
             timings.append({"part": part["name"], "ar": ar, "htp_seconds": result["seconds"][str(ar)],
                             "cpu_seconds": round(call["seconds"], 4), "how": result["how"]})
+            n_valid = call["n_valid"] if ar != 1 else 1
             for name, ref in call["outputs"].items():
                 got = htp[f"{ar}:{name}"]
                 enc = encodings.get(f"{part['name']}:{name}")
                 deq = (lambda x: enc.dequantize(x)) if enc is not None else (lambda x: x.astype(np.float32))
-                cos, diff = compare(deq(ref), deq(got))
+                cos, diff = compare(valid_rows(name, deq(ref), n_valid), valid_rows(name, deq(got), n_valid))
                 rows.append({"part": part["name"], "ar": ar, "output": name, "cosine": cos, "max_abs_diff": diff,
                              "ok": cos >= MIN_COSINE})
                 if name == "logits":
-                    argmax[ar] = _argmax_report(deq(ref)[0], deq(got)[0], call["n_valid"] if ar != 1 else 1)
+                    argmax[ar] = _argmax_report(deq(ref)[0], deq(got)[0], n_valid)
     ok = all(r["ok"] for r in rows) and all(v["sampled_row_agrees"] for v in argmax.values())
     return {"bundle": str(root), "chipset": qnn["chipset"], "prompt_tokens": len(prompt_ids), "rows": rows,
             "argmax": argmax, "timings": timings, "seconds": round(time.perf_counter() - t_all, 2), "ok": ok,
@@ -219,6 +229,11 @@ def format_report(r: dict) -> str:
                      + "".join(f"; row {d['row']}: cpu {d['cpu']} htp {d['htp']} (cpu margin {d['cpu_margin']:.4f})" for d in a["disagreeing"][:4]))
     for t in r["timings"]:
         lines.append(f"{t['part']:<14} AR-{t['ar']:<4} HTP {t['htp_seconds']:.3f} s per call, ORT CPU {t['cpu_seconds']:.3f} s ({t['how']})")
+    if "genie" in r:
+        g = r["genie"]
+        lines.append(f"Genie (libGenie.so of onnxruntime-qnn, experiment): config status {g.get('config_status')}, "
+                     f"dialog status {g.get('dialog_status')}, query status {g.get('query_status')}, process exit {g.get('exit')}"
+                     + (f", answer {g['answer']!r}" if g.get("answer") else "") + "\n  " + g.get("log", "").replace("\n", "\n  "))
     lines.append(("PASS" if r["ok"] else "FAIL") + f" ({r['seconds']:.1f} s on the HTP side)")
     return "\n".join(lines)
 
@@ -231,10 +246,28 @@ def register_cli(sub) -> None:
     p.add_argument("--chipset", default=None, help="the chipset whose binaries to check (default: the bundle's)")
     p.add_argument("--prompt", default=DEFAULT_PROMPT, help="the short chat prompt whose inputs are replayed")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--genie", action="store_true",
+                   help="experiment: also load genie_config.json with the libGenie.so of onnxruntime-qnn (child process) "
+                        "and ask it the prompt; reported, not part of pass/fail")
     p.set_defaults(func=_cmd_verify)
 
 
 def _cmd_verify(args) -> int:
     r = verify_bundle(args.bundle, args.chipset, args.prompt)
+    if args.genie:
+        r["genie"] = genie_experiment(args.bundle, args.prompt)
     print(json.dumps(r, indent=1) if args.json else format_report(r))
     return 0 if r["ok"] else 1
+
+
+def genie_experiment(root: Path, prompt: str) -> dict:
+    """Genie on this host (see :func:`qwen_ondevice.genie.probe_genie`): does it accept the
+    config, create the dialog, answer the chat-templated prompt? A crash is contained."""
+    from .bundle import open_bundle_runtime
+    from .genie import probe_genie
+
+    text = open_bundle_runtime(root, "ort-cpu").tokenizer.hf.apply_chat_template(
+        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+    r = probe_genie(root, text)
+    r["log"] = "\n".join(l for l in r.get("log", "").splitlines() if l.strip() and "LIBNATIVE" not in l)[-1500:]
+    return r
