@@ -304,11 +304,9 @@ def compile_part(root: Path, part: dict, chip: Chipset, work: Path) -> dict:
         info["wrapper"] = f"{QNN_DIR}/{chip.name}/{wrapper_name(name, ar)}"
         entry_graphs[str(ar)] = info
     bin_bytes = bins[0].stat().st_size
-    blob = bins[0].read_bytes()
     for ar, info in entry_graphs.items():
-        if info["qnn_graph"].encode() not in blob:
+        if not _contains(bins[0], info["qnn_graph"].encode()):
             raise CompileError(f"{name} AR-{ar}: graph {info['qnn_graph']} is not inside {bins[0].name}")
-    del blob
     weight_bytes = int(part["weight_bytes"])
     ratio = bin_bytes / max(weight_bytes, 1)
     if len(graphs) > 1 and ratio > MAX_BIN_TO_WEIGHT_RATIO:
@@ -332,6 +330,14 @@ def compile_part(root: Path, part: dict, chip: Chipset, work: Path) -> dict:
         "compile_seconds": seconds,
         "peak_rss_bytes": peak,
     }
+
+
+def _contains(path: Path, needle: bytes) -> bool:
+    """Whether the file holds ``needle`` (memory-mapped: a part's .bin can be gigabytes)."""
+    import mmap
+
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        return mm.find(needle) != -1
 
 
 def _check_wrapper(wrapper: Path, source: Path, old_bin: str, new_bin: str, part_name: str, ar: int) -> dict:
