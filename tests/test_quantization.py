@@ -46,7 +46,7 @@ LAYERS = 3
 
 def _export(ckpt: Path, out: Path, precision: str) -> Path:
     export(ExportOptions(model=str(ckpt), precision=precision, prompt_length=AR, context_length=CL, num_parts=3,
-                         calibration_tokens=CALIB_TOKENS, eval_tokens=0), out)
+                         calibration_tokens=CALIB_TOKENS, eval_tokens=0, chipset="none"), out)
     return out
 
 

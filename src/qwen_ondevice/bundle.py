@@ -109,6 +109,10 @@ def open_bundle_runtime(root: Path, backend: str):
         from .backends.ort_backend import OrtBackend
 
         be = OrtBackend(m)
+    elif backend == "qnn-htp":
+        from .backends.qnn_backend import QnnBackend
+
+        be = QnnBackend(m)
     else:
         raise UserError(f"backend {backend!r} is not available for this bundle yet")
     cfg = m.config

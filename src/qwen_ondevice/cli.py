@@ -167,9 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _extra_commands():
     """Commands that live in their own modules (added as they are implemented)."""
-    from . import evaluate, export, inspect_bundle, server
+    from . import evaluate, export, inspect_bundle, server, verify
 
-    return [export.register_cli, inspect_bundle.register_cli, evaluate.register_cli, server.register_cli]
+    return [export.register_cli, inspect_bundle.register_cli, evaluate.register_cli, server.register_cli, verify.register_cli]
 
 
 def main(argv: list[str] | None = None) -> int:

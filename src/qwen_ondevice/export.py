@@ -49,6 +49,7 @@ class ExportOptions:
     weight_block_size: int | None = None  # w4a16: int4 scales per block of input rows (block-wise)
     eval_tokens: int = 2048  # held-out tokens scored for report.json (0 skips the accuracy report)
     eval_window: int = 1024
+    chipset: str = "snapdragon-8-elite"  # QNN context binaries for this chipset; "none" skips (compile.py)
 
     @property
     def ar_lengths(self) -> list[int]:
@@ -116,6 +117,9 @@ def check_options(options: ExportOptions, ckpt: Checkpoint) -> None:
             f"--context-length {options.context_length} exceeds what the checkpoint reaches "
             f"(max_position_embeddings {ckpt.config.max_position_embeddings})"
         )
+    from .compile import check_chipset_option
+
+    check_chipset_option(options.chipset, options.precision)
 
 
 def export(options: ExportOptions, out: Path, force: bool = False) -> Path:
@@ -169,12 +173,16 @@ def export(options: ExportOptions, out: Path, force: bool = False) -> Path:
 
         cleanup(out / STATE_DIR)
 
+    from .compile import compile_stage
+
+    extra = compile_stage(out, ckpt, options, parts, state)  # QNN context binaries + Genie files
     if options.eval_tokens > 0 and "report" not in state.done:
         from .report import write_report
 
-        summary = write_report(out, build_manifest(out, ckpt, options, parts, state), options.eval_tokens, options.eval_window)
+        manifest = {**build_manifest(out, ckpt, options, parts, state), **extra}
+        summary = write_report(out, manifest, options.eval_tokens, options.eval_window)
         state.mark("report", summary)
-    write_manifest(out, ckpt, options, parts, state)
+    write_manifest(out, ckpt, options, parts, state, extra)
     state.mark("manifest")
     return out
 
@@ -304,9 +312,11 @@ def tool_versions() -> dict:
     return versions
 
 
-def write_manifest(out: Path, ckpt: Checkpoint, options: ExportOptions, parts: list[PartSpec], state: ExportState) -> None:
-    """Write ``manifest.json`` last: :func:`build_manifest` plus the sha256 of every file."""
-    manifest = build_manifest(out, ckpt, options, parts, state)
+def write_manifest(out: Path, ckpt: Checkpoint, options: ExportOptions, parts: list[PartSpec], state: ExportState,
+                   extra: dict | None = None) -> None:
+    """Write ``manifest.json`` last: :func:`build_manifest` (plus ``extra`` sections, e.g. ``qnn``)
+    and the sha256 of every file."""
+    manifest = {**build_manifest(out, ckpt, options, parts, state), **(extra or {})}
     files = {}
     for path in sorted(out.rglob("*")):
         rel = path.relative_to(out).as_posix()
@@ -398,6 +408,9 @@ def register_cli(sub) -> None:
     p.add_argument("--eval-tokens", type=int, default=2048,
                    help="held-out tokens scored against the float model for report.json (0 skips; default 2048)")
     p.add_argument("--eval-window", type=int, default=1024, help="window of the accuracy report (capped at CL)")
+    p.add_argument("--chipset", default="snapdragon-8-elite",
+                   help="compile QNN context binaries for this Snapdragon chipset (quantized precisions; default "
+                        "snapdragon-8-elite); 'none' skips")
     p.add_argument("--force", action="store_true", help="overwrite the --out folder and start over")
     p.set_defaults(func=_cmd_export)
 
@@ -417,6 +430,7 @@ def _cmd_export(args) -> int:
         weight_block_size=args.weight_block_size,
         eval_tokens=args.eval_tokens,
         eval_window=args.eval_window,
+        chipset=args.chipset,
     )
     t0 = time.perf_counter()
     out = export(options, args.out, force=args.force)

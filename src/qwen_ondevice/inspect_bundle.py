@@ -60,9 +60,20 @@ def inspect_bundle(root: Path) -> dict:
         "kv_cache_bytes_per_token": kv_token,
         "kv_cache_bytes_full_context": kv_token * m.context_length,
         "bytes_read_per_token_full_context": read_per_token + kv_token * m.context_length,
+        "qnn": _qnn_report(root, m.data.get("qnn")),
         "files": len(m.data["files"]),
         "bad_files": verify_files(m),
     }
+
+
+def _qnn_report(root: Path, qnn: dict | None) -> dict:
+    """Per chipset: the context binaries, their sizes, the QNN graphs inside each and the fraction
+    of nodes on the NPU (read from the EPContext wrappers)."""
+    if not qnn:
+        return {}
+    from .compile import describe_context
+
+    return {qnn["chipset"]: {"soc_model": qnn["soc_model"], "dsp_arch": qnn["dsp_arch"], "parts": describe_context(root, qnn)}}
 
 
 def format_report(r: dict) -> str:
@@ -83,6 +94,14 @@ def format_report(r: dict) -> str:
                 shown = io if len(io) <= 8 else io[:6] + [{"name": f"... {len(io) - 7} more", "shape": [], "dtype": ""}] + io[-1:]
                 lines.append(f"    {kind}: " + ", ".join(f"{x['name']} {tuple(x['shape'])} {x['dtype']}".strip() for x in shown))
             lines.append("    ops: " + ", ".join(f"{k} {v}" for k, v in g["ops"].items()))
+    for chip, q in r.get("qnn", {}).items():
+        lines.append(f"\nQNN context binaries for {chip} (soc_model {q['soc_model']}, HTP {q['dsp_arch']}):")
+        for p in q["parts"]:
+            lines.append(f"  {p['bin']}: {mb(p['bin_bytes'])} ({p['bin_bytes'] / max(p['weight_bytes'], 1):.2f}x the part's weights)"
+                         if p["bin_bytes"] is not None else f"  {p['bin']}: missing")
+            for ar, g in p["graphs"].items():
+                lines.append(f"    AR-{ar}: {', '.join(g['qnn_graphs'])} in {', '.join(g['bins'])}; "
+                             f"{g['npu_fraction'] * 100:.1f}% of nodes on the NPU ({g['wrapper']})")
     lines.append("")
     if r["bad_files"]:
         lines.append(f"INTEGRITY: {len(r['bad_files'])} of {r['files']} files fail their sha256: {', '.join(r['bad_files'])}")

@@ -6,7 +6,8 @@ themselves (uint16 hidden states, mask, cos, sin, logits; uint8 KV), named as in
 Decoder projection weights become ``DequantizeLinear(int4 or int8 weight (K, N), scale (N,),
 explicit zero point (N,) of the same type, axis=1)`` feeding the MatMul: one scale per output
 channel, and the explicit INT4 zero point the HTP needs to decode negative int4 values
-(DESIGN.md section 4). The embedding table is int8 with one scale per row (axis 0); norm weights
+(DESIGN.md section 4). The embedding table is int8 with one scale per row (the rows and their uint16
+scales are gathered separately and multiplied, a form the HTP takes); norm weights
 and biases are uint16 per tensor.
 """
 
@@ -172,6 +173,7 @@ def quantize_graph(
             new_inputs.append(i)
 
     gather_tables = {n.input[0] for n in g.node if n.op_type == "Gather"}
+    embedding: dict[str, tuple[str, str, Encoding]] = {}
     for name, t in inits.items():
         if t.data_type not in (TensorProto.FLOAT, TensorProto.FLOAT16):
             new_inits.append(t)
@@ -191,13 +193,12 @@ def quantize_graph(
             sc = big(name + ".scale", qw.scale.astype(np.float32))
             attrs = {"axis": 1} if qw.block_size is None else {"axis": 0, "block_size": qw.block_size}
             nodes.append(helper.make_node("DequantizeLinear", [qname, sc, zp], [name + "_dq"], name=name + "_DQ", **attrs))
-        elif name in gather_tables:  # embedding (V, H): int8 symmetric per row, axis 0
+        elif name in gather_tables:  # embedding (V, H): int8 symmetric per row, see _embedding_lookup
             scale = np.maximum(np.abs(w).max(axis=1), 1e-12) / 127.0
             q = np.clip(np.rint(w / scale[:, None]), -127, 127).astype(np.int8)
-            qname = big(name + ".q", q)
-            sc = big(name + ".scale", scale.astype(np.float32))
-            zp = big(name + ".zero_point", np.zeros(w.shape[0], np.int8))
-            nodes.append(helper.make_node("DequantizeLinear", [qname, sc, zp], [name + "_dq"], name=name + "_DQ", axis=0))
+            row_enc = _row_scale_encoding(scale)
+            embedding[name] = (big(name + ".q", q), big(name + ".row_scale.q", row_enc.quantize(scale)[:, None]), row_enc)
+            continue
         else:  # norm weights, biases: uint16 per tensor
             e = encoding_for_range(float(w.min()), float(w.max()), "uint16")
             qname = big(name + ".q", e.quantize(w))
@@ -206,6 +207,17 @@ def quantize_graph(
         rename[name] = name + "_dq"
 
     for node in g.node:
+        if node.op_type == "Gather" and node.input[0] in embedding:
+            nodes.extend(_embedding_lookup(node, *embedding[node.input[0]], const, rename, outputs))
+            o = node.output[0]
+            e = encodings[o]
+            s, z = enc_consts(o, e)
+            src = o + "_f" if o in outputs else o
+            qname = o if o in outputs else o + "_q"
+            nodes.append(helper.make_node("QuantizeLinear", [src, s, z], [qname], name=o + "_Q"))
+            nodes.append(helper.make_node("DequantizeLinear", [qname, s, z], [o + "_dq"], name=o + "_DQ"))
+            rename[o] = o + "_dq"
+            continue
         new = onnx.NodeProto()
         new.CopyFrom(node)
         del new.input[:]
@@ -234,6 +246,42 @@ def quantize_graph(
     out = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="qwen-ondevice")
     out.ir_version = IR_VERSION
     return out, _signature(list(graph.input)), _signature(list(graph.output))
+
+
+def _row_scale_encoding(scale: np.ndarray) -> Encoding:
+    """uint16 per-tensor encoding of an embedding table's per-row scales (all positive)."""
+    return encoding_for_range(0.0, float(scale.max()), "uint16")
+
+
+def _embedding_lookup(node: onnx.NodeProto, q_table: str, scale_table: str, scale_enc: Encoding, const, rename: dict,
+                      outputs: set[str]) -> list[onnx.NodeProto]:
+    """The embedding Gather with per-row int8 scales, in a form the QNN HTP takes.
+
+    The HTP rejects a per-axis DequantizeLinear feeding a Gather, so the rows and their scales
+    are gathered separately and multiplied: ``Gather(DQ(int8 table, scale 1)) *
+    Gather(DQ(uint16 row scales))``. The int8 values travel exactly; the row scales are uint16
+    (relative error below max_scale / 131070 per row), so the numerics stay those of the
+    per-row int8 table. Writes the product to the Gather's own output (or ``<output>_f`` when
+    it is a graph output) for the caller's QuantizeLinear.
+    """
+    name = q_table.removesuffix(".q")
+    one, zero8 = const("embedding.unit.scale", np.array(1.0, np.float32)), const("embedding.unit.zero_point", np.array(0, np.int8))
+    ss = const(scale_table + ".scale", np.array(scale_enc.scale, np.float32))
+    sz = const(scale_table + ".zero_point", np.array(scale_enc.zero_point, np.uint16))
+    ids = rename.get(node.input[1], node.input[1])
+    out = node.output[0] + "_f" if node.output[0] in outputs else node.output[0]
+    mk = helper.make_node
+    return [
+        mk("DequantizeLinear", [q_table, one, zero8], [name + ".int_dq"], name=name + ".int_DQ"),
+        mk("Gather", [name + ".int_dq", ids], [name + ".rows"], name=name + ".rows_Gather", axis=0),
+        mk("QuantizeLinear", [name + ".rows", one, zero8], [name + ".rows_q"], name=name + ".rows_Q"),
+        mk("DequantizeLinear", [name + ".rows_q", one, zero8], [name + ".rows_dq"], name=name + ".rows_DQ"),
+        mk("DequantizeLinear", [scale_table, ss, sz], [name + ".row_scale_dq"], name=name + ".row_scale_DQ"),
+        mk("Gather", [name + ".row_scale_dq", ids], [name + ".scales"], name=name + ".scales_Gather", axis=0),
+        mk("QuantizeLinear", [name + ".scales", ss, sz], [name + ".scales_q"], name=name + ".scales_Q"),
+        mk("DequantizeLinear", [name + ".scales_q", ss, sz], [name + ".scales_dq"], name=name + ".scales_DQ"),
+        mk("Mul", [name + ".rows_dq", name + ".scales_dq"], [out], name=name + ".dequantize_Mul"),
+    ]
 
 
 def _prune_unused(nodes: list[onnx.NodeProto], outputs) -> list[onnx.NodeProto]:

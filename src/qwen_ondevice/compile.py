@@ -1,0 +1,516 @@
+"""QNN context binaries for the Snapdragon NPU (DESIGN.md section 5): the ``qnn`` export stage.
+
+For each part of a quantized bundle, its AR-128 and AR-1 QDQ graphs are compiled by ONNX
+Runtime's QNN execution provider into **one** weight-shared context binary,
+``qnn/<chipset>/part_i_of_N.bin``, with one EPContext wrapper model per AR beside it
+(``part_i_of_N.ar128.ctx.onnx``, ``part_i_of_N.ar1.ctx.onnx``), both pointing at that .bin.
+
+Each part compiles in a child process (the QNN libraries can abort a process on the way out; a
+child also gives an honest peak RSS per part). CPU fallback is disabled while compiling, so an op
+the HTP cannot take fails the compile, and the produced wrappers are checked again: every compute
+node must sit inside the EPContext node, and the .bin must hold the part's weights about once
+(weight sharing), not once per graph.
+
+Each finished part is stamped in the export state (``qnn:<chipset>:<part>``); a re-run resumes
+after the last compiled part. The stage also writes the Genie files (:mod:`qwen_ondevice.genie`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import UserError
+from .progress import log
+
+QNN_DIR = "qnn"
+DEFAULT_CHIPSET = "snapdragon-8-elite"
+#: Weight sharing needs HTP v73 or newer (DESIGN.md section 5).
+MIN_WEIGHT_SHARING_ARCH = 73
+#: A part's .bin may exceed its weight bytes by this factor (graph metadata, small tensors,
+#: alignment); one copy per graph would be about 2x.
+MAX_BIN_TO_WEIGHT_RATIO = 1.5
+#: Ops allowed outside the EPContext node, and only at the graph's own inputs/outputs.
+BOUNDARY_OPS = ("QuantizeLinear", "DequantizeLinear")
+
+
+class CompileError(UserError):
+    """A part could not be compiled for the NPU, or its binary failed a check (one-line message)."""
+
+
+@dataclass(frozen=True)
+class Chipset:
+    """A Snapdragon chipset: the name users pass, the QNN soc_model and the Hexagon arch."""
+
+    name: str
+    soc_model: int
+    arch: int  # HTP / Hexagon version, e.g. 79 for v79
+    product: str
+
+    @property
+    def dsp_arch(self) -> str:
+        return f"v{self.arch}"
+
+    @property
+    def weight_sharing(self) -> bool:
+        return self.arch >= MIN_WEIGHT_SHARING_ARCH
+
+    def to_dict(self) -> dict:
+        return {"chipset": self.name, "soc_model": self.soc_model, "dsp_arch": self.dsp_arch, "product": self.product}
+
+
+#: Known chipsets. The ones older than v73 are known so that they are refused with the reason.
+CHIPSETS: dict[str, Chipset] = {c.name: c for c in (
+    Chipset("snapdragon-8-elite", 69, 79, "SM8750"),
+    Chipset("snapdragon-8-gen-3", 57, 75, "SM8650"),
+    Chipset("snapdragon-8-gen-2", 43, 73, "SM8550"),
+    Chipset("snapdragon-x-elite", 60, 73, "SC8380XP"),
+    Chipset("snapdragon-8-elite-gen-5", 87, 81, "SM8850"),
+    Chipset("snapdragon-8-gen-1", 36, 69, "SM8450"),
+)}
+
+
+def supported_chipsets() -> list[str]:
+    return [c.name for c in CHIPSETS.values() if c.weight_sharing]
+
+
+def resolve_chipset(name: str | None) -> Chipset | None:
+    """The chipset called ``name``; None for ``none`` (no compilation).
+
+    Raises:
+        UserError: an unknown name (the supported ones are listed), or a chipset older than v73,
+            whose HTP cannot share weights between the AR-128 and AR-1 graphs.
+    """
+    if name is None or name.lower() == "none":
+        return None
+    chip = CHIPSETS.get(name.lower())
+    if chip is None:
+        raise UserError(f"unknown chipset {name!r}; supported: {', '.join(supported_chipsets())} (or 'none' to skip compilation)")
+    if not chip.weight_sharing:
+        raise UserError(
+            f"chipset {chip.name} ({chip.product}, HTP {chip.dsp_arch}) is not supported: weight sharing between the "
+            f"AR-128 and AR-1 graphs needs HTP v{MIN_WEIGHT_SHARING_ARCH} or newer; supported: {', '.join(supported_chipsets())}"
+        )
+    return chip
+
+
+def check_chipset_option(chipset: str | None, precision: str) -> Chipset | None:
+    """Validate ``export --chipset`` before any work: the name, and that onnxruntime-qnn is there
+    when a quantized bundle is to be compiled. Returns the chipset (None: nothing to compile)."""
+    chip = resolve_chipset(chipset)
+    if chip is not None and precision in ("w8a16", "w4a16"):
+        try:
+            import onnxruntime_qnn  # noqa: F401
+        except ImportError:
+            raise UserError(
+                f"compiling for {chip.name} needs the onnxruntime-qnn package (Linux x86_64 or Windows ARM64); "
+                "install it or pass --chipset none"
+            ) from None
+    return chip
+
+
+# ---------------------------------------------------------------------------------------------
+# The QNN execution provider
+
+
+def qnn_session_options(chip: Chipset, config: dict[str, str] | None = None, log_severity: int = 3):
+    """SessionOptions with the QNN EP (HTP backend) for ``chip`` and no CPU fallback."""
+    import onnxruntime as ort
+    import onnxruntime_qnn
+
+    devices = qnn_devices()
+    so = ort.SessionOptions()
+    so.log_severity_level = log_severity
+    so.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+    for k, v in (config or {}).items():
+        so.add_session_config_entry(k, v)
+    so.add_provider_for_devices(devices, {"backend_path": onnxruntime_qnn.get_qnn_htp_path(), "soc_model": str(chip.soc_model),
+                                          "htp_arch": str(chip.arch)})
+    return so
+
+
+_REGISTERED = False
+
+
+def qnn_devices():
+    """Register the onnxruntime-qnn plugin EP once and return its devices."""
+    global _REGISTERED
+    import onnxruntime as ort
+    import onnxruntime_qnn
+
+    if not _REGISTERED:
+        try:
+            ort.register_execution_provider_library("QNNExecutionProvider", onnxruntime_qnn.get_library_path())
+        except Exception as e:  # already registered by someone else in this process
+            if "already" not in str(e).lower():
+                raise
+        _REGISTERED = True
+    devices = [d for d in ort.get_ep_devices() if d.ep_name == "QNNExecutionProvider"]
+    if not devices:
+        raise UserError("onnxruntime-qnn is installed but offers no QNNExecutionProvider device")
+    return devices
+
+
+class PrepareError(RuntimeError):
+    """QNN could not prepare the AR-``ar`` graph (the message is ONNX Runtime's / QNN's)."""
+
+    def __init__(self, ar: int, message: str):
+        super().__init__(message)
+        self.ar = ar
+
+
+def prepare_part(graphs: list, chip: Chipset) -> dict[int, object]:
+    """Compile one part's graphs into one weight-shared context: ``graphs`` is
+    ``[[ar, source onnx, wrapper path], ...]`` in compile order; the wrappers and one .bin are
+    written beside the wrappers. Returns the sessions by AR: they run the prepared graphs (on the
+    HTP, or on the simulator on x86_64).
+
+    Raises:
+        PrepareError: a graph failed to prepare (an op the HTP cannot take, a QNN error).
+    """
+    import onnxruntime as ort
+
+    sessions = {}
+    for i, (ar, src, wrapper) in enumerate(graphs):
+        cfg = {"ep.context_enable": "1", "ep.context_embed_mode": "0", "ep.context_file_path": str(wrapper),
+               "ep.share_ep_contexts": "1"}
+        if i == len(graphs) - 1:
+            cfg["ep.stop_share_ep_contexts"] = "1"
+        try:
+            sessions[int(ar)] = ort.InferenceSession(str(src), sess_options=qnn_session_options(chip, cfg))
+        except Exception as e:
+            raise PrepareError(int(ar), f"{type(e).__name__}: {e}") from e
+    return sessions
+
+
+def _compile_worker() -> None:
+    """Child process: compile one part's graphs into one shared context (spec JSON on stdin),
+    write the result JSON to ``spec['result']`` and leave with ``os._exit`` (skipping the QNN
+    libraries' exit-time destructors)."""
+    spec = json.loads(sys.stdin.read())
+    try:
+        sessions = prepare_part(spec["graphs"], CHIPSETS[spec["chipset"]])
+        del sessions
+        result = {"ok": True}
+    except PrepareError as e:
+        result = {"ok": False, "failed_ar": e.ar, "error": str(e)}
+    except BaseException as e:  # report everything to the parent
+        result = {"ok": False, "failed_ar": None, "error": f"{type(e).__name__}: {e}"}
+    result["peak_rss_bytes"] = _own_peak_rss()
+    Path(spec["result"]).write_text(json.dumps(result))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def _own_peak_rss() -> int:
+    """This process's peak RSS since its exec (VmHWM). ``ru_maxrss`` of a child would also count
+    the parent's pages at fork time (Linux keeps it across exec)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _run_worker(spec: dict) -> tuple[dict, int, str]:
+    """Run :func:`_compile_worker` in a child; returns (result, the child's peak RSS bytes, stderr text)."""
+    src_root = str(Path(__file__).resolve().parents[1])
+    env = dict(os.environ)
+    env["PYTHONPATH"] = src_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    with tempfile.TemporaryDirectory() as tmp:
+        spec = {**spec, "result": str(Path(tmp) / "result.json")}
+        err_path = Path(tmp) / "stderr.txt"
+        with open(err_path, "w") as err:
+            proc = subprocess.Popen([sys.executable, "-c", "from qwen_ondevice.compile import _compile_worker; _compile_worker()"],
+                                    stdin=subprocess.PIPE, stdout=err, stderr=err, env=env)
+            proc.stdin.write(json.dumps(spec).encode())
+            proc.stdin.close()
+            proc.wait()
+        stderr = err_path.read_text(errors="replace")
+        rpath = Path(spec["result"])
+        if not rpath.exists():
+            return {"ok": False, "failed_ar": None, "error": f"the compiler process died (exit status {proc.returncode})"}, 0, stderr
+        result = json.loads(rpath.read_text())
+        return result, int(result.get("peak_rss_bytes", 0)), stderr
+
+
+def _qnn_messages(stderr: str, limit: int = 4) -> str:
+    """The error lines ONNX Runtime / QNN printed (ANSI colours removed)."""
+    import re
+
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", l).strip() for l in stderr.splitlines()]
+    errs = [l for l in lines if "[E:" in l or "error" in l.lower()]
+    errs = [re.sub(r"^\d{4}-\d\d-\d\d [\d:.]+ \[E:onnxruntime:[^\]]*\]\s*", "", l) for l in errs]
+    return " | ".join(dict.fromkeys(errs[:limit]))
+
+
+# ---------------------------------------------------------------------------------------------
+# One part
+
+
+def wrapper_name(part_name: str, ar: int) -> str:
+    return f"{part_name}.ar{ar}.ctx.onnx"
+
+
+def bin_name(part_name: str) -> str:
+    return f"{part_name}.bin"
+
+
+def compile_part(root: Path, part: dict, chip: Chipset, work: Path) -> dict:
+    """Compile ``part`` (its manifest entry; graph files relative to ``root``) for ``chip`` into
+    ``root/qnn/<chipset>/``; returns the part's entry for the manifest's ``qnn`` section.
+
+    Raises:
+        CompileError: QNN could not prepare a graph (named by part and AR, with QNN's message),
+            an op fell outside the EPContext node, or the .bin holds the weights twice.
+    """
+    name = part["name"]
+    ars = sorted((int(a) for a in part["graphs"]), reverse=True)
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    graphs = [[ar, str(root / part["graphs"][str(ar)]["file"]), str(work / wrapper_name(name, ar))] for ar in ars]
+    log(f"[qnn] {name}: compiling AR-{', AR-'.join(map(str, ars))} into one context for {chip.name} (soc {chip.soc_model}, {chip.dsp_arch})")
+    t0 = time.perf_counter()
+    result, peak, stderr = _run_worker({"chipset": chip.name, "graphs": graphs})
+    seconds = round(time.perf_counter() - t0, 2)
+    if not result["ok"]:
+        where = f"AR-{result['failed_ar']} graph" if result.get("failed_ar") is not None else "graphs"
+        qnn = _qnn_messages(stderr)
+        raise CompileError(
+            f"{name} {where}: QNN could not prepare it for {chip.name}: {result['error'].splitlines()[0][:400]}"
+            + (f" [QNN: {qnn[:600]}]" if qnn else "")
+        )
+    bins = sorted(work.glob("*.bin"))
+    if len(bins) != 1:
+        raise CompileError(f"{name}: expected one shared context binary, QNN wrote {len(bins)}: {[b.name for b in bins]}")
+    final_dir = root / QNN_DIR / chip.name
+    final_dir.mkdir(parents=True, exist_ok=True)
+    final_bin = bin_name(name)
+    entry_graphs = {}
+    for ar, src, wrapper in graphs:
+        info = _check_wrapper(Path(wrapper), Path(src), bins[0].name, final_bin, name, ar)
+        info["wrapper"] = f"{QNN_DIR}/{chip.name}/{wrapper_name(name, ar)}"
+        entry_graphs[str(ar)] = info
+    bin_bytes = bins[0].stat().st_size
+    for ar, info in entry_graphs.items():
+        if not _contains(bins[0], info["qnn_graph"].encode()):
+            raise CompileError(f"{name} AR-{ar}: graph {info['qnn_graph']} is not inside {bins[0].name}")
+    weight_bytes = int(part["weight_bytes"])
+    ratio = bin_bytes / max(weight_bytes, 1)
+    if len(graphs) > 1 and ratio > MAX_BIN_TO_WEIGHT_RATIO:
+        raise CompileError(
+            f"{name}: the context binary is {bin_bytes / 1e6:.1f} MB for {weight_bytes / 1e6:.1f} MB of weights "
+            f"({ratio:.2f}x): the {len(graphs)} graphs do not share their weights"
+        )
+    for ar, _, wrapper in graphs:
+        os.replace(wrapper, final_dir / wrapper_name(name, ar))
+    os.replace(bins[0], final_dir / final_bin)
+    shutil.rmtree(work, ignore_errors=True)
+    log(f"[qnn] {name}: {final_bin} {bin_bytes / 1e6:.1f} MB for {weight_bytes / 1e6:.1f} MB of weights ({ratio:.2f}x), "
+        f"{seconds:.1f} s, peak RSS {peak / 1e9:.2f} GB")
+    return {
+        "name": name,
+        "bin": f"{QNN_DIR}/{chip.name}/{final_bin}",
+        "bin_bytes": bin_bytes,
+        "weight_bytes": weight_bytes,
+        "bin_to_weight_ratio": round(ratio, 4),
+        "graphs": entry_graphs,
+        "compile_seconds": seconds,
+        "peak_rss_bytes": peak,
+    }
+
+
+def _contains(path: Path, needle: bytes) -> bool:
+    """Whether the file holds ``needle`` (memory-mapped: a part's .bin can be gigabytes)."""
+    import mmap
+
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        return mm.find(needle) != -1
+
+
+def _check_wrapper(wrapper: Path, source: Path, old_bin: str, new_bin: str, part_name: str, ar: int) -> dict:
+    """Check an EPContext wrapper, point it at ``new_bin`` and describe it.
+
+    Every node outside an EPContext node must be a Quantize/DequantizeLinear reading a graph input
+    or writing a graph output; anything else fell back to the CPU.
+    """
+    import onnx
+
+    model = onnx.load(str(wrapper), load_external_data=False)
+    g = model.graph
+    src = onnx.load(str(source), load_external_data=False)
+    src_nodes = len(src.graph.node)
+    inputs, outputs = {i.name for i in g.input}, {o.name for o in g.output}
+    ctx_nodes, outside, fell_back = [], [], []
+    for n in g.node:
+        if n.op_type == "EPContext":
+            ctx_nodes.append(n)
+            continue
+        outside.append(n)
+        at_boundary = n.op_type in BOUNDARY_OPS and (set(n.input) & inputs or set(n.output) & outputs)
+        if not at_boundary:
+            fell_back.append(f"{n.op_type} ({n.name})")
+    if fell_back:
+        raise CompileError(f"{part_name} AR-{ar}: {len(fell_back)} node(s) fell back to the CPU: {', '.join(fell_back[:8])}")
+    if len(ctx_nodes) != 1:
+        raise CompileError(f"{part_name} AR-{ar}: expected one EPContext node, found {len(ctx_nodes)}")
+    node = ctx_nodes[0]
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    ref = attrs.get("ep_cache_context", b"").decode()
+    if int(attrs.get("embed_mode", 1)) != 0 or ref != old_bin:
+        raise CompileError(f"{part_name} AR-{ar}: wrapper points at {ref!r}, not the shared context binary {old_bin!r}")
+    for a in node.attribute:
+        if a.name == "ep_cache_context":
+            a.s = new_bin.encode()
+    wrapper.write_bytes(model.SerializeToString())
+    return {
+        "qnn_graph": attrs.get("partition_name", b"").decode(),
+        "nodes": src_nodes,
+        "nodes_outside": len(outside),
+        "npu_fraction": round((src_nodes - len(outside)) / max(src_nodes, 1), 6),
+        "qairt": attrs.get("ep_sdk_version", b"").decode(),
+    }
+
+
+def simulator_host() -> bool:
+    """True where the HTP is the x86_64 simulator of the onnxruntime-qnn wheel
+    (``QWEN_ONDEVICE_QNN_SESSIONS=reprepare|context`` overrides)."""
+    mode = os.environ.get("QWEN_ONDEVICE_QNN_SESSIONS", "").lower()
+    if mode in ("reprepare", "context"):
+        return mode == "reprepare"
+    import platform
+
+    return platform.machine().lower() in ("x86_64", "amd64")
+
+
+def open_part_context(root: Path, part: dict, qnn_part: dict, chip: Chipset, bin_sha256: str | None, work: Path,
+                      strict: bool = True):
+    """Sessions by AR that run one part's context binary on the HTP; returns (sessions, how).
+
+    On a Snapdragon host the EPContext wrappers are loaded (both sessions share the one loaded
+    context). The x86_64 simulator of onnxruntime-qnn 2.7 crashes (SIGSEGV in context creation)
+    on *any* weight-shared context binary, so there the part's QDQ graphs are prepared again
+    exactly as the export did. Preparation is deterministic, but QNN numbers tensors with a
+    per-process counter: only the first part prepared in a process gives a byte-identical .bin.
+    ``strict`` (use it in a fresh process, as ``verify`` does) requires the sha256 to match;
+    otherwise the size and the QNN graph names must match the shipped binary.
+
+    Raises:
+        CompileError: the fresh preparation differs from the shipped .bin (another QAIRT
+            version?), or QNN fails.
+    """
+    if not simulator_host():
+        so = lambda: qnn_session_options(chip, {"ep.share_ep_contexts": "1"})  # noqa: E731
+        import onnxruntime as ort
+
+        return ({int(ar): ort.InferenceSession(str(root / g["wrapper"]), sess_options=so()) for ar, g in qnn_part["graphs"].items()},
+                "loaded from the context binary")
+    from .demo import sha256_file
+
+    ars = sorted((int(a) for a in qnn_part["graphs"]), reverse=True)  # the export's compile order
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    try:
+        graphs = [[ar, str(root / part["graphs"][str(ar)]["file"]), str(work / wrapper_name(part["name"], ar))] for ar in ars]
+        try:
+            sessions = prepare_part(graphs, chip)
+        except PrepareError as e:
+            raise CompileError(f"{part['name']} AR-{e.ar}: QNN could not prepare it for {chip.name}: {str(e).splitlines()[0][:400]}") from None
+        bins = sorted(work.glob("*.bin"))
+        if strict:
+            same = len(bins) == 1 and (bin_sha256 is None or sha256_file(bins[0]) == bin_sha256)
+            how = f"re-prepared on this x86_64 host, byte-identical to {Path(qnn_part['bin']).name}"
+        else:
+            names = {g["qnn_graph"] for g in qnn_part["graphs"].values()}
+            fresh = {_partition_name(Path(g[2])) for g in graphs}
+            same = len(bins) == 1 and bins[0].stat().st_size == int(qnn_part["bin_bytes"]) and fresh == names
+            how = f"re-prepared on this x86_64 host (same size and QNN graphs as {Path(qnn_part['bin']).name})"
+        if not same:
+            raise CompileError(
+                f"{qnn_part['bin']}: preparing {part['name']} again on this host does not give the same context binary "
+                "(exported with another onnxruntime-qnn / QAIRT?); the x86_64 simulator cannot load a weight-shared "
+                "binary directly, so it cannot run it here; re-export the bundle"
+            )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return sessions, how
+
+
+def _partition_name(wrapper: Path) -> str:
+    import onnx
+
+    node = next(n for n in onnx.load(str(wrapper), load_external_data=False).graph.node if n.op_type == "EPContext")
+    return next(onnx.helper.get_attribute_value(a).decode() for a in node.attribute if a.name == "partition_name")
+
+
+def describe_context(root: Path, qnn: dict) -> list[dict]:
+    """What the bundle's wrappers say (read from the files, for ``inspect``): per part the .bin,
+    its size, the QNN graphs pointing into it and the fraction of nodes on the NPU."""
+    import onnx
+
+    folder = root / QNN_DIR / qnn["chipset"]
+    rows = []
+    for p in qnn["parts"]:
+        graphs = {}
+        for ar, g in p["graphs"].items():
+            model = onnx.load(str(root / g["wrapper"]), load_external_data=False)
+            ctx = [n for n in model.graph.node if n.op_type == "EPContext"]
+            attrs = [{a.name: onnx.helper.get_attribute_value(a) for a in n.attribute} for n in ctx]
+            graphs[ar] = {
+                "wrapper": g["wrapper"],
+                "qnn_graphs": [a.get("partition_name", b"").decode() for a in attrs],
+                "bins": sorted({a.get("ep_cache_context", b"").decode() for a in attrs}),
+                "nodes_outside": len(model.graph.node) - len(ctx),
+                "npu_fraction": (g["nodes"] - (len(model.graph.node) - len(ctx))) / max(g["nodes"], 1),
+            }
+        b = folder / Path(p["bin"]).name
+        rows.append({"name": p["name"], "bin": p["bin"], "bin_bytes": b.stat().st_size if b.exists() else None,
+                     "weight_bytes": p["weight_bytes"], "graphs": graphs})
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# The export stage
+
+
+def compile_stage(out: Path, ckpt, options, parts, state) -> dict:
+    """The export's ``qnn`` stage: compile every part (resuming after the last stamped one) and
+    write the Genie files; returns the manifest sections to add (``{"qnn": ...}``, or ``{}`` when
+    nothing is compiled: ``--chipset none`` or a float precision)."""
+    chip = check_chipset_option(options.chipset, options.precision)
+    if chip is None:
+        log("[qnn] --chipset none: no context binaries compiled")
+        return {}
+    if options.precision not in ("w8a16", "w4a16"):
+        log(f"[qnn] note: {options.precision} bundles are not compiled for the NPU (the HTP runs the quantized "
+            "precisions w4a16/w8a16); no context binaries")
+        return {}
+    entries = []
+    for p in parts:
+        stage = f"qnn:{chip.name}:{p.name}"
+        if stage in state.done:
+            log(f"[qnn] {p.name}: compiled earlier, skipped")
+        else:
+            info = compile_part(out, state.done[f"part:{p.name}"], chip, out / ".export" / "qnn" / p.name)
+            state.mark(stage, info)
+        entries.append(state.done[stage])
+    shutil.rmtree(out / ".export" / "qnn", ignore_errors=True)
+    qnn = {**chip.to_dict(), "folder": f"{QNN_DIR}/{chip.name}", "weight_sharing": True,
+           "qairt": next(iter(entries[0]["graphs"].values())).get("qairt", ""), "parts": entries}
+    from .genie import write_genie_files
+
+    # the same values write_manifest records (model.config, context_length) plus this section
+    write_genie_files(out, {"model": {"config": ckpt.config.to_dict()}, "context_length": options.context_length, "qnn": qnn})
+    return {"qnn": qnn}

@@ -1,0 +1,294 @@
+"""Issue 5: weight-shared QNN context binaries, Genie files, verify on the HTP simulator, qnn-htp backend.
+
+A tiny random Qwen2 (2 layers, hidden 64, AR 8, CL 64) is exported at w4a16 and compiled for
+snapdragon-8-elite; the HTP is the onnxruntime-qnn simulator on x86_64 (slow: tiny shapes only).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+pytest.importorskip("onnxruntime_qnn")
+
+from qwen_ondevice.cli import main  # noqa: E402
+from qwen_ondevice.compile import (  # noqa: E402
+    CHIPSETS,
+    MAX_BIN_TO_WEIGHT_RATIO,
+    CompileError,
+    _run_worker,
+    compile_part,
+    supported_chipsets,
+)
+from qwen_ondevice.export import ExportOptions, export  # noqa: E402
+
+AR, CL = 8, 64
+CHIP = "snapdragon-8-elite"
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+
+def _options(ckpt, **kw) -> ExportOptions:
+    return ExportOptions(model=str(ckpt), precision="w4a16", prompt_length=AR, context_length=CL, num_parts=2,
+                         calibration_tokens=256, **kw)
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tiny_factory):
+    return tiny_factory(layers=2)
+
+
+@pytest.fixture(scope="module")
+def compiled(tiny_ckpt, tmp_path_factory):
+    out = tmp_path_factory.mktemp("qnn") / "bundle"
+    export(_options(tiny_ckpt, chipset=CHIP), out)
+    return out, json.loads((out / "manifest.json").read_text())
+
+
+def _wrapper_nodes(path: Path) -> list[onnx.NodeProto]:
+    return list(onnx.load(str(path), load_external_data=False).graph.node)
+
+
+def _attrs(node) -> dict:
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def test_one_bin_per_part_with_both_graphs_inside(compiled):
+    out, m = compiled
+    q = m["qnn"]
+    assert (q["chipset"], q["soc_model"], q["dsp_arch"]) == (CHIP, 69, "v79")
+    folder = out / "qnn" / CHIP
+    assert sorted(p.name for p in folder.glob("*.bin")) == ["part_1_of_2.bin", "part_2_of_2.bin"]
+    assert [p["name"] for p in q["parts"]] == [p["name"] for p in m["parts"]]
+    for p in q["parts"]:
+        assert set(p["graphs"]) == {str(AR), "1"}
+        blob = (out / p["bin"]).read_bytes()
+        names = set()
+        for ar, g in p["graphs"].items():
+            assert g["wrapper"] == f"qnn/{CHIP}/{p['name']}.ar{ar}.ctx.onnx"
+            (node,) = [n for n in _wrapper_nodes(out / g["wrapper"]) if n.op_type == "EPContext"]
+            a = _attrs(node)
+            assert a["ep_cache_context"].decode() == f"{p['name']}.bin" and a["embed_mode"] == 0
+            assert a["partition_name"].decode() == g["qnn_graph"]
+            assert g["qnn_graph"].encode() in blob  # the graph is inside this .bin
+            names.add(g["qnn_graph"])
+        assert len(names) == 2
+        # the files are in the manifest with their sha256
+        assert p["bin"] in m["files"] and all(g["wrapper"] in m["files"] for g in p["graphs"].values())
+
+
+def test_all_compute_nodes_on_the_npu(compiled, capsys):
+    out, m = compiled
+    for p in m["qnn"]["parts"]:
+        for ar, g in p["graphs"].items():
+            nodes = _wrapper_nodes(out / g["wrapper"])
+            assert [n.op_type for n in nodes] == ["EPContext"], f"{p['name']} AR-{ar}"
+            src = onnx.load(str(out / m["parts"][int(p["name"].split("_")[1]) - 1]["graphs"][ar]["file"]), load_external_data=False)
+            assert g["nodes"] == len(src.graph.node) and g["nodes_outside"] == 0 and g["npu_fraction"] == 1.0
+    assert main(["inspect", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert f"QNN context binaries for {CHIP} (soc_model 69, HTP v79)" in text
+    assert text.count("100.0% of nodes on the NPU") == 4
+
+
+def test_weights_stored_once(compiled, tmp_path):
+    """The shared .bin is about one copy of the part's weights, and well below two contexts compiled apart."""
+    out, m = compiled
+    for p, part in zip(m["qnn"]["parts"], m["parts"]):
+        assert p["bin_bytes"] == (out / p["bin"]).stat().st_size
+        assert p["weight_bytes"] == part["weight_bytes"]
+        assert p["bin_to_weight_ratio"] < MAX_BIN_TO_WEIGHT_RATIO
+    # compile the last part's two graphs into two separate contexts: each carries the weights
+    part = m["parts"][-1]
+    separate = 0
+    for ar in (AR, 1):
+        d = tmp_path / f"ar{ar}"
+        d.mkdir()
+        res, _, err = _run_worker({"chipset": CHIP, "graphs": [[ar, str(out / part["graphs"][str(ar)]["file"]), str(d / "g.onnx")]]})
+        assert res["ok"], err
+        separate += sum(b.stat().st_size for b in d.glob("*.bin"))
+    shared = m["qnn"]["parts"][-1]["bin_bytes"]
+    assert shared < 0.6 * separate, (shared, separate)
+
+
+def test_verify_passes(compiled, capsys):
+    out, _ = compiled
+    assert main(["--quiet", "verify", str(out), "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["ok"] and r["chipset"] == CHIP
+    parts = {(row["part"], row["ar"]) for row in r["rows"]}
+    assert parts == {(f"part_{i}_of_2", ar) for i in (1, 2) for ar in (AR, 1)}
+    assert all(row["cosine"] >= 0.999 for row in r["rows"])
+    outputs = {row["output"] for row in r["rows"] if row["part"] == "part_2_of_2"}
+    assert outputs == {"logits", "past_key_0_out", "past_value_0_out", "past_key_1_out", "past_value_1_out"}
+    assert set(r["argmax"]) == {AR, 1} or set(r["argmax"]) == {str(AR), "1"}
+    assert all(a["sampled_row_agrees"] for a in r["argmax"].values())
+    assert all("byte-identical" in t["how"] for t in r["timings"])  # x86_64: re-prepared, identical .bin
+
+
+def test_verify_refuses_other_chipset_and_uncompiled_bundle(compiled, capsys):
+    out, _ = compiled
+    assert main(["--quiet", "verify", str(out), "--chipset", "snapdragon-8-gen-3"]) == 2
+    assert "snapdragon-8-elite only" in capsys.readouterr().err
+
+
+def _generate(bundle: Path, backend: str) -> dict:
+    env = dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-m", "qwen_ondevice.cli", "--quiet", "generate", str(bundle), "--backend", backend,
+                           "--prompt", "Hello", "--max-new-tokens", "4", "--json"], capture_output=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+    return json.loads(proc.stdout.decode().strip().splitlines()[-1])
+
+
+def test_qnn_htp_backend_generates_the_ort_cpu_tokens(compiled):
+    out, _ = compiled
+    htp = _generate(out, "qnn-htp")
+    cpu = _generate(out, "ort-cpu")
+    assert htp["backend"] == "qnn-htp" and len(htp["token_ids"]) == 4
+    assert htp["token_ids"] == cpu["token_ids"]
+
+
+def test_genie_config_fields_equal_manifest_and_tokenizer(compiled):
+    from transformers import AutoTokenizer
+
+    out, m = compiled
+    genie = json.loads((out / "genie_config.json").read_text())["dialog"]
+    ext = json.loads((out / "htp_backend_ext_config.json").read_text())
+    cfg = m["model"]["config"]
+    gen = json.loads((out / "generation_config.json").read_text())
+    tok = AutoTokenizer.from_pretrained(str(out))
+    ctx = genie["context"]
+    assert ctx["size"] == m["context_length"] == CL
+    assert ctx["n-vocab"] == cfg["vocab_size"]
+    assert ctx["bos-token"] == gen["bos_token_id"]
+    im_end, eot = tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")
+    assert (im_end, eot) == (151645, 151643)
+    assert set(ctx["eos-token"]) == {im_end, eot} and ctx["eot-token"] == im_end
+    assert genie["tokenizer"]["path"] == "tokenizer.json" and (out / "tokenizer.json").exists()
+    assert genie["sampler"]["greedy"] is True  # no do_sample in the generation config
+    htp = genie["engine"]["backend"]["QnnHtp"]
+    head_dim = cfg["hidden_size"] // cfg["num_attention_heads"]
+    assert htp["kv-dim"] == head_dim and htp["pos-id-dim"] == head_dim // 2
+    assert htp["rope-theta"] == cfg["rope_theta"]
+    assert genie["engine"]["backend"]["extensions"] == "htp_backend_ext_config.json"
+    bins = genie["engine"]["model"]["binary"]["ctx-bins"]
+    assert bins == [p["bin"] for p in m["qnn"]["parts"]] and all((out / b).is_file() for b in bins)
+    dev = ext["devices"][0]
+    assert (dev["soc_model"], dev["dsp_arch"]) == (m["qnn"]["soc_model"], m["qnn"]["dsp_arch"])
+    assert ext["context"]["weight_sharing_enabled"] is True
+    assert {"genie_config.json", "htp_backend_ext_config.json"} <= set(m["files"])
+
+
+def test_genie_accepts_the_config(compiled):
+    """libGenie.so from the onnxruntime-qnn wheel parses genie_config.json (child process)."""
+    from qwen_ondevice.genie import genie_library, probe_genie
+
+    if genie_library() is None:
+        pytest.skip("no libGenie.so in this onnxruntime-qnn")
+    out, _ = compiled
+    r = probe_genie(out, timeout=120)
+    assert r.get("config_status") == 0, r["log"]
+    bad = json.loads((out / "genie_config.json").read_text())
+    bad["dialog"]["engine"]["backend"]["QnnHtp"]["n-layer"] = 2  # a key Genie's QnnHtp schema does not have
+    assert probe_genie(out, config=bad, timeout=120).get("config_status") != 0
+
+
+def _one_line_error(capsys, argv) -> str:
+    code = main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith("error:"), err
+    return err[0]
+
+
+def test_unknown_chipset_lists_the_supported_ones(tiny_ckpt, tmp_path, capsys):
+    msg = _one_line_error(capsys, ["--quiet", "export", str(tiny_ckpt), "--out", str(tmp_path / "x"), "--chipset", "snapdragon-999"])
+    assert "unknown chipset 'snapdragon-999'" in msg
+    for name in ("snapdragon-8-elite", "snapdragon-8-gen-3", "snapdragon-8-gen-2", "snapdragon-x-elite", "snapdragon-8-elite-gen-5"):
+        assert name in msg
+    assert sorted(supported_chipsets()) == sorted(["snapdragon-8-elite", "snapdragon-8-gen-3", "snapdragon-8-gen-2",
+                                                   "snapdragon-x-elite", "snapdragon-8-elite-gen-5"])
+    assert not (tmp_path / "x").exists()
+
+
+def test_chipset_without_weight_sharing_is_refused(tiny_ckpt, tmp_path, capsys):
+    assert CHIPSETS["snapdragon-8-gen-1"].arch < 73
+    msg = _one_line_error(capsys, ["--quiet", "export", str(tiny_ckpt), "--out", str(tmp_path / "x"), "--chipset", "snapdragon-8-gen-1"])
+    assert "weight sharing" in msg and "v73" in msg and "v69" in msg
+    assert not (tmp_path / "x").exists()
+
+
+def test_float_bundle_and_chipset_none_skip_compilation(tiny_ckpt, tmp_path):
+    out = tmp_path / "fp32"
+    export(ExportOptions(model=str(tiny_ckpt), precision="fp32", prompt_length=AR, context_length=CL, num_parts=2), out)
+    assert not (out / "qnn").exists() and "qnn" not in json.loads((out / "manifest.json").read_text())
+    assert not (out / "genie_config.json").exists()
+    from qwen_ondevice.compile import check_chipset_option
+
+    assert check_chipset_option("none", "w4a16") is None
+
+
+def _qdq_graph(path: Path, bad: bool) -> None:
+    """A uint16 -> uint16 QDQ graph: Sigmoid (the HTP takes it) or Det (it does not)."""
+    s, z = helper.make_tensor("s", TensorProto.FLOAT, [], [1e-3]), helper.make_tensor("z", TensorProto.UINT16, [], [32768])
+    nodes = [helper.make_node("DequantizeLinear", ["x", "s", "z"], ["xf"]),
+             helper.make_node("Det" if bad else "Sigmoid", ["xf"], ["yf"]),
+             helper.make_node("QuantizeLinear", ["yf", "s", "z"], ["y"])]
+    shape_out = [1] if bad else [1, 2, 2]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.UINT16, [1, 2, 2])],
+                          [helper.make_tensor_value_info("y", TensorProto.UINT16, shape_out)], [s, z])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])
+    m.ir_version = 10
+    onnx.save(m, str(path))
+
+
+def test_a_graph_qnn_cannot_prepare_is_named_with_the_qnn_message(tmp_path):
+    (tmp_path / "onnx").mkdir()
+    _qdq_graph(tmp_path / "onnx" / "ok.onnx", bad=False)
+    _qdq_graph(tmp_path / "onnx" / "bad.onnx", bad=True)
+    part = {"name": "part_9_of_9", "weight_bytes": 1, "graphs": {"8": {"file": "onnx/ok.onnx"}, "1": {"file": "onnx/bad.onnx"}}}
+    with pytest.raises(CompileError) as e:
+        compile_part(tmp_path, part, CHIPSETS[CHIP], tmp_path / "work")
+    msg = str(e.value)
+    assert msg.startswith("part_9_of_9 AR-1 graph: QNN could not prepare it for snapdragon-8-elite")
+    assert "Det" in msg  # QNN's own message names the op it refused
+    assert not (tmp_path / "qnn" / CHIP / "part_9_of_9.bin").exists()
+
+
+def test_failed_part_keeps_earlier_parts_and_rerun_resumes(tiny_ckpt, tmp_path, monkeypatch, capsys):
+    import qwen_ondevice.compile as comp
+    from qwen_ondevice.progress import set_quiet
+
+    real = comp.compile_part
+    calls = []
+
+    def failing(root, part, chip, work):
+        calls.append(part["name"])
+        if part["name"] == "part_2_of_2":
+            raise CompileError("part_2_of_2 AR-8 graph: QNN could not prepare it for snapdragon-8-elite: (simulated)")
+        return real(root, part, chip, work)
+
+    out = tmp_path / "b"
+    monkeypatch.setattr(comp, "compile_part", failing)
+    with pytest.raises(CompileError, match="part_2_of_2 AR-8"):
+        export(_options(tiny_ckpt, chipset=CHIP), out)
+    state = json.loads((out / ".export" / "state.json").read_text())["done"]
+    assert f"qnn:{CHIP}:part_1_of_2" in state and f"qnn:{CHIP}:part_2_of_2" not in state and "manifest" not in state
+    assert (out / "qnn" / CHIP / "part_1_of_2.bin").exists() and not (out / "manifest.json").exists()
+
+    monkeypatch.setattr(comp, "compile_part", lambda *a: (calls.append(a[1]["name"]), real(*a))[1])
+    set_quiet(False)
+    capsys.readouterr()
+    export(_options(tiny_ckpt, chipset=CHIP), out)
+    assert calls == ["part_1_of_2", "part_2_of_2", "part_2_of_2"]  # part 1 not compiled again
+    assert "part_1_of_2: compiled earlier, skipped" in capsys.readouterr().err
+    m = json.loads((out / "manifest.json").read_text())
+    assert [p["name"] for p in m["qnn"]["parts"]] == ["part_1_of_2", "part_2_of_2"]
+    assert np.all([(out / p["bin"]).exists() for p in m["qnn"]["parts"]])
