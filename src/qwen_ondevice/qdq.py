@@ -206,17 +206,20 @@ def quantize_graph(
             nodes.append(helper.make_node("DequantizeLinear", [qname, s, z], [name + "_dq"], name=name + "_DQ"))
         rename[name] = name + "_dq"
 
+    def quantize_output(o: str) -> None:
+        """Q/DQ after the float tensor ``o`` (written as ``o_f`` when ``o`` is a graph output,
+        whose name then goes to the quantized tensor); consumers read ``o_dq``."""
+        s, z = enc_consts(o, encodings[o])
+        src = o + "_f" if o in outputs else o
+        qname = o if o in outputs else o + "_q"
+        nodes.append(helper.make_node("QuantizeLinear", [src, s, z], [qname], name=o + "_Q"))
+        nodes.append(helper.make_node("DequantizeLinear", [qname, s, z], [o + "_dq"], name=o + "_DQ"))
+        rename[o] = o + "_dq"
+
     for node in g.node:
         if node.op_type == "Gather" and node.input[0] in embedding:
             nodes.extend(_embedding_lookup(node, *embedding[node.input[0]], const, rename, outputs))
-            o = node.output[0]
-            e = encodings[o]
-            s, z = enc_consts(o, e)
-            src = o + "_f" if o in outputs else o
-            qname = o if o in outputs else o + "_q"
-            nodes.append(helper.make_node("QuantizeLinear", [src, s, z], [qname], name=o + "_Q"))
-            nodes.append(helper.make_node("DequantizeLinear", [qname, s, z], [o + "_dq"], name=o + "_DQ"))
-            rename[o] = o + "_dq"
+            quantize_output(node.output[0])
             continue
         new = onnx.NodeProto()
         new.CopyFrom(node)
@@ -229,13 +232,7 @@ def quantize_graph(
             float_outs.append(o)
         nodes.append(new)
         for o in float_outs:
-            e = encodings[o]
-            s, z = enc_consts(o, e)
-            src = o + "_f" if o in outputs else o
-            qname = o if o in outputs else o + "_q"
-            nodes.append(helper.make_node("QuantizeLinear", [src, s, z], [qname], name=o + "_Q"))
-            nodes.append(helper.make_node("DequantizeLinear", [qname, s, z], [o + "_dq"], name=o + "_DQ"))
-            rename[o] = o + "_dq"
+            quantize_output(o)
 
     new_outputs = []
     for o in g.output:
