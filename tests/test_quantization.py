@@ -821,3 +821,39 @@ def test_gptq_beats_mse_rounding_on_correlated_inputs():
     assert e_gptq < 0.8 * e_mse
     with pytest.raises(ValueError):
         quantize_weight(W, 4, act_sq, method="gptq")
+
+
+def test_mlp_smoothing_is_exact_in_float_and_rescales_the_statistics():
+    """SmoothQuant folded into up_proj/down_proj: the float MLP output is unchanged, the massive
+    channel's range moves into the weights, and the rescaled statistics equal statistics measured
+    directly on the smoothed activations (an independent computation)."""
+    from qwen_ondevice.calibrate import Calibrator
+    from qwen_ondevice.smoothing import smooth_mlp
+
+    rng = np.random.default_rng(0)
+    H, I, N = 16, 48, 200
+    x = rng.standard_normal((N, H)).astype(np.float32)
+    w_gate, w_up, w_down = (rng.standard_normal(s).astype(np.float32) * 0.3 for s in ((H, I), (H, I), (I, H)))
+    w_up[:, 7] *= 400.0  # one massive down_proj input channel, as in Qwen2
+    silu = lambda z: z / (1 + np.exp(-z))  # noqa: E731
+    act = silu(x @ w_gate) * (x @ w_up)
+    kinds = {"act": {"range", "matmul_input", "channel_range"}, "up": {"range", "channel_range"}}
+    cal = Calibrator(kinds, hessians=True)
+    cal.update("act", act)
+    cal.update("up", x @ w_up)
+    a, u = cal.stats["act"], cal.stats["up"]
+    assert max(abs(a.lo), a.hi) > 50 * np.abs(np.delete(act, 7, axis=1)).max()
+
+    w_up2, w_down2, s = smooth_mlp(w_up, w_down, a, u, alpha=0.5)
+    act2 = silu(x @ w_gate) * (x @ w_up2)
+    np.testing.assert_allclose(act2 @ w_down2, act @ w_down, rtol=1e-4, atol=1e-4 * np.abs(act @ w_down).max())
+    direct = Calibrator(kinds, hessians=True)
+    direct.update("act", act2)
+    direct.update("up", x @ w_up2)
+    for got, want in ((a, direct.stats["act"]), (u, direct.stats["up"])):
+        assert got.lo == pytest.approx(want.lo, rel=1e-4) and got.hi == pytest.approx(want.hi, rel=1e-4)
+        np.testing.assert_allclose(got.channel_hi, want.channel_hi, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(a.channel_sumsq, direct.stats["act"].channel_sumsq, rtol=1e-4)
+    np.testing.assert_allclose(a.hessian, direct.stats["act"].hessian, rtol=1e-3, atol=1e-3 * np.abs(a.hessian).max())
+    # the range left in the activation is far smaller than before (the point of smoothing)
+    assert max(abs(a.lo), a.hi) < max(abs(act.min()), act.max()) / 10

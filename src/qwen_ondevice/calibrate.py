@@ -92,6 +92,8 @@ class TensorStats:
     hi: float = -np.inf
     channel_absmax: np.ndarray | None = None  # (C,) over the last axis, for RMSNorm in/out
     channel_sumsq: np.ndarray | None = None  # (K,) sum of x^2 per input channel of a MatMul
+    channel_lo: np.ndarray | None = None  # (C,) per-channel min over the last axis (MLP smoothing)
+    channel_hi: np.ndarray | None = None  # (C,) per-channel max
     hessian: np.ndarray | None = None  # (K, K) float32 sum of x x^T (GPTQ)
     rows: int = 0
     sample: list = field(default_factory=list)  # value samples (KV tensors), for MSE clipping
@@ -107,7 +109,7 @@ class PartStats:
         arrays = {}
         for name, s in self.tensors.items():
             arrays[f"{name}|range"] = np.array([s.lo, s.hi, s.rows], np.float64)
-            for key in ("channel_absmax", "channel_sumsq", "hessian"):
+            for key in ("channel_absmax", "channel_sumsq", "channel_lo", "channel_hi", "hessian"):
                 v = getattr(s, key)
                 if v is not None:
                     arrays[f"{name}|{key}"] = v
@@ -136,7 +138,9 @@ class PartStats:
 def tracked_tensors(model: onnx.ModelProto) -> dict[str, set[str]]:
     """Which float tensors of a float part graph need statistics, and which kinds.
 
-    Returns name -> kinds, kinds from {"range", "matmul_input", "norm_io", "sample"}. Skipped:
+    Returns name -> kinds, kinds from {"range", "matmul_input", "norm_io", "channel_range",
+    "sample"} ("channel_range": per-channel min/max of the down_proj input and the up_proj
+    output, which :mod:`qwen_ondevice.smoothing` rescales). Skipped:
     outputs of data-movement ops and Softmax (fixed [0, 1]), the KV concatenations (they take
     the cache's encoding) and the mask addition (its range is derived from the scores).
     """
@@ -159,6 +163,10 @@ def tracked_tensors(model: onnx.ModelProto) -> dict[str, set[str]]:
             continue
         if node.op_type == "MatMul" and node.input[1] in inits:
             add(node.input[0], "matmul_input")
+            if ".mlp.down_proj." in node.input[1]:
+                add(node.input[0], "channel_range")
+            if ".mlp.up_proj." in node.input[1]:
+                add(out, "channel_range")
         if node.op_type == "SimplifiedLayerNormalization":
             add(node.input[0], "norm_io")
             add(out, "norm_io")
@@ -189,6 +197,11 @@ class Calibrator:
         if "norm_io" in kinds:
             m = np.abs(x.reshape(-1, x.shape[-1])).max(axis=0)
             s.channel_absmax = m if s.channel_absmax is None else np.maximum(s.channel_absmax, m)
+        if "channel_range" in kinds:
+            r = x.reshape(-1, x.shape[-1])
+            lo, hi = r.min(axis=0), r.max(axis=0)
+            s.channel_lo = lo if s.channel_lo is None else np.minimum(s.channel_lo, lo)
+            s.channel_hi = hi if s.channel_hi is None else np.maximum(s.channel_hi, hi)
         if "matmul_input" in kinds:
             rows = x.reshape(-1, x.shape[-1]).astype(np.float64)
             sq = (rows**2).sum(axis=0)

@@ -47,6 +47,8 @@ class ExportOptions:
     weight_method: str = "gptq"
     int8_fraction: float = 0.1
     weight_block_size: int | None = None  # w4a16: int4 scales per block of input rows (block-wise)
+    smooth_alpha: float = 0.0  # SmoothQuant strength for the MLP down_proj input (0: off; smoothing.py)
+    down_proj_headroom: float = 4.0  # uint16 range of the down_proj input, widened (qdq.activation_encodings)
     eval_tokens: int = 2048  # held-out tokens scored for report.json (0 skips the accuracy report)
     eval_window: int = 1024
     chipset: str = "snapdragon-8-elite"  # QNN context binaries for this chipset; "none" skips (compile.py)
@@ -204,7 +206,8 @@ def _quantized_part(ckpt: Checkpoint, part: PartSpec, options: ExportOptions, ou
     float_dir, calib_dir = state_dir / "float", state_dir / "calib"
     float_dir.mkdir(parents=True, exist_ok=True)
     calib_dir.mkdir(parents=True, exist_ok=True)
-    settings = QuantSettings(options.precision, options.weight_method, options.int8_fraction, options.weight_block_size)
+    settings = QuantSettings(options.precision, options.weight_method, options.int8_fraction, options.weight_block_size,
+                             options.smooth_alpha, options.down_proj_headroom)
     if f"float:{part.name}" not in state.done:
         info = export_part(ckpt, part, options.ar_lengths, options.context_length, "fp32", float_dir)
         state.mark(f"float:{part.name}", info)
@@ -293,9 +296,12 @@ def _quantization_summary(options: ExportOptions, parts: list[dict]) -> dict | N
                     + (f"per block of {options.weight_block_size} input rows" if options.weight_block_size and options.precision == "w4a16" else "per output channel"),
                     "lm_head": "int8 symmetric per output channel", "embedding": "int8 symmetric per row",
                     "norms_and_biases": "uint16 per tensor", "method": options.weight_method},
-        "activations": "uint16 asymmetric per tensor", "kv_cache": "uint8 per layer, in/out share one encoding",
+        "activations": "uint16 asymmetric per tensor"
+        + (f"; MLP down_proj input range widened {options.down_proj_headroom:g}x" if options.down_proj_headroom != 1 else ""), "kv_cache": "uint8 per layer, in/out share one encoding",
         "calibration": {"text": options.calibration_text or "wikitext2_valid.txt (shipped)", "tokens": options.calibration_tokens},
         "mixed_precision": summarize_weights(parts),
+        "smoothing": {"down_proj_input": "SmoothQuant, folded into up_proj/down_proj", "alpha": options.smooth_alpha}
+        if options.smooth_alpha > 0 else None,
         "float_islands": [],
     }
 
@@ -405,6 +411,12 @@ def register_cli(sub) -> None:
     p.add_argument("--weight-block-size", type=int, default=None,
                    help="w4a16: int4 scales per block of this many input rows (e.g. 64) instead of per output "
                         "channel; more accurate, runs on ONNX Runtime CPU, not verified on the HTP")
+    p.add_argument("--smooth-alpha", type=float, default=0.0,
+                   help="SmoothQuant strength (e.g. 0.5) for the MLP down_proj input, folded into "
+                        "up_proj/down_proj (exact in float; default 0: off)")
+    p.add_argument("--down-proj-headroom", type=float, default=4.0,
+                   help="widen the calibrated uint16 range of the MLP down_proj input this many times "
+                        "(heavy-tailed; default 4, 1 keeps the observed min/max)")
     p.add_argument("--eval-tokens", type=int, default=2048,
                    help="held-out tokens scored against the float model for report.json (0 skips; default 2048)")
     p.add_argument("--eval-window", type=int, default=1024, help="window of the accuracy report (capped at CL)")
@@ -428,6 +440,8 @@ def _cmd_export(args) -> int:
         weight_method=args.weight_method,
         int8_fraction=args.int8_fraction,
         weight_block_size=args.weight_block_size,
+        smooth_alpha=args.smooth_alpha,
+        down_proj_headroom=args.down_proj_headroom,
         eval_tokens=args.eval_tokens,
         eval_window=args.eval_window,
         chipset=args.chipset,

@@ -24,6 +24,7 @@ from .calibrate import CalibrationPlan, PartStats, calibrate_part, tracked_tenso
 from .modeling import PartSpec
 from .onnx_graph import ExternalData
 from .progress import log
+from .smoothing import smooth_mlp
 from .qdq import activation_encodings, check_quantized_graph, quantize_graph, read_initializer
 from .weight_quant import QuantizedWeight, hessian_factor, quantize_weight
 
@@ -38,13 +39,17 @@ class QuantSettings:
     activations uint16 in both. weight_method: ``mse`` or ``gptq``. int8_fraction (w4a16): the
     share of a part's projection weights kept at int8, given to the projections with the largest
     measured relative output error at int4 (the mixed precision of DESIGN.md section 4; 0 keeps
-    every projection at int4).
+    every projection at int4). smooth_alpha: when > 0, the down_proj input's range is migrated
+    into the weights (:mod:`qwen_ondevice.smoothing`) before quantization. down_proj_headroom:
+    see :func:`qwen_ondevice.qdq.activation_encodings`.
     """
 
     precision: str
     weight_method: str = "gptq"
     int8_fraction: float = 0.1
     block_size: int | None = None  # int4 scales per block of this many input rows (None: per channel)
+    smooth_alpha: float = 0.0  # SmoothQuant migration strength for the down_proj input (0: off)
+    down_proj_headroom: float = 4.0  # the down_proj input's uint16 range, widened this many times
 
     @property
     def projection_bits(self) -> int:
@@ -72,15 +77,29 @@ def quantize_part_graphs(
     """
     ars = sorted(float_info["graphs"], key=int, reverse=True)
     ref_graph = onnx.load(str(float_dir / Path(float_info["graphs"][ars[0]]["file"]).name), load_external_data=False)
-    enc = activation_encodings(ref_graph, stats, mask_value)
     inits = {t.name: t for t in ref_graph.graph.initializer}
     weights: dict[str, QuantizedWeight] = {}
     weight_report = {}
     matmul_inputs = {n.input[1]: n.input[0] for n in ref_graph.graph.node if n.op_type == "MatMul" and n.input[1] in inits}
+    matmul_outputs = {n.input[1]: n.output[0] for n in ref_graph.graph.node if n.op_type == "MatMul" and n.input[1] in inits}
     factors = {}  # one Hessian factorisation per layer input, shared by q/k/v and gate/up
+    smoothed: dict[str, np.ndarray] = {}  # weight name -> float weight after smoothing
+    smoothing_report = {}
+    if settings.smooth_alpha > 0:
+        for layer in part.layers:
+            up, down = f"model.layers.{layer}.mlp.up_proj.weight", f"model.layers.{layer}.mlp.down_proj.weight"
+            act, up_out = stats.tensors[matmul_inputs[down]], stats.tensors[matmul_outputs[up]]
+            before = (act.lo, act.hi)
+            smoothed[up], smoothed[down], s = smooth_mlp(read_initializer(inits[up], float_dir).astype(np.float32),
+                                                         read_initializer(inits[down], float_dir).astype(np.float32),
+                                                         act, up_out, settings.smooth_alpha)
+            smoothing_report[f"model.layers.{layer}.mlp"] = {
+                "alpha": settings.smooth_alpha, "down_proj_input_range_before": [before[0], before[1]],
+                "down_proj_input_range_after": [act.lo, act.hi], "scale_min": float(s.min()), "scale_max": float(s.max())}
+    enc = activation_encodings(ref_graph, stats, mask_value, settings.down_proj_headroom)
 
     def quantize(wname: str, bits: int, method: str) -> QuantizedWeight:
-        w = read_initializer(inits[wname], float_dir).astype(np.float32)
+        w = smoothed[wname] if wname in smoothed else read_initializer(inits[wname], float_dir).astype(np.float32)
         act = matmul_inputs[wname]
         s = stats.tensors[act]
         act_sq = s.channel_sumsq / max(s.rows, 1)
@@ -154,6 +173,7 @@ def quantize_part_graphs(
         "kv_encodings": {n: e.to_dict() for n, e in enc.enc.items() if n.startswith("past_") and n.endswith("_out")},
         "clipped": enc.notes,
         "rmsnorm_ranges": norm_report,
+        **({"smoothing": smoothing_report} if smoothing_report else {}),
     }
 
 
