@@ -33,11 +33,12 @@ ONNX_U = {"uint8": TensorProto.UINT8, "uint16": TensorProto.UINT16}
 
 
 def read_initializer(t: TensorProto, base: Path) -> np.ndarray:
-    """A float initializer's values, from its external-data file when it has one."""
+    """An initializer's values (float, int8, uint8, uint16), from its external-data file when it has one."""
     if t.data_location != TensorProto.EXTERNAL:
         return numpy_helper.to_array(t)
     info = {e.key: e.value for e in t.external_data}
-    dtype = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16}[t.data_type]
+    dtype = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16, TensorProto.INT8: np.int8,
+             TensorProto.UINT8: np.uint8, TensorProto.UINT16: np.uint16}[t.data_type]
     arr = np.fromfile(base / info["location"], dtype=np.uint8, count=int(info["length"]), offset=int(info["offset"]))
     return arr.view(dtype).reshape(tuple(t.dims))
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from ..encodings import Encoding
@@ -14,6 +16,57 @@ DTYPES = {"float32": np.float32, "float16": np.float16, "uint8": np.uint8, "uint
 #: coarser than the uint16 activations of the QDQ model, so the CPU run would no longer simulate
 #: the device numerics. Level 1 keeps the fused kernel but computes in fp32, like the QDQ graph.
 QDQ_MATMULNBITS_ACCURACY = ("session.qdq_matmulnbits_accuracy_level", "1")
+
+
+#: Initializers of the int8 lm_head in a QDQ graph (qdq.py names it after the checkpoint tensor).
+LM_HEAD_WEIGHT = "lm_head.weight.q"
+
+
+def host_lm_head(model_path: Path) -> tuple[bytes, dict[str, np.ndarray]] | None:
+    """The QDQ graph at ``model_path`` with its lm_head dequantized once, for the host.
+
+    ONNX Runtime fuses ``DequantizeLinear(int8 lm_head (H, V), per-channel scale) -> MatMul`` into
+    a MatMulNBits whose block is the whole input dimension H, not one of its kernels' block sizes,
+    so every call dequantizes the whole table again: 0.8 s of a 1.1 s AR-1 call on the demo model
+    (ORT profiler, ``benchmarks/bench_host_speed.py``). Here the table is dequantized once,
+    ``W = q * scale`` in float32 (DequantizeLinear's own formula, zero point 0), and the MatMul
+    reads that float initializer: the same arithmetic as the QDQ graph, at the cost of 4 bytes per
+    lm_head weight in host memory (2.2 GB for Qwen2-7B's 3584 x 152064).
+
+    Returns (serialized model, {initializer name: float32 (H, V) array}) to pass to
+    ``SessionOptions.add_external_initializers``, or None when the graph has no int8 lm_head.
+    """
+    import onnx
+    from onnx import TensorProto
+
+    from ..qdq import read_initializer
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    if LM_HEAD_WEIGHT not in inits:
+        return None
+    dq = next((n for n in g.node if n.op_type == "DequantizeLinear" and n.input[0] == LM_HEAD_WEIGHT), None)
+    if dq is None:
+        return None
+    users = [n for n in g.node if dq.output[0] in n.input]
+    if not users or any(n.op_type != "MatMul" for n in users):
+        return None
+    base = model_path.parent
+    q = read_initializer(inits[LM_HEAD_WEIGHT], base)  # (H, V) int8
+    scale = read_initializer(inits[dq.input[1]], base).astype(np.float32)  # (V,)
+    zero = read_initializer(inits[dq.input[2]], base) if len(dq.input) > 2 and dq.input[2] else 0
+    w = ((q.astype(np.int32) - np.asarray(zero, np.int32)).astype(np.float32) * scale[None, :]).astype(np.float32)
+    name = LM_HEAD_WEIGHT + ".host_float"
+    t = TensorProto(name=name, data_type=TensorProto.FLOAT, dims=list(w.shape), data_location=TensorProto.EXTERNAL)
+    for k, v in (("location", "host_lm_head.float32"), ("offset", "0"), ("length", str(w.nbytes))):
+        e = t.external_data.add()
+        e.key, e.value = k, v
+    g.initializer.append(t)
+    for n in users:
+        n.input[list(n.input).index(dq.output[0])] = name
+    g.node.remove(dq)
+    return model.SerializeToString(), {name: w}
 
 
 def qdq_session_options(ort, so=None):
@@ -48,8 +101,10 @@ class OrtBackend(Backend):
         self.kv_dtype = DTYPES[manifest.data["kv_cache"]["dtype"]]
         self.providers = providers or ["CPUExecutionProvider"]
         self.session_options = session_options
+        self.intra_op_threads = session_options.intra_op_num_threads if session_options is not None else 0
         self._sessions: dict[tuple[int, int], object] = {}
         self._input_types: dict[tuple[int, int], dict[str, np.dtype]] = {}
+        self._host_arrays: dict[tuple[int, int], list] = {}  # OrtValues that must outlive their session
         # quantized bundles: the encoding of every quantized graph input/output, by name
         self.encodings: dict[str, Encoding] = {}
         for part in manifest.parts:
@@ -63,8 +118,20 @@ class OrtBackend(Backend):
         if key not in self._sessions:
             part = self.manifest.parts[part_index]
             path = self.manifest.graph_path(part, ar)
-            so = qdq_session_options(self.ort, self.session_options)
-            s = self.ort.InferenceSession(str(path), sess_options=so, providers=self.providers)
+            # decode only: at AR-128 the fused kernel's dequantization is spread over 128 rows and
+            # it is faster than the float MatMul (benchmarks/bench_host_speed.py)
+            host = host_lm_head(path) if ar == 1 and self.providers == ["CPUExecutionProvider"] else None
+            if host is None:
+                so = qdq_session_options(self.ort, self.session_options)
+                s = self.ort.InferenceSession(str(path), sess_options=so, providers=self.providers)
+            else:
+                model_bytes, arrays = host
+                so = qdq_session_options(self.ort)
+                so.intra_op_num_threads = self.intra_op_threads
+                so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent))
+                self._host_arrays[key] = [self.ort.OrtValue.ortvalue_from_numpy(a) for a in arrays.values()]
+                so.add_external_initializers(list(arrays), self._host_arrays[key])
+                s = self.ort.InferenceSession(model_bytes, sess_options=so, providers=self.providers)
             self._sessions[key] = s
             self._input_types[key] = {i["name"]: DTYPES[i["dtype"]] for i in part["graphs"][str(ar)]["inputs"]}
         return self._sessions[key]
