@@ -554,7 +554,8 @@ def test_ort_equals_numpy_qdq_reference(bundles, tiny):
             g = part["graphs"][str(ar)]
             qg = QGraph(bundle / g["file"])
             sess = backend.session(i, ar)
-            assert bool(backend._host_arrays.get((i, ar))) == (part["head"] and ar == 1)  # AR-1: lm_head dequantized once
+            # AR-1: the int8 lm_head (and int8 projections) dequantized once on the host
+            assert ("lm_head.weight.q.host_float" in backend._host_names.get((i, ar), ())) == (part["head"] and ar == 1)
             enc = {io["name"]: Encoding.from_dict(io["encoding"]) for io in g["inputs"] + g["outputs"] if "encoding" in io}
             if part["embedding"]:
                 (got,) = sess.run(None, {"input_ids": x.input_ids})
@@ -606,7 +607,7 @@ def test_ort_equals_numpy_qdq_reference(bundles, tiny):
             plain_out = dict(zip(names, plain.run(names, feeds)))
             for name in names:
                 np.testing.assert_array_equal(res[name], plain_out[name])  # exposing tensors changed nothing
-                # the backend's once-dequantized lm_head (host_lm_head) only reorders float sums
+                # the backend's once-dequantized int8 weights (host_float_weights) only reorder float sums
                 assert _lsb_diff(got[name], plain_out[name]).max() <= (1 if name == "logits" else 0), name
             qg.forced = {k.removesuffix("_q"): v for k, v in res.items()}
             numpy_decoder_part(qg, cfg, layers, part["head"], feeds)

@@ -18,23 +18,25 @@ DTYPES = {"float32": np.float32, "float16": np.float16, "uint8": np.uint8, "uint
 QDQ_MATMULNBITS_ACCURACY = ("session.qdq_matmulnbits_accuracy_level", "1")
 
 
-#: Initializers of the int8 lm_head in a QDQ graph (qdq.py names it after the checkpoint tensor).
-LM_HEAD_WEIGHT = "lm_head.weight.q"
+#: Host memory (bytes) one AR-1 session may spend on int8 weights dequantized once (host_float_weights).
+HOST_FLOAT_BUDGET = 4 << 30
 
 
-def host_lm_head(model_path: Path) -> tuple[bytes, dict[str, np.ndarray]] | None:
-    """The QDQ graph at ``model_path`` with its lm_head dequantized once, for the host.
+def host_float_weights(model_path: Path, budget: int = HOST_FLOAT_BUDGET) -> tuple[bytes, dict[str, np.ndarray]] | None:
+    """The QDQ graph at ``model_path`` with its int8 MatMul weights dequantized once, for the host.
 
-    ONNX Runtime fuses ``DequantizeLinear(int8 lm_head (H, V), per-channel scale) -> MatMul`` into
-    a MatMulNBits whose block is the whole input dimension H, not one of its kernels' block sizes,
-    so every call dequantizes the whole table again: 0.8 s of a 1.1 s AR-1 call on the demo model
-    (ORT profiler, ``benchmarks/bench_host_speed.py``). Here the table is dequantized once,
-    ``W = q * scale`` in float32 (DequantizeLinear's own formula, zero point 0), and the MatMul
-    reads that float initializer: the same arithmetic as the QDQ graph, at the cost of 4 bytes per
-    lm_head weight in host memory (2.2 GB for Qwen2-7B's 3584 x 152064).
+    ONNX Runtime fuses ``DequantizeLinear(int8 weight (K, N), per-channel scale) -> MatMul`` into
+    a MatMulNBits whose 8-bit kernel at the fp32 accuracy level the QDQ simulation needs
+    (:data:`QDQ_MATMULNBITS_ACCURACY`) dequantizes the whole weight again on every call (per-channel
+    or block-wise alike): the int8 lm_head alone is 0.8 s of a 1.1 s AR-1 call on the demo model
+    (ORT profiler). Here each int8 weight is dequantized once, ``W = (q - zero) * scale`` in
+    float32 (DequantizeLinear's own formula), and the MatMul reads that float initializer: the same
+    arithmetic as the QDQ graph, at 4 bytes per weight of host memory. Weights are taken largest
+    first (the lm_head, then int8 projections) while they fit in ``budget`` bytes; the rest keep
+    the fused kernel. int4 weights keep MatMulNBits, whose 4-bit kernel is fast.
 
-    Returns (serialized model, {initializer name: float32 (H, V) array}) to pass to
-    ``SessionOptions.add_external_initializers``, or None when the graph has no int8 lm_head.
+    Returns (serialized model, {initializer name: float32 (K, N) array}) to pass to
+    ``SessionOptions.add_external_initializers``, or None when nothing was rewritten.
     """
     import onnx
     from onnx import TensorProto
@@ -44,29 +46,41 @@ def host_lm_head(model_path: Path) -> tuple[bytes, dict[str, np.ndarray]] | None
     model = onnx.load(str(model_path), load_external_data=False)
     g = model.graph
     inits = {t.name: t for t in g.initializer}
-    if LM_HEAD_WEIGHT not in inits:
-        return None
-    dq = next((n for n in g.node if n.op_type == "DequantizeLinear" and n.input[0] == LM_HEAD_WEIGHT), None)
-    if dq is None:
-        return None
-    users = [n for n in g.node if dq.output[0] in n.input]
-    if not users or any(n.op_type != "MatMul" for n in users):
-        return None
+    users: dict[str, list] = {}
+    for n in g.node:
+        for i in n.input:
+            users.setdefault(i, []).append(n)
+    candidates = []
+    for n in g.node:
+        w = inits.get(n.input[0]) if n.op_type == "DequantizeLinear" else None
+        if w is None or w.data_type != TensorProto.INT8 or len(w.dims) != 2:
+            continue
+        if any(a.name == "block_size" for a in n.attribute) or not all(u.op_type == "MatMul" for u in users.get(n.output[0], [None])):
+            continue
+        candidates.append((w.dims[0] * w.dims[1] * 4, n, w))
     base = model_path.parent
-    q = read_initializer(inits[LM_HEAD_WEIGHT], base)  # (H, V) int8
-    scale = read_initializer(inits[dq.input[1]], base).astype(np.float32)  # (V,)
-    zero = read_initializer(inits[dq.input[2]], base) if len(dq.input) > 2 and dq.input[2] else 0
-    w = ((q.astype(np.int32) - np.asarray(zero, np.int32)).astype(np.float32) * scale[None, :]).astype(np.float32)
-    name = LM_HEAD_WEIGHT + ".host_float"
-    t = TensorProto(name=name, data_type=TensorProto.FLOAT, dims=list(w.shape), data_location=TensorProto.EXTERNAL)
-    for k, v in (("location", "host_lm_head.float32"), ("offset", "0"), ("length", str(w.nbytes))):
-        e = t.external_data.add()
-        e.key, e.value = k, v
-    g.initializer.append(t)
-    for n in users:
-        n.input[list(n.input).index(dq.output[0])] = name
-    g.node.remove(dq)
-    return model.SerializeToString(), {name: w}
+    arrays: dict[str, np.ndarray] = {}
+    used = 0
+    for nbytes, dq, w in sorted(candidates, key=lambda c: -c[0]):
+        if used + nbytes > budget:
+            continue
+        used += nbytes
+        q = read_initializer(w, base)  # (K, N) int8
+        scale = read_initializer(inits[dq.input[1]], base).astype(np.float32)  # (N,)
+        zero = read_initializer(inits[dq.input[2]], base).astype(np.int32) if len(dq.input) > 2 and dq.input[2] else 0
+        name = w.name + ".host_float"
+        arrays[name] = ((q.astype(np.int32) - zero).astype(np.float32) * scale[None, :]).astype(np.float32)
+        t = TensorProto(name=name, data_type=TensorProto.FLOAT, dims=list(w.dims), data_location=TensorProto.EXTERNAL)
+        for k, v in (("location", "host_float_weights.bin"), ("offset", "0"), ("length", str(nbytes))):
+            e = t.external_data.add()
+            e.key, e.value = k, v
+        g.initializer.append(t)
+        for u in users[dq.output[0]]:
+            u.input[list(u.input).index(dq.output[0])] = name
+        g.node.remove(dq)
+    if not arrays:
+        return None
+    return model.SerializeToString(), arrays
 
 
 def qdq_session_options(ort, so=None):
@@ -105,6 +119,7 @@ class OrtBackend(Backend):
         self._sessions: dict[tuple[int, int], object] = {}
         self._input_types: dict[tuple[int, int], dict[str, np.dtype]] = {}
         self._host_arrays: dict[tuple[int, int], list] = {}  # OrtValues that must outlive their session
+        self._host_names: dict[tuple[int, int], list[str]] = {}
         # quantized bundles: the encoding of every quantized graph input/output, by name
         self.encodings: dict[str, Encoding] = {}
         for part in manifest.parts:
@@ -120,7 +135,7 @@ class OrtBackend(Backend):
             path = self.manifest.graph_path(part, ar)
             # decode only: at AR-128 the fused kernel's dequantization is spread over 128 rows and
             # it is faster than the float MatMul (benchmarks/bench_host_speed.py)
-            host = host_lm_head(path) if ar == 1 and self.providers == ["CPUExecutionProvider"] else None
+            host = host_float_weights(path) if ar == 1 and self.providers == ["CPUExecutionProvider"] else None
             if host is None:
                 so = qdq_session_options(self.ort, self.session_options)
                 s = self.ort.InferenceSession(str(path), sess_options=so, providers=self.providers)
@@ -130,6 +145,7 @@ class OrtBackend(Backend):
                 so.intra_op_num_threads = self.intra_op_threads
                 so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent))
                 self._host_arrays[key] = [self.ort.OrtValue.ortvalue_from_numpy(a) for a in arrays.values()]
+                self._host_names[key] = list(arrays)
                 so.add_external_initializers(list(arrays), self._host_arrays[key])
                 s = self.ort.InferenceSession(model_bytes, sess_options=so, providers=self.providers)
             self._sessions[key] = s
