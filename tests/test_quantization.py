@@ -257,6 +257,7 @@ def test_weights_per_channel_with_explicit_zero_points(bundles, tiny, precision)
     qmax = (1 << (bits - 1)) - 1
     projections = set()
     lm_head = embedding = 0
+    ratios: dict[str, dict[bool, np.ndarray]] = {}  # layer -> {is_q: per-pair scale (heads, D/2)}
     for part, ar, g, qg in _graphs(bundles[precision]):
         for node in qg.g.node:
             if node.op_type == "MatMul" and node.input[1] in qg.producer:
@@ -290,10 +291,20 @@ def test_weights_per_channel_with_explicit_zero_points(bundles, tiny, precision)
                 if ".q_proj." in name:
                     w = w / math.sqrt(cfg.head_dim)  # the folded softmax scale
                 deq = qa.astype(np.float32) * sa[None, :]
+                if ".q_proj." in name or ".k_proj." in name:
+                    # key equalization: both channels of a RoPE pair (j, j + D/2) scaled alike,
+                    # queries by s and keys by 1/s (checked across q and k below)
+                    D = cfg.head_dim
+                    r = (np.linalg.norm(deq, axis=0) / np.linalg.norm(w, axis=0)).reshape(-1, 2, D // 2)
+                    np.testing.assert_allclose(r[:, 0], r[:, 1], rtol=0.25 if w_bits == 4 else 0.02)
+                    pair = r.mean(axis=1)  # (heads, D/2)
+                    ratios.setdefault(name.split(".self_attn.")[0], {})[".q_proj." in name] = pair
+                    w = w * np.concatenate([pair, pair], axis=1).reshape(-1)[None, :]
                 rel = np.linalg.norm(deq - w) / np.linalg.norm(w)
                 assert rel < (0.12 if w_bits == 4 else 0.01), (name, rel)
                 amax = np.abs(w).max(axis=0)
-                assert np.all(sa <= amax / lim * 1.0001) and np.all(sa >= 0.5 * amax / lim * 0.9999), name
+                tol = 1.3 if (".q_proj." in name or ".k_proj." in name) else 1.0001  # w rescaled by an estimated ratio
+                assert np.all(sa <= amax / lim * tol) and np.all(sa >= 0.5 * amax / lim / tol), name
                 assert np.abs(qa.astype(np.int16)).max(axis=0).min() >= lim, name  # clipping ratio >= 0.5: every channel saturates
             if node.op_type == "Gather" and qg.inits[qg.producer[node.input[0]].input[0]].data_type == TensorProto.INT8:
                 # the embedding table (int8 rows, gathered with scale 1) and, in a second Gather,
@@ -318,6 +329,13 @@ def test_weights_per_channel_with_explicit_zero_points(bundles, tiny, precision)
     assert projections == {f"model.layers.{l}.{'self_attn' if p in ('q_proj', 'k_proj', 'v_proj', 'o_proj') else 'mlp'}.{p}.weight"
                            for l in range(LAYERS) for p in PROJECTIONS}
     assert lm_head == 2 and embedding == 2  # one per AR graph
+    # q . k is unchanged: each query head's pair scale is the inverse of its KV head's key scale,
+    # and the equalization really rescaled something (the tiny model's keys are uneven too)
+    G = cfg.num_key_value_groups
+    for layer, r in ratios.items():
+        q_pair = r[True].reshape(cfg.num_key_value_heads, G, -1)
+        np.testing.assert_allclose(q_pair * r[False][:, None, :], 1.0, rtol=0.3 if precision == "w4a16" else 0.03)
+    assert max(np.abs(np.log(r[False])).max() for r in ratios.values()) > np.log(1.5)
     m = read_manifest(bundles[precision])
     reported = {n: w["bits"] for p in m.parts for n, w in p.get("weights", {}).items()}
     assert all(reported[n] == bits for n in projections) and reported["lm_head.weight"] == 8
@@ -589,7 +607,10 @@ def test_ort_equals_numpy_qdq_reference(bundles, tiny):
                 kv = name.startswith("past_")
                 assert got[name].dtype == ref[name].dtype == (np.uint8 if kv else np.uint16)
                 d = _lsb_diff(got[name], ref[name])
-                assert d.max() <= (1 if kv else 16), (part["name"], ar, name, int(d.max()), int((d > 0).sum()))
+                # free run: 1-LSB rounding differences (float sum order) propagate through the
+                # layers (up to 56 of 65536 levels seen on the hidden state with key equalization);
+                # the per-point check below holds every quantization point to 1 LSB
+                assert d.max() <= (1 if kv else 64), (part["name"], ar, name, int(d.max()), int((d > 0).sum()))
                 free["max"][name] = max(free["max"].get(name, 0), int(d.max()))
                 free["exact"] += int((d == 0).sum())
                 free["total"] += d.size

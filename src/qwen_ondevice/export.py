@@ -49,6 +49,7 @@ class ExportOptions:
     weight_block_size: int | None = None  # w4a16: int4 scales per block of input rows (block-wise)
     smooth_alpha: float = 0.0  # SmoothQuant strength for the MLP down_proj input (0: off; smoothing.py)
     down_proj_headroom: float = 4.0  # uint16 range of the down_proj input, widened (qdq.activation_encodings)
+    kv_equalize: bool = True  # per-RoPE-pair key scales folded into q_proj/k_proj before calibration (kv_equalize.py)
     eval_tokens: int = 2048  # held-out tokens scored for report.json (0 skips the accuracy report)
     eval_window: int = 1024
     chipset: str = "snapdragon-8-elite"  # QNN context binaries for this chipset; "none" skips (compile.py)
@@ -212,6 +213,15 @@ def _quantized_part(ckpt: Checkpoint, part: PartSpec, options: ExportOptions, ou
         info = export_part(ckpt, part, options.ar_lengths, options.context_length, "fp32", float_dir)
         state.mark(f"float:{part.name}", info)
     float_info = state.done[f"float:{part.name}"]
+    if options.kv_equalize and len(part.layers) and f"kveq:{part.name}" not in state.done:
+        from .quant_export import equalize_stage
+
+        t0 = time.perf_counter()
+        report = equalize_stage(part, float_dir, float_info, plan, ckpt.config, calib_dir, MASK_VALUE)
+        state.mark(f"kveq:{part.name}", {"seconds": round(time.perf_counter() - t0, 2), "layers": report})
+        worst = max(report.values(), key=lambda r: r["key_pair_max_before"])
+        log(f"[kv-equalize] {part.name}: key pair maxima {worst['key_pair_max_before']:.3g} -> "
+            f"{max(r['key_pair_max_after'] for r in report.values()):.3g}")
     if f"calib:{part.name}" not in state.done:
         t0 = time.perf_counter()
         calibrate_stage(part, float_dir, float_info, plan, ckpt.config, calib_dir,
@@ -222,6 +232,8 @@ def _quantized_part(ckpt: Checkpoint, part: PartSpec, options: ExportOptions, ou
     log(f"[quantize] {part.name}: {options.precision} ({options.weight_method})")
     stats = PartStats.load(calib_dir / f"part_{part.index}.stats.npz")
     info = quantize_part_graphs(part, float_dir, float_info, stats, settings, out / "onnx", MASK_VALUE)
+    if f"kveq:{part.name}" in state.done:
+        info["kv_equalization"] = state.done[f"kveq:{part.name}"]["layers"]
     remove_float_files(float_dir, float_info)
     return info
 
@@ -417,6 +429,9 @@ def register_cli(sub) -> None:
     p.add_argument("--down-proj-headroom", type=float, default=4.0,
                    help="widen the calibrated uint16 range of the MLP down_proj input this many times "
                         "(heavy-tailed; default 4, 1 keeps the observed min/max)")
+    p.add_argument("--no-kv-equalize", dest="kv_equalize", action="store_false",
+                   help="keep q_proj/k_proj as they are (by default per-RoPE-pair key scales are folded into "
+                        "them so the uint8 key cache spends its levels evenly; exact in float)")
     p.add_argument("--eval-tokens", type=int, default=2048,
                    help="held-out tokens scored against the float model for report.json (0 skips; default 2048)")
     p.add_argument("--eval-window", type=int, default=1024, help="window of the accuracy report (capped at CL)")
@@ -442,6 +457,7 @@ def _cmd_export(args) -> int:
         weight_block_size=args.weight_block_size,
         smooth_alpha=args.smooth_alpha,
         down_proj_headroom=args.down_proj_headroom,
+        kv_equalize=args.kv_equalize,
         eval_tokens=args.eval_tokens,
         eval_window=args.eval_window,
         chipset=args.chipset,

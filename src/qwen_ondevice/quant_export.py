@@ -206,6 +206,31 @@ def calibrate_stage(part: PartSpec, float_dir: Path, float_info: dict, plan: Cal
         tmp.replace(calib_dir / f"part_{part.index}.hidden.npy")
 
 
+def equalize_stage(part: PartSpec, float_dir: Path, float_info: dict, plan: CalibrationPlan, cfg, calib_dir: Path,
+                   mask_value: float, tokens: int = 1024) -> dict:
+    """Key-cache equalization of one decoder part (:mod:`qwen_ondevice.kv_equalize`): measure the
+    per-channel q/k maxima over the first ``tokens`` calibration tokens, then fold the scales
+    into the part's float weights in place. Returns the per-layer report."""
+    import torch
+
+    from .kv_equalize import equalize_part, qk_output_names
+    from .modeling import rope_tables
+
+    ar = str(plan.ar)
+    graph = float_dir / Path(float_info["graphs"][ar]["file"]).name
+    names = qk_output_names(onnx.load(str(graph), load_external_data=False), part.layers)
+    kinds = {n: {"range", "channel_range"} for pair in names.values() for n in pair}
+    S, T = plan.ids.shape
+    n_seq = min(S, max(1, -(-tokens // T)))
+    sub = CalibrationPlan(plan.ids[:n_seq], plan.ar, plan.context_length)
+    hidden_in = np.load(calib_dir / f"part_{part.index - 1}.hidden.npy", mmap_mode="r")[: len(sub.chunks)]
+    cos, sin = rope_tables(cfg, torch.arange(plan.context_length))
+    stats, _ = calibrate_part(graph, kinds, sub, part.layers, (cfg.num_key_value_heads, cfg.head_dim), np.asarray(hidden_in),
+                              cos.numpy(), sin.numpy(), mask_value, label=f"{part.name} (key equalization)")
+    absmax = {n: np.maximum(np.abs(st.channel_lo), np.abs(st.channel_hi)) for n, st in stats.tensors.items()}
+    return equalize_part(graph, part.layers, absmax, cfg.num_key_value_heads, cfg.num_key_value_groups, cfg.head_dim)
+
+
 def remove_float_files(float_dir: Path, float_info: dict) -> None:
     for g in float_info["graphs"].values():
         (float_dir / Path(g["file"]).name).unlink(missing_ok=True)
