@@ -49,7 +49,7 @@ class QuantSettings:
     int8_fraction: float = 0.1
     block_size: int | None = None  # int4 scales per block of this many input rows (None: per channel)
     smooth_alpha: float = 0.0  # SmoothQuant migration strength for the down_proj input (0: off)
-    down_proj_headroom: float = 4.0  # the down_proj input's uint16 range, widened this many times
+    down_proj_headroom: float = 1.0  # the down_proj input's uint16 range, widened this many times
 
     @property
     def projection_bits(self) -> int:

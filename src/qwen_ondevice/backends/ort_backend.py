@@ -78,6 +78,9 @@ def host_float_weights(model_path: Path, budget: int = HOST_FLOAT_BUDGET) -> tup
         for u in users[dq.output[0]]:
             u.input[list(u.input).index(dq.output[0])] = name
         g.node.remove(dq)
+        for i in dq.input:  # the int8 weight, scale and zero point, unless another node reads them
+            if i and all(u is dq for u in users.get(i, [])) and i in inits:
+                g.initializer.remove(inits.pop(i))
     if not arrays:
         return None
     return model.SerializeToString(), arrays
