@@ -18,20 +18,26 @@ CL = 1024  # short context: the graphs' attention is over CL, and CI time matter
 EVAL_TOKENS = 3072
 
 
+def _export(tmp_path_factory, name: str, **options):
+    out = tmp_path_factory.mktemp("demo") / name
+    export(ExportOptions(model="demo", context_length=CL, calibration_tokens=2048, eval_tokens=EVAL_TOKENS,
+                         eval_window=1024, chipset="none", **options), out)
+    return out
+
+
 @pytest.fixture(scope="module")
 def demo_w4a16(demo_checkpoint, tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo") / "w4a16"
-    export(ExportOptions(model="demo", precision="w4a16", context_length=CL, calibration_tokens=2048,
-                         eval_tokens=EVAL_TOKENS, eval_window=1024, chipset="none"), out)
-    return out
+    return _export(tmp_path_factory, "w4a16", precision="w4a16")
 
 
 @pytest.fixture(scope="module")
 def demo_w8a16(demo_checkpoint, tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo") / "w8a16"
-    export(ExportOptions(model="demo", precision="w8a16", context_length=CL, calibration_tokens=1024,
-                         weight_method="mse", eval_tokens=EVAL_TOKENS, eval_window=1024, chipset="none"), out)
-    return out
+    return _export(tmp_path_factory, "w8a16", precision="w8a16")
+
+
+@pytest.fixture(scope="module")
+def demo_w4a16_blockwise(demo_checkpoint, tmp_path_factory):
+    return _export(tmp_path_factory, "w4a16_b64", precision="w4a16", weight_block_size=64)
 
 
 def _accuracy(bundle) -> dict:
@@ -41,20 +47,28 @@ def _accuracy(bundle) -> dict:
     return acc
 
 
-# The issue's targets are w8a16 within +1.5% and w4a16 within +10% with 85% top-1. Measured so
-# far (see the issue notes): w8a16 +2.2% (this exact configuration), w4a16 per-channel +12.7% /
-# 77.6% top-1 and block-wise (64) +5.7% / 84.6% (16k-token-class runs at CL 4096). Until the
-# targets are met these tests hold the measured levels, so a regression fails CI.
+# The issue's targets: w8a16 within +1.5%; w4a16 within +10% with 85% top-1.
+# This configuration (default options, CL 1024, 2048 calibration tokens, 3069 held-out tokens)
+# measured: w8a16 +0.47% / 95.1% top-1; w4a16 per output channel +11.8% / 78.2%; w4a16
+# block-wise 64 +8.0% / 84.9%. On 16,368 tokens (see the issue notes): w4a16 per channel +15.7% /
+# 79.7%, block-wise +7.5% / 84.7%. The tests assert the targets where they are met (w8a16, the
+# block-wise perplexity) and the measured levels where they are not, so a regression fails CI.
 def test_w8a16_perplexity_ratio(demo_w8a16):
     acc = _accuracy(demo_w8a16)
-    assert acc["perplexity_ratio"] <= 1.03, acc
-    assert acc["top1_agreement"] >= 0.88, acc
+    assert acc["perplexity_ratio"] <= 1.015, acc
+    assert acc["top1_agreement"] >= 0.93, acc
 
 
 def test_w4a16_perplexity_ratio_and_top1(demo_w4a16):
     acc = _accuracy(demo_w4a16)
-    assert acc["perplexity_ratio"] <= 1.16, acc
-    assert acc["top1_agreement"] >= 0.74, acc
+    assert acc["perplexity_ratio"] <= 1.19, acc
+    assert acc["top1_agreement"] >= 0.77, acc
+
+
+def test_w4a16_blockwise_meets_the_perplexity_target(demo_w4a16_blockwise):
+    acc = _accuracy(demo_w4a16_blockwise)
+    assert acc["perplexity_ratio"] <= 1.10, acc
+    assert acc["top1_agreement"] >= 0.83, acc
 
 
 def test_w4a16_bundle_is_smaller_and_keeps_few_int8_projections(demo_w4a16):
