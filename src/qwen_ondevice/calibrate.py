@@ -135,6 +135,13 @@ class PartStats:
         return cls(tensors)
 
 
+def is_row_max_shift(node: onnx.NodeProto, producers: dict[str, onnx.NodeProto]) -> bool:
+    """Whether ``node`` is the ``scores - ReduceMax(scores)`` Sub before a Softmax
+    (:func:`qwen_ondevice.onnx_graph.shift_by_row_max`); its encoding is fixed, not calibrated."""
+    p = producers.get(node.input[1]) if node.op_type == "Sub" else None
+    return p is not None and p.op_type == "ReduceMax"
+
+
 def tracked_tensors(model: onnx.ModelProto) -> dict[str, set[str]]:
     """Which float tensors of a float part graph need statistics, and which kinds.
 
@@ -145,6 +152,7 @@ def tracked_tensors(model: onnx.ModelProto) -> dict[str, set[str]]:
     the cache's encoding) and the mask addition (its range is derived from the scores).
     """
     inits = {i.name for i in model.graph.initializer}
+    producers = {o: n for n in model.graph.node for o in n.output}
     graph_inputs = {i.name for i in model.graph.input}
     kinds: dict[str, set[str]] = {}
 
@@ -160,6 +168,8 @@ def tracked_tensors(model: onnx.ModelProto) -> dict[str, set[str]]:
         if node.op_type == "Concat" and any(i.startswith("past_") for i in node.input):
             continue
         if node.op_type == "Add" and "attention_mask" in node.input:
+            continue
+        if node.op_type == "ReduceMax" or is_row_max_shift(node, producers):
             continue
         if node.op_type == "MatMul" and node.input[1] in inits:
             add(node.input[0], "matmul_input")

@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .calibrate import DATA_MOVEMENT, PartStats
+from .calibrate import DATA_MOVEMENT, PartStats, is_row_max_shift
 from .encodings import Encoding, encoding_for_range, mse_range
 from .onnx_graph import IR_VERSION, OPSET, ExternalData, IOSpec, _signature
 from .weight_quant import QuantizedWeight
@@ -83,11 +83,16 @@ def activation_encodings(model: onnx.ModelProto, stats: PartStats, mask_value: f
       the cache values; ``past_*_in`` and ``past_*_out`` of a layer share it;
     - mask: [mask_value, 0]; cos/sin: [-1, 1]; Softmax output: [0, 1];
     - scores + mask: [min score - MASK_MARGIN, max score] (masked entries clipped on purpose);
+      their row max takes the same encoding, and scores minus row max (the Softmax input, see
+      :func:`qwen_ondevice.onnx_graph.shift_by_row_max`) [-MASK_MARGIN, 0]: an entry further
+      below its row's max weighs less than exp(-20) ~ 2e-9 of it, so clipping it changes nothing
+      the uint16 Softmax output (step 1.5e-5) can show, and the step is 3e-4;
     - data-movement outputs inherit their input's encoding.
     """
     enc: dict[str, Encoding] = {}
     notes: dict[str, str] = {}
     st = stats.tensors
+    producers = {o: n for n in model.graph.node for o in n.output}
     for name, s in st.items():
         if name.startswith("past_"):
             sample = np.concatenate(s.sample) if s.sample else np.array([s.lo, s.hi])
@@ -123,6 +128,11 @@ def activation_encodings(model: onnx.ModelProto, stats: PartStats, mask_value: f
             s = st[scores]
             enc[out[0]] = encoding_for_range(s.lo - MASK_MARGIN, s.hi, "uint16")
             notes[out[0]] = f"scores+mask clipped below at min score - {MASK_MARGIN}"
+        elif node.op_type == "ReduceMax":  # the row max of the scores: one of its input's values
+            enc[out[0]] = enc[node.input[0]]
+        elif is_row_max_shift(node, producers):
+            enc[out[0]] = encoding_for_range(-MASK_MARGIN, 0.0, "uint16")
+            notes[out[0]] = f"scores minus their row max: [-{MASK_MARGIN:g}, 0] (lower entries clipped on purpose)"
         elif node.op_type in DATA_MOVEMENT:
             for o in out:
                 if o not in enc:
