@@ -36,8 +36,8 @@ def demo_w8a16(demo_checkpoint, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def demo_w4a16_blockwise(demo_checkpoint, tmp_path_factory):
-    return _export(tmp_path_factory, "w4a16_b64", precision="w4a16", weight_block_size=64)
+def demo_w4a16_per_channel(demo_checkpoint, tmp_path_factory):
+    return _export(tmp_path_factory, "w4a16_per_channel", precision="w4a16", weight_block_size=None)
 
 
 def _accuracy(bundle) -> dict:
@@ -49,26 +49,26 @@ def _accuracy(bundle) -> dict:
 
 # The issue's targets: w8a16 within +1.5%; w4a16 within +10% with 85% top-1.
 # This configuration (default options, CL 1024, 2048 calibration tokens, 3069 held-out tokens)
-# measured: w8a16 +0.47% / 95.1% top-1; w4a16 per output channel +11.8% / 78.2%; w4a16
-# block-wise 64 +8.0% / 84.9%. On 16,368 tokens (see the issue notes): w4a16 per channel +15.7% /
-# 79.7%, block-wise +7.5% / 84.7%. The tests assert the targets where they are met (w8a16, the
-# block-wise perplexity) and the measured levels where they are not, so a regression fails CI.
+# measured: w8a16 +0.47% / 95.1% top-1; w4a16 (blocks of 32, the default) MEASURED_B32; w4a16 per
+# output channel MEASURED_PC. On 16,368 tokens (README "Accuracy"): blocks of 32 +7.6% / 87.9%,
+# per channel +15.7% / 79.7%. The tests assert the targets where they are met and the measured
+# level where they are not (per channel, an option), so a regression fails CI.
 def test_w8a16_perplexity_ratio(demo_w8a16):
     acc = _accuracy(demo_w8a16)
     assert acc["perplexity_ratio"] <= 1.015, acc
     assert acc["top1_agreement"] >= 0.93, acc
 
 
-def test_w4a16_perplexity_ratio_and_top1(demo_w4a16):
+def test_w4a16_meets_the_perplexity_and_top1_targets(demo_w4a16):
     acc = _accuracy(demo_w4a16)
+    assert acc["perplexity_ratio"] <= 1.10, acc
+    assert acc["top1_agreement"] >= 0.85, acc
+
+
+def test_w4a16_per_channel_perplexity_ratio_and_top1(demo_w4a16_per_channel):
+    acc = _accuracy(demo_w4a16_per_channel)
     assert acc["perplexity_ratio"] <= 1.19, acc
     assert acc["top1_agreement"] >= 0.77, acc
-
-
-def test_w4a16_blockwise_meets_the_perplexity_target(demo_w4a16_blockwise):
-    acc = _accuracy(demo_w4a16_blockwise)
-    assert acc["perplexity_ratio"] <= 1.10, acc
-    assert acc["top1_agreement"] >= 0.83, acc
 
 
 def test_w4a16_bundle_is_smaller_and_keeps_few_int8_projections(demo_w4a16):
@@ -78,7 +78,9 @@ def test_w4a16_bundle_is_smaller_and_keeps_few_int8_projections(demo_w4a16):
     for name, w in mixed["int8_projections"].items():
         assert w["int4_rel_error"] > w["rel_error"]
     weights = sum(p["weight_bytes"] for p in m["parts"])
-    assert weights < 0.5e9  # fp32 is 2.5 GB
+    # fp32 is 2.5 GB; per output channel 0.44 GB; blocks of 32 0.52 GB (a float32 scale per 32
+    # int4 weights is one more bit per weight)
+    assert weights < 0.55e9
 
 
 def test_w4a16_chat_writes_a_correct_fibonacci_function(demo_w4a16, capsys):

@@ -118,8 +118,39 @@ def test_weights_stored_once(compiled, tmp_path):
     assert shared < 0.6 * separate, (shared, separate)
 
 
+@pytest.fixture(scope="module")
+def compiled_per_channel(tiny_ckpt, tmp_path_factory):
+    out = tmp_path_factory.mktemp("qnn_per_channel") / "bundle"
+    export(_options(tiny_ckpt, chipset=CHIP, weight_block_size=None), out)
+    return out, json.loads((out / "manifest.json").read_text())
+
+
+def _blocked_weight_dqs(model: onnx.ModelProto) -> int:
+    return sum(1 for n in model.graph.node if n.op_type == "DequantizeLinear" and _attrs(n).get("block_size", 0) > 0)
+
+
 def test_verify_passes(compiled, capsys):
-    out, _ = compiled
+    """The default w4a16 bundle (int4 blocks of 32, LPBQ grid) on the HTP's LPBQ path."""
+    out, m = compiled
+    src = onnx.load(str(out / m["parts"][1]["graphs"][str(AR)]["file"]), load_external_data=False)
+    int4 = [n for n, w in m["parts"][1]["weights"].items() if w["bits"] == 4]
+    assert len(int4) >= 10 and all(m["parts"][1]["weights"][n]["block_size"] == 32 for n in int4)
+    assert _blocked_weight_dqs(src) == len(int4)  # every int4 projection is block-wise (the int8 ones per channel)
+    _check_verify(out, capsys)
+
+
+def test_per_channel_bundle_compiles_and_verifies(compiled_per_channel, capsys):
+    out, m = compiled_per_channel
+    src = onnx.load(str(out / m["parts"][1]["graphs"][str(AR)]["file"]), load_external_data=False)
+    assert _blocked_weight_dqs(src) == 0
+    for p in m["qnn"]["parts"]:
+        assert p["bin_to_weight_ratio"] < MAX_BIN_TO_WEIGHT_RATIO
+        for g in p["graphs"].values():
+            assert [n.op_type for n in _wrapper_nodes(out / g["wrapper"])] == ["EPContext"]
+    _check_verify(out, capsys)
+
+
+def _check_verify(out: Path, capsys) -> None:
     assert main(["--quiet", "verify", str(out), "--json"]) == 0
     r = json.loads(capsys.readouterr().out)
     assert r["ok"] and r["chipset"] == CHIP

@@ -212,6 +212,11 @@ class Calibrator:
             lo, hi = r.min(axis=0), r.max(axis=0)
             s.channel_lo = lo if s.channel_lo is None else np.minimum(s.channel_lo, lo)
             s.channel_hi = hi if s.channel_hi is None else np.maximum(s.channel_hi, hi)
+        if "key_channel_range" in kinds:  # past_key_*_out (KVH, 1, D, AR) -> per (KVH * D) channel
+            r = x.transpose(3, 0, 1, 2).reshape(x.shape[3], -1)
+            lo, hi = r.min(axis=0), r.max(axis=0)
+            s.channel_lo = lo if s.channel_lo is None else np.minimum(s.channel_lo, lo)
+            s.channel_hi = hi if s.channel_hi is None else np.maximum(s.channel_hi, hi)
         if "matmul_input" in kinds:
             rows = x.reshape(-1, x.shape[-1]).astype(np.float64)
             sq = (rows**2).sum(axis=0)

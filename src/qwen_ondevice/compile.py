@@ -37,6 +37,13 @@ MIN_WEIGHT_SHARING_ARCH = 73
 #: A part's .bin may exceed its weight bytes by this factor (graph metadata, small tensors,
 #: alignment); one copy per graph would be about 2x.
 MAX_BIN_TO_WEIGHT_RATIO = 1.5
+#: QNN EP provider option: block-wise int4 weights (``DequantizeLinear`` with ``block_size``) go to
+#: the HTP's native LPBQ kernel (QNN_QUANTIZATION_ENCODING_BLOCKWISE_EXPANSION, uint16 activations)
+#: instead of the compatibility path, which dequantizes the activations to fp16 around the MatMul
+#: (onnxruntime-qnn PRs #307 and #476). The conversion is exact for scales on the LPBQ grid
+#: (:func:`qwen_ondevice.weight_quant.lpbq_scales`), and unlike the fp16 path its preparation is
+#: deterministic, which ``verify`` on x86_64 relies on. Per-channel weights are not affected.
+BLOCK_QUANT_OPTION = {"enable_block_quant_weight_optimization": "1"}
 #: Ops allowed outside the EPContext node, and only at the graph's own inputs/outputs.
 BOUNDARY_OPS = ("QuantizeLinear", "DequantizeLinear")
 
@@ -132,7 +139,7 @@ def qnn_session_options(chip: Chipset, config: dict[str, str] | None = None, log
     for k, v in (config or {}).items():
         so.add_session_config_entry(k, v)
     so.add_provider_for_devices(devices, {"backend_path": onnxruntime_qnn.get_qnn_htp_path(), "soc_model": str(chip.soc_model),
-                                          "htp_arch": str(chip.arch)})
+                                          "htp_arch": str(chip.arch), **BLOCK_QUANT_OPTION})
     return so
 
 

@@ -1,4 +1,5 @@
-"""Key-cache equalization: per-RoPE-pair scales folded into q_proj and k_proj (exact in float).
+"""Key-cache equalization and centering (both exact in float): per-RoPE-pair scales folded into
+q_proj and k_proj, and a per-channel constant subtracted from the stored keys.
 
 Qwen2's keys carry a few channel pairs with very large values (k_proj biases; on the demo model
 keys reach +-145 while most channels stay within +-10). The uint8 KV cache has one encoding per
@@ -15,6 +16,10 @@ equalization is idempotent (re-running it on equalized weights finds scales of 1
 
 The scales are folded into the columns of the float graph's q_proj/k_proj weights and biases
 (MatMul layout (H, heads * D)), in the part's external-data file, before calibration.
+
+Centering subtracts from the keys after RoPE their per-channel midrange over the same tokens (the
+graph's ``key_center`` initializer): softmax ignores the constant ``q . c`` it removes from each
+row of scores (see :func:`equalize_part`).
 """
 
 from __future__ import annotations
@@ -76,12 +81,27 @@ def qk_output_names(model: onnx.ModelProto, layers: range) -> dict[int, tuple[st
 
 
 def equalize_part(graph_path: Path, layers: range, absmax: dict[str, np.ndarray], kv_heads: int, groups: int,
-                  head_dim: int) -> dict[str, dict]:
-    """Fold key scales into every layer of one float part, in place; returns a report per layer.
+                  head_dim: int, key_ranges: dict[int, tuple[np.ndarray, np.ndarray]] | None = None,
+                  scale: bool = True, center: bool = True) -> dict[str, dict]:
+    """Fold key scales into every layer of one float part and set its key centers, in place;
+    returns a report per layer.
 
     ``graph_path`` is one of the part's float graphs (its initializers name the shared data file);
-    ``absmax`` maps the q/k output names of :func:`qk_output_names` to per-channel max|x|.
+    ``absmax`` maps the q/k output names of :func:`qk_output_names` to per-channel max|x|;
+    ``key_ranges`` maps a layer to the per-channel (KVH * D,) min and max of its stored keys
+    (``past_key_{l}_out``, after RoPE and the current center), measured on the same tokens.
+
+    Centering (``center``): the graph stores ``RoPE(k) - c`` (onnx_graph.key_center_name), with c
+    the per-channel midrange of the keys. q . c is one constant per query row, which softmax
+    ignores, so attention is unchanged in float. It matters on the device: Qwen2's keys share a
+    large common part (k_proj biases), so raw attention scores reach ~1400 on the demo while
+    their spread within a row is ~70, and the HTP computes q . k with a relative error of about
+    4e-4 (measured on the simulator: up to 4 on such scores); centered, the scores are ~30x
+    smaller, and the uint8 key cache covers a ~5x narrower range. c is updated as
+    ``(c + midrange) / s``, so a re-run on a finished part changes nothing.
     """
+    from .onnx_graph import key_center_name
+
     model = onnx.load(str(graph_path), load_external_data=False)
     inits = {t.name: t for t in model.graph.initializer}
     names = qk_output_names(model, layers)
@@ -89,15 +109,30 @@ def equalize_part(graph_path: Path, layers: range, absmax: dict[str, np.ndarray]
     report = {}
     for l in layers:
         q_name, k_name = names[l]
-        s = key_scales(absmax[q_name], absmax[k_name], kv_heads, groups, head_dim)
+        s = key_scales(absmax[q_name], absmax[k_name], kv_heads, groups, head_dim) if scale \
+            else np.ones((kv_heads, head_dim // 2), np.float32)
         sk, sq = channel_scales(s, 1), channel_scales(s, groups)
         p = f"model.layers.{l}.self_attn."
-        _rewrite(inits[p + "k_proj.weight"], base, lambda w: w / sk[None, :])
-        _rewrite(inits[p + "k_proj.bias"], base, lambda b: b / sk)
-        _rewrite(inits[p + "q_proj.weight"], base, lambda w: w * sq[None, :])
-        _rewrite(inits[p + "q_proj.bias"], base, lambda b: b * sq)
-        mk = pair_norm_max(absmax[k_name], kv_heads, head_dim)
-        report[f"model.layers.{l}"] = {"key_pair_max_before": float(mk.max()),
-                                       "key_pair_max_after": float((mk / s).max()),
-                                       "scale_min": float(s.min()), "scale_max": float(s.max())}
+        entry = {}
+        if scale:
+            mk = pair_norm_max(absmax[k_name], kv_heads, head_dim)
+            _rewrite(inits[p + "k_proj.weight"], base, lambda w: w / sk[None, :])
+            _rewrite(inits[p + "k_proj.bias"], base, lambda b: b / sk)
+            _rewrite(inits[p + "q_proj.weight"], base, lambda w: w * sq[None, :])
+            _rewrite(inits[p + "q_proj.bias"], base, lambda b: b * sq)
+            entry = {"key_pair_max_before": float(mk.max()), "key_pair_max_after": float((mk / s).max()),
+                     "scale_min": float(s.min()), "scale_max": float(s.max())}
+        if key_ranges is not None:
+            lo, hi = (np.asarray(x, np.float64) for x in key_ranges[l])  # (KVH * D,)
+            entry["key_absmax_before"] = float(np.maximum(np.abs(lo), np.abs(hi)).max())
+            lo_s, hi_s = lo / sk, hi / sk
+            if center:
+                mid = (lo + hi) / 2
+                shape = (kv_heads, 1, 1, head_dim)
+                _rewrite(inits[key_center_name(l)], base, lambda c: (c + mid.reshape(shape)) / sk.reshape(shape))
+                entry["key_absmax_after"] = float(((hi_s - lo_s) / 2).max())
+                entry["center_absmax"] = float(np.abs(mid / sk).max())
+            else:
+                entry["key_absmax_after"] = float(np.maximum(np.abs(lo_s), np.abs(hi_s)).max())
+        report[f"model.layers.{l}"] = entry
     return report

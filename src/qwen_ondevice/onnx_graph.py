@@ -202,9 +202,19 @@ def shift_by_row_max(b: GraphBuilder, scores: str) -> str:
     return b.op("Sub", [scores, row_max])
 
 
+def key_center_name(layer: int) -> str:
+    """The initializer (KVH, 1, 1, D) subtracted from the layer's keys after RoPE (``key_center``)."""
+    return f"model.layers.{layer}.self_attn.key_center"
+
+
 def _decoder_layer(b: GraphBuilder, cfg: ModelConfig, ws: WeightSource, layer: int, hidden: str, mask: str,
-                   cos: str, sin: str, AR: int, P: int) -> str:
-    """Add one decoder layer; returns the new hidden (1, AR, H). Adds the layer's KV I/O."""
+                   cos: str, sin: str, AR: int, P: int, key_center: bool = False) -> str:
+    """Add one decoder layer; returns the new hidden (1, AR, H). Adds the layer's KV I/O.
+
+    ``key_center``: the keys are stored minus a constant vector c (KVH, 1, 1, D), zeros here and
+    set by the export's key-centering stage (:mod:`qwen_ondevice.kv_equalize`). Exact for
+    attention: q . (k - c) = q . k - q . c, and q . c is the same for every key of a query's row,
+    which softmax ignores."""
     H, D, KVH, G = cfg.hidden_size, cfg.head_dim, cfg.num_key_value_heads, cfg.num_key_value_groups
     n = layer_weight_names(layer)
     pk = b.input(f"past_key_{layer}_in", b.T, (KVH, 1, D, P))
@@ -222,6 +232,8 @@ def _decoder_layer(b: GraphBuilder, cfg: ModelConfig, ws: WeightSource, layer: i
     b.output(f"past_value_{layer}_out", b.T, (KVH, 1, AR, D))
     q = _rope(b, q, cos, sin, D // 2)  # (KVH, G, AR, D)
     k = _rope(b, k, cos, sin, D // 2)  # (KVH, 1, AR, D)
+    if key_center:
+        k = b.op("Sub", [k, b.weight(key_center_name(layer), np.zeros((KVH, 1, 1, D), b.np_float))])
     b.op("Transpose", [k], out=f"past_key_{layer}_out", perm=[0, 1, 3, 2])  # (KVH, 1, D, AR)
     b.output(f"past_key_{layer}_out", b.T, (KVH, 1, D, AR))
 
@@ -245,7 +257,8 @@ def _decoder_layer(b: GraphBuilder, cfg: ModelConfig, ws: WeightSource, layer: i
 
 
 def build_part_graph(cfg: ModelConfig, weights: WeightStore, part: PartSpec, ar: int, cl: int,
-                     data: ExternalData, precision: str = "fp32") -> tuple[onnx.ModelProto, list[IOSpec], list[IOSpec]]:
+                     data: ExternalData, precision: str = "fp32",
+                     key_center: bool = False) -> tuple[onnx.ModelProto, list[IOSpec], list[IOSpec]]:
     """The ONNX model of ``part`` at AR ``ar`` and CL ``cl``, with its I/O signature.
 
     I/O (DESIGN.md section 3): part 1 ``input_ids`` (1, AR) int32 -> ``hidden_states_out``
@@ -253,7 +266,8 @@ def build_part_graph(cfg: ModelConfig, weights: WeightStore, part: PartSpec, ar:
     ``position_ids_cos``/``_sin`` (1, 1, AR, D/2), ``past_key_{l}_in`` (KVH, 1, D, P),
     ``past_value_{l}_in`` (KVH, 1, P, D) -> ``hidden_states_out`` or ``logits`` (1, AR, V),
     ``past_key_{l}_out`` (KVH, 1, D, AR), ``past_value_{l}_out`` (KVH, 1, AR, D).
-    Float tensors are float32 (``fp32``) or float16 (``fp16``).
+    Float tensors are float32 (``fp32``) or float16 (``fp16``). ``key_center`` adds each layer's
+    key-center subtraction (see :func:`_decoder_layer`; the quantized exports use it).
     """
     T = TensorProto.FLOAT16 if precision == "fp16" else TensorProto.FLOAT
     b = GraphBuilder(f"{part.name}_ar{ar}_cl{cl}", data, T)
@@ -271,7 +285,7 @@ def build_part_graph(cfg: ModelConfig, weights: WeightStore, part: PartSpec, ar:
         cos = b.input("position_ids_cos", T, (1, 1, ar, D // 2))
         sin = b.input("position_ids_sin", T, (1, 1, ar, D // 2))
         for layer in part.layers:
-            hidden = _decoder_layer(b, cfg, ws, layer, hidden, mask, cos, sin, ar, P)
+            hidden = _decoder_layer(b, cfg, ws, layer, hidden, mask, cos, sin, ar, P, key_center)
         if part.head:
             x = _rms_norm(b, hidden, "model.norm.weight", ws, cfg.rms_norm_eps)
             b.op("MatMul", [x, b.weight("lm_head.weight", ws.tensor("lm_head.weight", transpose=True))], out="logits")

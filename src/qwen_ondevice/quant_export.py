@@ -105,14 +105,16 @@ def quantize_part_graphs(
         act_sq = s.channel_sumsq / max(s.rows, 1)
         if method == "gptq" and act not in factors:
             factors[act] = hessian_factor(s.hessian)
-        block = settings.block_size if bits == 4 and is_projection(wname) else None
+        # a weight whose input size is not a multiple of the block keeps one scale per channel
+        block = settings.block_size if bits == 4 and is_projection(wname) and w.shape[0] % (settings.block_size or 1) == 0 else None
         return quantize_weight(w, bits, act_sq, factors.get(act) if method == "gptq" else None, method, block_size=block)
 
     projections = [n for n in matmul_inputs if is_projection(n)]
     for i, wname in enumerate(matmul_inputs):
         if is_projection(wname):
             weights[wname] = quantize(wname, settings.projection_bits, settings.weight_method)
-            weight_report[wname] = {"bits": settings.projection_bits, "rel_error": weights[wname].rel_error}
+            weight_report[wname] = {"bits": settings.projection_bits, "rel_error": weights[wname].rel_error,
+                                    **({"block_size": weights[wname].block_size} if weights[wname].block_size else {})}
         else:  # lm_head: int8 per output channel
             weights[wname] = quantize(wname, 8, "mse")
             weight_report[wname] = {"bits": 8, "rel_error": weights[wname].rel_error}
@@ -207,10 +209,12 @@ def calibrate_stage(part: PartSpec, float_dir: Path, float_info: dict, plan: Cal
 
 
 def equalize_stage(part: PartSpec, float_dir: Path, float_info: dict, plan: CalibrationPlan, cfg, calib_dir: Path,
-                   mask_value: float, tokens: int = 1024) -> dict:
-    """Key-cache equalization of one decoder part (:mod:`qwen_ondevice.kv_equalize`): measure the
-    per-channel q/k maxima over the first ``tokens`` calibration tokens, then fold the scales
-    into the part's float weights in place. Returns the per-layer report."""
+                   mask_value: float, tokens: int = 1024, scale: bool = True, center: bool = True) -> dict:
+    """Key-cache equalization (``scale``) and centering (``center``) of one decoder part
+    (:mod:`qwen_ondevice.kv_equalize`): measure the per-channel q/k maxima and the per-channel
+    range of the keys after RoPE over the first ``tokens`` calibration tokens, then fold the
+    scales into the part's float weights and write the key centers, in place. Returns the
+    per-layer report."""
     import torch
 
     from .kv_equalize import equalize_part, qk_output_names
@@ -220,6 +224,7 @@ def equalize_stage(part: PartSpec, float_dir: Path, float_info: dict, plan: Cali
     graph = float_dir / Path(float_info["graphs"][ar]["file"]).name
     names = qk_output_names(onnx.load(str(graph), load_external_data=False), part.layers)
     kinds = {n: {"range", "channel_range"} for pair in names.values() for n in pair}
+    kinds.update({f"past_key_{l}_out": {"range", "key_channel_range"} for l in part.layers})
     S, T = plan.ids.shape
     n_seq = min(S, max(1, -(-tokens // T)))
     sub = CalibrationPlan(plan.ids[:n_seq], plan.ar, plan.context_length)
@@ -228,7 +233,10 @@ def equalize_stage(part: PartSpec, float_dir: Path, float_info: dict, plan: Cali
     stats, _ = calibrate_part(graph, kinds, sub, part.layers, (cfg.num_key_value_heads, cfg.head_dim), np.asarray(hidden_in),
                               cos.numpy(), sin.numpy(), mask_value, label=f"{part.name} (key equalization)")
     absmax = {n: np.maximum(np.abs(st.channel_lo), np.abs(st.channel_hi)) for n, st in stats.tensors.items()}
-    return equalize_part(graph, part.layers, absmax, cfg.num_key_value_heads, cfg.num_key_value_groups, cfg.head_dim)
+    key_ranges = {l: (stats.tensors[f"past_key_{l}_out"].channel_lo, stats.tensors[f"past_key_{l}_out"].channel_hi)
+                  for l in part.layers}
+    return equalize_part(graph, part.layers, absmax, cfg.num_key_value_heads, cfg.num_key_value_groups, cfg.head_dim,
+                         key_ranges, scale=scale, center=center)
 
 
 def remove_float_files(float_dir: Path, float_info: dict) -> None:

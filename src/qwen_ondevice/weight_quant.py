@@ -65,6 +65,22 @@ def mse_scales(w: torch.Tensor, bits: int, act_sq: torch.Tensor, grid: int = 24,
     return best_s
 
 
+#: LPBQ block scales: a float scale per output channel times an unsigned 4-bit integer per
+#: block, in [1, LPBQ_LEVELS] (Qualcomm's low-power block quantization, as AIMET exports it: the
+#: "4 -> 8 bit expansion" of the block scale; QNN's QNN_QUANTIZATION_ENCODING_BLOCKWISE_EXPANSION).
+LPBQ_LEVELS = 16
+
+
+def lpbq_scales(blocks: torch.Tensor) -> torch.Tensor:
+    """Block scales (K / B, N) snapped to the LPBQ grid: per channel c_n = max_b s_bn / 16 and
+    s_bn' = c_n * clamp(round(s_bn / c_n), 1, 16), so the HTP can store each block scale as a
+    4-bit integer multiple of the channel's float scale (exact in float32: k has at most 5 bits).
+    The largest block scale of each channel is unchanged; smaller ones move by at most c_n / 2."""
+    c = blocks.amax(dim=0, keepdim=True) / LPBQ_LEVELS  # (1, N)
+    k = torch.clamp(torch.round(blocks / c), 1, LPBQ_LEVELS)
+    return (c * k).to(torch.float32)
+
+
 @dataclass
 class HessianFactor:
     """What GPTQ needs from a layer input's Hessian H = sum x x^T (K, K), computed once and shared
@@ -112,8 +128,8 @@ def quantize_weight(
     else:
         if K % block_size:
             raise ValueError(f"input size {K} is not a multiple of the block size {block_size}")
-        blocks = torch.stack([mse_scales(W[i : i + block_size], bits, a[i : i + block_size])
-                              for i in range(0, K, block_size)])  # (K / B, N)
+        blocks = lpbq_scales(torch.stack([mse_scales(W[i : i + block_size], bits, a[i : i + block_size])
+                                          for i in range(0, K, block_size)]))  # (K / B, N)
         s = blocks.repeat_interleave(block_size, dim=0)  # (K, N)
     qmin, qmax = _qrange(bits)
     if method == "mse":
