@@ -727,7 +727,7 @@ def test_ort_equals_numpy_qdq_reference(bundles, tiny, variant):
                 # not a degenerate comparison: values spread over the encoding, few saturated
                 qmax = np.iinfo(got[name].dtype).max
                 assert len(np.unique(got[name])) > min(50, got[name].size // 4), name
-                # (the uint8 KV range is MSE-clipped: with centered keys up to 2% of a key output saturates)
+                # (centered keys span a narrow range, which this text leaves on up to 1.6% of a key output)
                 assert np.mean((got[name] == 0) | (got[name] == qmax)) < (0.03 if kv else 0.01), name
 
             # every quantization point alone
@@ -758,9 +758,8 @@ def test_ort_equals_numpy_qdq_reference(bundles, tiny, variant):
                 hidden, hidden_enc = got["hidden_states_out"], enc["hidden_states_out"]
     print(f"\nfree run: {free['exact'] / free['total']:.4%} exact, max LSB by output {free['max']}; "
           f"forced: {forced['points']} Q points, {forced['exact'] / forced['total']:.4%} exact")
-    # 88.5% measured: the finer [-20, 0] Softmax input grid passes 1-LSB sum-order differences on
-    # more often than the scores' own grid did (95.0% before it); each point alone is held to 1 LSB
-    assert free["exact"] / free["total"] > 0.85, free
+    # measured 92.6% (per channel) and 96.3% (block-wise); each point alone is held to 1 LSB below
+    assert free["exact"] / free["total"] > 0.9, free
     assert forced["exact"] / forced["total"] > 0.995, forced
 
 

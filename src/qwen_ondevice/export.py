@@ -215,7 +215,7 @@ def _quantized_part(ckpt: Checkpoint, part: PartSpec, options: ExportOptions, ou
     float_dir.mkdir(parents=True, exist_ok=True)
     calib_dir.mkdir(parents=True, exist_ok=True)
     settings = QuantSettings(options.precision, options.weight_method, options.int8_fraction, options.weight_block_size,
-                             options.smooth_alpha, options.down_proj_headroom)
+                             options.smooth_alpha, options.down_proj_headroom, key_minmax=options.key_center)
     if f"float:{part.name}" not in state.done:
         info = export_part(ckpt, part, options.ar_lengths, options.context_length, "fp32", float_dir, options.key_center)
         state.mark(f"float:{part.name}", info)

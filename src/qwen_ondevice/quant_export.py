@@ -50,6 +50,7 @@ class QuantSettings:
     block_size: int | None = None  # int4 scales per block of this many input rows (None: per channel)
     smooth_alpha: float = 0.0  # SmoothQuant migration strength for the down_proj input (0: off)
     down_proj_headroom: float = 1.0  # the down_proj input's uint16 range, widened this many times
+    key_minmax: bool = False  # uint8 key cache over the observed min/max (centered keys), not MSE-clipped
 
     @property
     def projection_bits(self) -> int:
@@ -96,7 +97,7 @@ def quantize_part_graphs(
             smoothing_report[f"model.layers.{layer}.mlp"] = {
                 "alpha": settings.smooth_alpha, "down_proj_input_range_before": [before[0], before[1]],
                 "down_proj_input_range_after": [act.lo, act.hi], "scale_min": float(s.min()), "scale_max": float(s.max())}
-    enc = activation_encodings(ref_graph, stats, mask_value, settings.down_proj_headroom)
+    enc = activation_encodings(ref_graph, stats, mask_value, settings.down_proj_headroom, settings.key_minmax)
 
     def quantize(wname: str, bits: int, method: str) -> QuantizedWeight:
         w = smoothed[wname] if wname in smoothed else read_initializer(inits[wname], float_dir).astype(np.float32)
