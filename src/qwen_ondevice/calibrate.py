@@ -208,15 +208,9 @@ class Calibrator:
             m = np.abs(x.reshape(-1, x.shape[-1])).max(axis=0)
             s.channel_absmax = m if s.channel_absmax is None else np.maximum(s.channel_absmax, m)
         if "channel_range" in kinds:
-            r = x.reshape(-1, x.shape[-1])
-            lo, hi = r.min(axis=0), r.max(axis=0)
-            s.channel_lo = lo if s.channel_lo is None else np.minimum(s.channel_lo, lo)
-            s.channel_hi = hi if s.channel_hi is None else np.maximum(s.channel_hi, hi)
+            _channel_range(s, x.reshape(-1, x.shape[-1]))
         if "key_channel_range" in kinds:  # past_key_*_out (KVH, 1, D, AR) -> per (KVH * D) channel
-            r = x.transpose(3, 0, 1, 2).reshape(x.shape[3], -1)
-            lo, hi = r.min(axis=0), r.max(axis=0)
-            s.channel_lo = lo if s.channel_lo is None else np.minimum(s.channel_lo, lo)
-            s.channel_hi = hi if s.channel_hi is None else np.maximum(s.channel_hi, hi)
+            _channel_range(s, x.transpose(3, 0, 1, 2).reshape(x.shape[3], -1))
         if "matmul_input" in kinds:
             rows = x.reshape(-1, x.shape[-1]).astype(np.float64)
             sq = (rows**2).sum(axis=0)
@@ -229,6 +223,13 @@ class Calibrator:
         if "sample" in kinds:
             flat = x.ravel()
             s.sample.append(flat[self.rng.integers(0, flat.size, self.sample_per_call)])
+
+
+def _channel_range(s: TensorStats, rows: np.ndarray) -> None:
+    """Fold the per-column min/max of ``rows`` (N, C) into ``s.channel_lo``/``s.channel_hi`` (C,)."""
+    lo, hi = rows.min(axis=0), rows.max(axis=0)
+    s.channel_lo = lo if s.channel_lo is None else np.minimum(s.channel_lo, lo)
+    s.channel_hi = hi if s.channel_hi is None else np.maximum(s.channel_hi, hi)
 
 
 def calibrate_part(
