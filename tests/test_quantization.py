@@ -44,10 +44,10 @@ LAYERS = 3
 # fixtures: one tiny model exported at fp32, w4a16 and w8a16 (same parts)
 
 
-def _export(ckpt: Path, out: Path, precision: str, block_size: int | None = None) -> Path:
+def _export(ckpt: Path, out: Path, precision: str, block_size: int | None = None, residual: str = "fp16") -> Path:
     export(ExportOptions(model=str(ckpt), precision=precision, prompt_length=AR, context_length=CL, num_parts=3,
                          calibration_tokens=CALIB_TOKENS, eval_tokens=0, chipset="none", weight_block_size=block_size,
-                         weight_method="mse", int8_fraction=0.0), out)  # plain rounding: the checks below assume it
+                         weight_method="mse", int8_fraction=0.0, residual=residual), out)  # plain rounding: the checks below assume it
     return out
 
 
@@ -59,7 +59,9 @@ def tiny(tiny_factory):
 @pytest.fixture(scope="module")
 def bundles(tiny, tmp_path_factory):
     root = tmp_path_factory.mktemp("qbundles")
-    bundles = {p: _export(tiny, root / p, p) for p in ("fp32", "w4a16", "w8a16")}  # w4a16: per output channel
+    bundles = {p: _export(tiny, root / p, p) for p in ("fp32", "w8a16")}
+    # w4a16 per output channel, with the residual stream uint16 like every other activation
+    bundles["w4a16"] = _export(tiny, root / "w4a16", "w4a16", residual="uint16")
     bundles["w4a16_b32"] = _export(tiny, root / "w4a16_b32", "w4a16", block_size=32)  # the export default
     return bundles
 
@@ -126,6 +128,10 @@ class QGraph:
         #: our own (so every quantization point is compared alone); ``diffs`` collects |ours - ORT|
         self.forced: dict[str, np.ndarray] | None = None
         self.diffs: dict[str, np.ndarray] = {}
+        quantized = {n.input[0].removesuffix("_f") for n in self.g.node if n.op_type == "QuantizeLinear"}
+        #: compute outputs left float (the residual stream): read as they are, no Q/DQ
+        self.float_tensors = {o for n in self.g.node if n.op_type not in ("QuantizeLinear", "DequantizeLinear")
+                              for o in n.output if o not in quantized and not o.endswith("_f")}
 
     def init(self, name: str) -> np.ndarray:
         if name not in self._cache:
@@ -152,7 +158,9 @@ class QGraph:
 
     def fq(self, t: str, x: np.ndarray) -> np.ndarray:
         """numpy QuantizeLinear + DequantizeLinear with the encoding of ``t`` (float32 division,
-        round half to even, saturate)."""
+        round half to even, saturate); a float tensor passes as it is."""
+        if t in self.float_tensors:
+            return np.asarray(x, np.float32)
         return self.dq(t, self.qf(t, x))
 
     def qf(self, t: str, x: np.ndarray) -> np.ndarray:
@@ -174,8 +182,9 @@ class QGraph:
 
     # navigation: the unique consumer of ``t`` of a given op type (optionally reading ``other``)
     def after(self, t: str, op: str, other: str | None = None, n_out: int = 1):
-        cands = [n for n in self.consumers.get(t + "_dq", []) if n.op_type == op
-                 and (other is None or other + "_dq" in n.input)]
+        read = lambda x: x if x in self.float_tensors else x + "_dq"  # noqa: E731
+        cands = [n for n in self.consumers.get(read(t), []) if n.op_type == op
+                 and (other is None or read(other) in n.input)]
         assert len(cands) == 1, f"{t} -> {op} ({other}): {len(cands)} candidates"
         outs = [o.removesuffix("_f") for o in cands[0].output]
         return outs[0] if n_out == 1 else outs
@@ -470,10 +479,22 @@ def test_kv_in_and_out_share_one_encoding(bundles):
 
 
 def test_check_quantized_graph_passes_produced_and_fails_broken(bundles):
-    for prec in ("w4a16", "w8a16"):
+    for prec in ("w4a16", "w8a16", "w4a16_b32"):
         for part, ar, g, qg in _graphs(bundles[prec]):
             projections = {n for n in part.get("weights", {}) if is_projection(n)}
-            assert qdq.check_quantized_graph(qg.model, projections) == [], (part["name"], ar)
+            floats = frozenset(part.get("float_tensors", []))
+            assert qdq.check_quantized_graph(qg.model, projections, floats) == [], (part["name"], ar)
+            # the float tensors are exactly the residual stream (two Adds per layer) and nothing else
+            layers = range(*part["layers"]) if part.get("layers") else range(0)
+            assert qg.float_tensors == set(floats), (prec, part["name"], ar, qg.float_tensors ^ floats)
+            assert len(floats) == (2 * len(layers) if prec != "w4a16" else 0), (prec, part["name"])
+            assert all(qg.producer[t].op_type == "Add" for t in floats)
+            if floats:  # without the declaration, the check names them as float islands
+                probs = qdq.check_quantized_graph(qg.model, projections)
+                assert probs and all("unquantized" in p or "not DequantizeLinear" in p for p in probs), probs
+    summary = read_manifest(bundles["w8a16"]).data["quantization"]["float_islands"]
+    assert len(summary) == 1 and "residual stream" in summary[0]["reason"]
+    assert read_manifest(bundles["w4a16"]).data["quantization"]["float_islands"] == []
 
     part = read_manifest(bundles["w4a16"]).parts[1]
     path = bundles["w4a16"] / part["graphs"][str(AR)]["file"]

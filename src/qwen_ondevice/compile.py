@@ -139,7 +139,9 @@ def qnn_session_options(chip: Chipset, config: dict[str, str] | None = None, log
     for k, v in (config or {}).items():
         so.add_session_config_entry(k, v)
     so.add_provider_for_devices(devices, {"backend_path": onnxruntime_qnn.get_qnn_htp_path(), "soc_model": str(chip.soc_model),
-                                          "htp_arch": str(chip.arch), **BLOCK_QUANT_OPTION})
+                                          "htp_arch": str(chip.arch),
+                                          # float tensors (the residual stream) in fp16: the documented default, stated
+                                          "enable_htp_fp16_precision": "1", **BLOCK_QUANT_OPTION})
     return so
 
 

@@ -57,6 +57,7 @@ class ExportOptions:
     down_proj_headroom: float = 1.0  # uint16 range of the down_proj input, widened (qdq.activation_encodings)
     kv_equalize: bool = True  # per-RoPE-pair key scales folded into q_proj/k_proj before calibration (kv_equalize.py)
     key_center: bool = True  # keys stored minus their calibrated per-channel midrange (kv_equalize.py)
+    residual: str = "fp16"  # the residual stream's precision: "fp16" (float, fp16 on the HTP) or "uint16"
     eval_tokens: int = 2048  # held-out tokens scored for report.json (0 skips the accuracy report)
     eval_window: int = 1024
     chipset: str = "snapdragon-8-elite"  # QNN context binaries for this chipset; "none" skips (compile.py)
@@ -215,7 +216,8 @@ def _quantized_part(ckpt: Checkpoint, part: PartSpec, options: ExportOptions, ou
     float_dir.mkdir(parents=True, exist_ok=True)
     calib_dir.mkdir(parents=True, exist_ok=True)
     settings = QuantSettings(options.precision, options.weight_method, options.int8_fraction, options.weight_block_size,
-                             options.smooth_alpha, options.down_proj_headroom, key_minmax=options.key_center)
+                             options.smooth_alpha, options.down_proj_headroom, key_minmax=options.key_center,
+                             float_residual=options.residual == "fp16")
     if f"float:{part.name}" not in state.done:
         info = export_part(ckpt, part, options.ar_lengths, options.context_length, "fp32", float_dir, options.key_center)
         state.mark(f"float:{part.name}", info)
@@ -310,7 +312,7 @@ def copy_checkpoint_files(src: Path, out: Path) -> None:
 def _quantization_summary(options: ExportOptions, parts: list[dict]) -> dict | None:
     if options.precision not in QUANTIZED:
         return None
-    from .quant_export import summarize_weights
+    from .quant_export import FLOAT_RESIDUAL_REASON, natural_key, summarize_weights
 
     return {
         "precision": options.precision,
@@ -324,7 +326,8 @@ def _quantization_summary(options: ExportOptions, parts: list[dict]) -> dict | N
         "mixed_precision": summarize_weights(parts),
         "smoothing": {"down_proj_input": "SmoothQuant, folded into up_proj/down_proj", "alpha": options.smooth_alpha}
         if options.smooth_alpha > 0 else None,
-        "float_islands": [],
+        "float_islands": [{"tensors": sorted({t for p in parts for t in p.get("float_tensors", [])}, key=natural_key),
+                           "reason": FLOAT_RESIDUAL_REASON}] if options.residual == "fp16" else [],
     }
 
 
@@ -446,6 +449,10 @@ def register_cli(sub) -> None:
     p.add_argument("--no-key-center", dest="key_center", action="store_false",
                    help="store the keys as they are (by default each layer's keys are stored minus their calibrated "
                         "per-channel midrange, which softmax ignores: smaller scores and a finer uint8 key cache)")
+    p.add_argument("--residual", choices=("fp16", "uint16"), default="fp16",
+                   help="precision of the residual stream between the decoder layers: fp16 (default; float32 "
+                        "on the host) or uint16 per tensor like the other activations (coarse: its range is set "
+                        "by the attention-sink token's massive activations)")
     p.add_argument("--eval-tokens", type=int, default=2048,
                    help="held-out tokens scored against the float model for report.json (0 skips; default 2048)")
     p.add_argument("--eval-window", type=int, default=1024, help="window of the accuracy report (capped at CL)")
@@ -473,6 +480,7 @@ def _cmd_export(args) -> int:
         down_proj_headroom=args.down_proj_headroom,
         kv_equalize=args.kv_equalize,
         key_center=args.key_center,
+        residual=args.residual,
         eval_tokens=args.eval_tokens,
         eval_window=args.eval_window,
         chipset=args.chipset,

@@ -22,7 +22,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from .calibrate import DATA_MOVEMENT, PartStats, is_row_max_shift
 from .encodings import Encoding, encoding_for_range, mse_range
-from .onnx_graph import IR_VERSION, OPSET, ExternalData, IOSpec, _signature
+from .onnx_graph import HIDDEN_IN, IR_VERSION, OPSET, ExternalData, IOSpec, _signature
 from .weight_quant import QuantizedWeight
 
 SOFTMAX_ENCODING = Encoding(1.0 / 65535, 0, "uint16")
@@ -155,8 +155,13 @@ def quantize_graph(
     encodings: dict[str, Encoding],
     weights: dict[str, QuantizedWeight],
     data: ExternalData,
+    float_tensors: frozenset[str] = frozenset(),
 ) -> tuple[onnx.ModelProto, list[IOSpec], list[IOSpec]]:
     """Rewrite the float ``model`` (initializers in ``float_base``) into its QDQ form.
+
+    Every float activation gets a QuantizeLinear/DequantizeLinear pair, except the tensors in
+    ``float_tensors`` (the residual stream, :func:`residual_stream`), which their consumers read
+    as they are: float32 on the host, fp16 on the HTP.
 
     ``weights`` maps MatMul weight initializer names to their quantized values; the embedding
     table (a Gather's data) becomes int8 per row; other float initializers uint16 per tensor.
@@ -271,7 +276,8 @@ def quantize_graph(
             float_outs.append(o)
         nodes.append(new)
         for o in float_outs:
-            quantize_output(o)
+            if o not in float_tensors:
+                quantize_output(o)
 
     new_outputs = []
     for o in g.output:
@@ -328,13 +334,40 @@ def _prune_unused(nodes: list[onnx.NodeProto], outputs) -> list[onnx.NodeProto]:
     return [n for n in nodes if not (n.op_type == "DequantizeLinear" and n.output[0] not in used)]
 
 
-def check_quantized_graph(model: onnx.ModelProto, projection_weights: set[str]) -> list[str]:
+def residual_stream(model: onnx.ModelProto) -> list[str]:
+    """The residual stream of a decoder part's float graph: the outputs of its residual Adds
+    (two per layer, attention then MLP), in order, without a graph output.
+
+    Found by walking from ``hidden_states_in``: each residual Add reads the stream as its first
+    input (``onnx_graph._decoder_layer``). Empty for a graph without that input (the embedding).
+    """
+    g = model.graph
+    if HIDDEN_IN not in {i.name for i in g.input}:
+        return []
+    outputs = {o.name for o in g.output}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in g.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    stream, t = [], HIDDEN_IN
+    while True:
+        adds = [n for n in consumers.get(t, []) if n.op_type == "Add" and n.input[0] == t]
+        if len(adds) != 1 or adds[0].output[0] in outputs:
+            return stream
+        t = adds[0].output[0]
+        stream.append(t)
+
+
+def check_quantized_graph(model: onnx.ModelProto, projection_weights: set[str],
+                          float_tensors: frozenset[str] = frozenset()) -> list[str]:
     """Check the produced model, not the config: returns a list of problems (empty when fine).
 
     - every projection MatMul reads its weight through a DequantizeLinear with axis 1, a scale
       of one value per output channel and an explicit zero point of the weight's type;
     - every float input of a compute node comes from a DequantizeLinear, and every float output
-      of a compute node goes only into QuantizeLinear nodes (no float-only island).
+      of a compute node goes only into QuantizeLinear nodes (no float-only island), except the
+      tensors of ``float_tensors`` (the declared float residual stream), which must not reach a
+      graph output unquantized.
     """
     g = model.graph
     producer = {o: n for n in g.node for o in n.output}
@@ -353,7 +386,7 @@ def check_quantized_graph(model: onnx.ModelProto, projection_weights: set[str]) 
                 if i in init and init[i].data_type in (TensorProto.FLOAT, TensorProto.FLOAT16):
                     problems.append(f"{n.name} ({n.op_type}) reads float initializer {i}")
                 continue
-            if p.op_type != "DequantizeLinear":
+            if p.op_type != "DequantizeLinear" and i not in float_tensors:
                 problems.append(f"{n.name} ({n.op_type}) input {i} comes from {p.op_type}, not DequantizeLinear")
             if n.op_type == "MatMul" and idx == 1 and p.input[0].removesuffix(".q") in projection_weights:
                 q, s, z = (init.get(x) for x in p.input[:3])
@@ -369,6 +402,10 @@ def check_quantized_graph(model: onnx.ModelProto, projection_weights: set[str]) 
                 if z.data_type != q.data_type:
                     problems.append(f"{n.name}: zero point type {z.data_type} differs from weight type {q.data_type}")
         for o in n.output:
+            if o in float_tensors:
+                if o in {x.name for x in g.output}:
+                    problems.append(f"{n.name} ({n.op_type}) output {o} is a float graph output")
+                continue
             for c in consumers.get(o, []):
                 if c.op_type != "QuantizeLinear":
                     problems.append(f"{n.name} ({n.op_type}) output {o} feeds {c.op_type} unquantized")

@@ -25,7 +25,7 @@ from .modeling import PartSpec
 from .onnx_graph import ExternalData
 from .progress import log
 from .smoothing import smooth_mlp
-from .qdq import activation_encodings, check_quantized_graph, quantize_graph, read_initializer
+from .qdq import activation_encodings, check_quantized_graph, quantize_graph, read_initializer, residual_stream
 from .weight_quant import QuantizedWeight, hessian_factor, quantize_weight
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -51,6 +51,7 @@ class QuantSettings:
     smooth_alpha: float = 0.0  # SmoothQuant migration strength for the down_proj input (0: off)
     down_proj_headroom: float = 1.0  # the down_proj input's uint16 range, widened this many times
     key_minmax: bool = False  # uint8 key cache over the observed min/max (centered keys), not MSE-clipped
+    float_residual: bool = True  # the residual stream stays float (fp16 on the HTP), see qdq.residual_stream
 
     @property
     def projection_bits(self) -> int:
@@ -144,11 +145,14 @@ def quantize_part_graphs(
     graphs = {}
     pending = []
     projection_set = set(projections)
+    float_tensors: set[str] = set()
     try:
         for ar in ars:
             fmodel = onnx.load(str(float_dir / Path(float_info["graphs"][ar]["file"]).name), load_external_data=False)
-            qmodel, inputs, outputs = quantize_graph(fmodel, float_dir, enc.enc, weights, data)
-            problems = check_quantized_graph(qmodel, projection_set)
+            residual = frozenset(residual_stream(fmodel) if settings.float_residual else ())
+            float_tensors.update(residual)
+            qmodel, inputs, outputs = quantize_graph(fmodel, float_dir, enc.enc, weights, data, residual)
+            problems = check_quantized_graph(qmodel, projection_set, residual)
             if problems:
                 raise RuntimeError(f"{part.name} AR-{ar}: quantized graph check failed: " + "; ".join(problems[:5]))
             fname = f"{part.name}.ar{ar}.onnx"
@@ -175,9 +179,24 @@ def quantize_part_graphs(
         "weights": weight_report,
         "kv_encodings": {n: e.to_dict() for n, e in enc.enc.items() if n.startswith("past_") and n.endswith("_out")},
         "clipped": enc.notes,
+        "float_tensors": sorted(float_tensors, key=natural_key),  # the float residual stream (FLOAT_RESIDUAL_REASON)
         "rmsnorm_ranges": norm_report,
         **({"smoothing": smoothing_report} if smoothing_report else {}),
     }
+
+
+#: Why the residual stream is left float (listed per tensor in the manifest).
+FLOAT_RESIDUAL_REASON = (
+    "residual stream: float32 on the host, fp16 on the HTP; one per-tensor uint16 encoding would have "
+    "to span the attention-sink token's massive activations and leave ordinary tokens few levels"
+)
+
+
+def natural_key(name: str) -> tuple:
+    """Sort key that orders ``add_12`` after ``add_9``."""
+    import re
+
+    return tuple(int(x) if x.isdigit() else x for x in re.split(r"(\d+)", name))
 
 
 def _top_channels(m: np.ndarray | None, k: int = 4) -> list[list[float]]:
