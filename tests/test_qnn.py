@@ -19,6 +19,7 @@ from onnx import TensorProto, helper
 
 pytest.importorskip("onnxruntime_qnn")
 
+from qwen_ondevice.bundle import read_manifest  # noqa: E402
 from qwen_ondevice.cli import main  # noqa: E402
 from qwen_ondevice.compile import (  # noqa: E402
     CHIPSETS,
@@ -157,6 +158,12 @@ def _check_verify(out: Path, capsys) -> None:
     parts = {(row["part"], row["ar"]) for row in r["rows"]}
     assert parts == {(f"part_{i}_of_2", ar) for i in (1, 2) for ar in (AR, 1)}
     assert all(row["cosine"] >= 0.999 for row in r["rows"])
+    # each difference also in steps of the output's own encoding, as the manifest gives it
+    m = read_manifest(out)
+    scale = {(p["name"], int(ar), io["name"]): io["encoding"]["scale"]
+             for p in m.parts for ar, g in p["graphs"].items() for io in g["outputs"]}
+    for row in r["rows"]:
+        assert row["max_steps"] == pytest.approx(row["max_abs_diff"] / scale[(row["part"], row["ar"], row["output"])], abs=0.01)
     outputs = {row["output"] for row in r["rows"] if row["part"] == "part_2_of_2"}
     assert outputs == {"logits", "past_key_0_out", "past_value_0_out", "past_key_1_out", "past_value_1_out"}
     assert set(r["argmax"]) == {AR, 1} or set(r["argmax"]) == {str(AR), "1"}

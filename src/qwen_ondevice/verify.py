@@ -159,6 +159,8 @@ def verify_bundle(root: Path, chipset: str | None = None, prompt: str = DEFAULT_
                 deq = (lambda x: enc.dequantize(x)) if enc is not None else (lambda x: x.astype(np.float32))
                 cos, diff = compare(valid_rows(name, deq(ref), n_valid), valid_rows(name, deq(got), n_valid))
                 rows.append({"part": part["name"], "ar": ar, "output": name, "cosine": cos, "max_abs_diff": diff,
+                             # the same difference in steps of the output's encoding (1: a rounding flip)
+                             "max_steps": round(diff / enc.scale, 2) if enc is not None else None,
                              "ok": cos >= MIN_COSINE})
                 if name == "logits":
                     argmax[ar] = _argmax_report(deq(ref)[0], deq(got)[0], n_valid)
@@ -224,9 +226,10 @@ def _child() -> None:
 def format_report(r: dict) -> str:
     lines = [f"verify {r['bundle']} on {r['chipset']} (HTP vs ONNX Runtime CPU, same quantized inputs; "
              f"prompt {r['prompt_tokens']} tokens; pass: cosine >= {r['min_cosine']} and the next-token argmax equal)",
-             f"{'part':<14} {'graph':<7} {'output':<22} {'cosine':>10} {'max|diff|':>11}  ok"]
+             f"{'part':<14} {'graph':<7} {'output':<22} {'cosine':>10} {'max|diff|':>11} {'steps':>7}  ok"]
     for row in r["rows"]:
-        lines.append(f"{row['part']:<14} AR-{row['ar']:<4} {row['output']:<22} {row['cosine']:>10.6f} {row['max_abs_diff']:>11.5g}  "
+        steps = f"{row['max_steps']:>7.0f}" if row.get("max_steps") is not None else f"{'':>7}"
+        lines.append(f"{row['part']:<14} AR-{row['ar']:<4} {row['output']:<22} {row['cosine']:>10.6f} {row['max_abs_diff']:>11.5g} {steps}  "
                      + ("yes" if row["ok"] else "NO"))
     for ar, a in sorted(r["argmax"].items(), key=lambda kv: -int(kv[0])):
         lines.append(f"last part AR-{ar}: next-token argmax (last valid row) " + ("agrees" if a["sampled_row_agrees"] else "differs within a near-tie" if a["near_tie"] else "DIFFERS")
