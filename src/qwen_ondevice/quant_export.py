@@ -229,7 +229,8 @@ def calibrate_stage(part: PartSpec, float_dir: Path, float_info: dict, plan: Cal
 
 
 def equalize_stage(part: PartSpec, float_dir: Path, float_info: dict, plan: CalibrationPlan, cfg, calib_dir: Path,
-                   mask_value: float, tokens: int = 1024, scale: bool = True, center: bool = True) -> dict:
+                   mask_value: float, tokens: int = 1024, scale: bool = True, center: bool = True,
+                   value_alpha: float = 0.0) -> dict:
     """Key-cache equalization (``scale``) and centering (``center``) of one decoder part
     (:mod:`qwen_ondevice.kv_equalize`): measure the per-channel q/k maxima and the per-channel
     range of the keys after RoPE over the first ``tokens`` calibration tokens, then fold the
@@ -237,12 +238,12 @@ def equalize_stage(part: PartSpec, float_dir: Path, float_info: dict, plan: Cali
     per-layer report."""
     import torch
 
-    from .kv_equalize import equalize_part, qk_output_names
+    from .kv_equalize import equalize_part, qkv_output_names
     from .modeling import rope_tables
 
     ar = str(plan.ar)
     graph = float_dir / Path(float_info["graphs"][ar]["file"]).name
-    names = qk_output_names(onnx.load(str(graph), load_external_data=False), part.layers)
+    names = qkv_output_names(onnx.load(str(graph), load_external_data=False), part.layers)
     kinds = {n: {"range", "channel_range"} for pair in names.values() for n in pair}
     kinds.update({f"past_key_{l}_out": {"range", "key_channel_range"} for l in part.layers})
     S, T = plan.ids.shape
@@ -256,7 +257,7 @@ def equalize_stage(part: PartSpec, float_dir: Path, float_info: dict, plan: Cali
     key_ranges = {l: (stats.tensors[f"past_key_{l}_out"].channel_lo, stats.tensors[f"past_key_{l}_out"].channel_hi)
                   for l in part.layers}
     return equalize_part(graph, part.layers, absmax, cfg.num_key_value_heads, cfg.num_key_value_groups, cfg.head_dim,
-                         key_ranges, scale=scale, center=center)
+                         key_ranges, scale=scale, center=center, value_alpha=value_alpha)
 
 
 def remove_float_files(float_dir: Path, float_info: dict) -> None:
