@@ -49,17 +49,14 @@ def _accuracy(bundle) -> dict:
 
 # The targets: w8a16 within +1.5%; w4a16 within +10% with 85% top-1.
 # This configuration (default options, CL 1024, 4096 calibration tokens, 3069 held-out tokens)
-# measured: w8a16 +1.69% / 95.7% top-1 / KL 0.0050; w4a16 (blocks of 32, the default) +6.84% /
-# 88.2% / 0.049. w8a16 misses +1.5% here: the graph without the row-max shift before Softmax
-# measured +0.47%, but with a perplexity below float's on the first window and a larger KL
-# (0.0079), so the shift (which the HTP needs) is kept and w8a16 is held to its measured level
-# with KL, the closer measure of fidelity. Per output channel (an option) is held to its
-# measured level too.
+# measured: w8a16 +0.97% / 97.4% top-1 / KL 0.0024; w4a16 (blocks of 32, the default) +6.43% /
+# 88.7% / 0.046 (with the residual stream uint16: +1.69% / 95.7% / 0.0050 and +6.84% / 88.2% /
+# 0.049). Per output channel (an option) is held to its measured level.
 def test_w8a16_perplexity_ratio(demo_w8a16):
     acc = _accuracy(demo_w8a16)
-    assert acc["perplexity_ratio"] <= 1.02, acc
-    assert acc["top1_agreement"] >= 0.95, acc
-    assert acc["mean_kl"] <= 0.007, acc
+    assert acc["perplexity_ratio"] <= 1.015, acc
+    assert acc["top1_agreement"] >= 0.965, acc
+    assert acc["mean_kl"] <= 0.004, acc
 
 
 def test_w4a16_meets_the_perplexity_and_top1_targets(demo_w4a16):

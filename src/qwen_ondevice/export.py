@@ -322,7 +322,9 @@ def _quantization_summary(options: ExportOptions, parts: list[dict]) -> dict | N
                     "lm_head": "int8 symmetric per output channel", "embedding": "int8 symmetric per row",
                     "norms_and_biases": "uint16 per tensor", "method": options.weight_method},
         "activations": "uint16 asymmetric per tensor"
-        + (f"; MLP down_proj input range widened {options.down_proj_headroom:g}x" if options.down_proj_headroom != 1 else ""), "kv_cache": "uint8 per layer, in/out share one encoding",
+        + ("; the residual stream float (fp16 on the HTP), see float_islands" if options.residual == "fp16" else "")
+        + (f"; MLP down_proj input range widened {options.down_proj_headroom:g}x" if options.down_proj_headroom != 1 else ""), "kv_cache": "uint8 per layer, in/out share one encoding"
+        + (f"; value channels equalized into v_proj/o_proj (alpha {options.value_alpha:g})" if options.value_alpha > 0 else ""),
         "calibration": {"text": options.calibration_text or "wikitext2_valid.txt (shipped)", "tokens": options.calibration_tokens},
         "mixed_precision": summarize_weights(parts),
         "smoothing": {"down_proj_input": "SmoothQuant, folded into up_proj/down_proj", "alpha": options.smooth_alpha}

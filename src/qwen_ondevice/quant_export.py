@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -194,8 +195,6 @@ FLOAT_RESIDUAL_REASON = (
 
 def natural_key(name: str) -> tuple:
     """Sort key that orders ``add_12`` after ``add_9``."""
-    import re
-
     return tuple(int(x) if x.isdigit() else x for x in re.split(r"(\d+)", name))
 
 
@@ -231,9 +230,10 @@ def calibrate_stage(part: PartSpec, float_dir: Path, float_info: dict, plan: Cal
 def equalize_stage(part: PartSpec, float_dir: Path, float_info: dict, plan: CalibrationPlan, cfg, calib_dir: Path,
                    mask_value: float, tokens: int = 1024, scale: bool = True, center: bool = True,
                    value_alpha: float = 0.0) -> dict:
-    """Key-cache equalization (``scale``) and centering (``center``) of one decoder part
-    (:mod:`qwen_ondevice.kv_equalize`): measure the per-channel q/k maxima and the per-channel
-    range of the keys after RoPE over the first ``tokens`` calibration tokens, then fold the
+    """Key-cache equalization (``scale``), centering (``center``) and value equalization
+    (``value_alpha`` > 0) of one decoder part (:mod:`qwen_ondevice.kv_equalize`): measure the
+    per-channel q/k (and v) maxima and the per-channel range of the keys after RoPE over the
+    first ``tokens`` calibration tokens, then fold the
     scales into the part's float weights and write the key centers, in place. Returns the
     per-layer report."""
     import torch
@@ -244,7 +244,8 @@ def equalize_stage(part: PartSpec, float_dir: Path, float_info: dict, plan: Cali
     ar = str(plan.ar)
     graph = float_dir / Path(float_info["graphs"][ar]["file"]).name
     names = qkv_output_names(onnx.load(str(graph), load_external_data=False), part.layers)
-    kinds = {n: {"range", "channel_range"} for pair in names.values() for n in pair}
+    # q/k outputs (key scales), and the v_proj output when the values are equalized too
+    kinds = {n: {"range", "channel_range"} for qkv in names.values() for n in qkv[: 3 if value_alpha > 0 else 2]}
     kinds.update({f"past_key_{l}_out": {"range", "key_channel_range"} for l in part.layers})
     S, T = plan.ids.shape
     n_seq = min(S, max(1, -(-tokens // T)))
