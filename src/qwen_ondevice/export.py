@@ -57,7 +57,6 @@ class ExportOptions:
     down_proj_headroom: float = 1.0  # uint16 range of the down_proj input, widened (qdq.activation_encodings)
     kv_equalize: bool = True  # per-RoPE-pair key scales folded into q_proj/k_proj before calibration (kv_equalize.py)
     key_center: bool = True  # keys stored minus their calibrated per-channel midrange (kv_equalize.py)
-    value_alpha: float = 0.0  # value-cache equalization strength, folded into v_proj/o_proj (kv_equalize.value_scales)
     residual: str = "fp16"  # the residual stream's precision: "fp16" (float, fp16 on the HTP) or "uint16"
     eval_tokens: int = 2048  # held-out tokens scored for report.json (0 skips the accuracy report)
     eval_window: int = 1024
@@ -223,12 +222,12 @@ def _quantized_part(ckpt: Checkpoint, part: PartSpec, options: ExportOptions, ou
         info = export_part(ckpt, part, options.ar_lengths, options.context_length, "fp32", float_dir, options.key_center)
         state.mark(f"float:{part.name}", info)
     float_info = state.done[f"float:{part.name}"]
-    if (options.kv_equalize or options.key_center or options.value_alpha > 0) and len(part.layers) and f"kveq:{part.name}" not in state.done:
+    if (options.kv_equalize or options.key_center) and len(part.layers) and f"kveq:{part.name}" not in state.done:
         from .quant_export import equalize_stage
 
         t0 = time.perf_counter()
         report = equalize_stage(part, float_dir, float_info, plan, ckpt.config, calib_dir, MASK_VALUE,
-                                scale=options.kv_equalize, center=options.key_center, value_alpha=options.value_alpha)
+                                scale=options.kv_equalize, center=options.key_center)
         state.mark(f"kveq:{part.name}", {"seconds": round(time.perf_counter() - t0, 2), "layers": report})
         worst = max(report.values(), key=lambda r: r["key_absmax_before"])
         log(f"[kv-equalize] {part.name}: largest |key| {worst['key_absmax_before']:.3g} -> "
@@ -323,8 +322,7 @@ def _quantization_summary(options: ExportOptions, parts: list[dict]) -> dict | N
                     "norms_and_biases": "uint16 per tensor", "method": options.weight_method},
         "activations": "uint16 asymmetric per tensor"
         + ("; the residual stream float (fp16 on the HTP), see float_islands" if options.residual == "fp16" else "")
-        + (f"; MLP down_proj input range widened {options.down_proj_headroom:g}x" if options.down_proj_headroom != 1 else ""), "kv_cache": "uint8 per layer, in/out share one encoding"
-        + (f"; value channels equalized into v_proj/o_proj (alpha {options.value_alpha:g})" if options.value_alpha > 0 else ""),
+        + (f"; MLP down_proj input range widened {options.down_proj_headroom:g}x" if options.down_proj_headroom != 1 else ""), "kv_cache": "uint8 per layer, in/out share one encoding",
         "calibration": {"text": options.calibration_text or "wikitext2_valid.txt (shipped)", "tokens": options.calibration_tokens},
         "mixed_precision": summarize_weights(parts),
         "smoothing": {"down_proj_input": "SmoothQuant, folded into up_proj/down_proj", "alpha": options.smooth_alpha}
@@ -452,9 +450,6 @@ def register_cli(sub) -> None:
     p.add_argument("--no-key-center", dest="key_center", action="store_false",
                    help="store the keys as they are (by default each layer's keys are stored minus their calibrated "
                         "per-channel midrange, which softmax ignores: smaller scores and a finer uint8 key cache)")
-    p.add_argument("--value-equalize", dest="value_alpha", type=float, default=0.0, metavar="ALPHA",
-                   help="per-channel value scales folded into v_proj/o_proj (exact in float) so the uint8 value "
-                        "cache spends its levels evenly; ALPHA in [0, 1] is the migration strength (default 0: off)")
     p.add_argument("--residual", choices=("fp16", "uint16"), default="fp16",
                    help="precision of the residual stream between the decoder layers: fp16 (default; float32 "
                         "on the host) or uint16 per tensor like the other activations (coarse: its range is set "
@@ -486,7 +481,6 @@ def _cmd_export(args) -> int:
         down_proj_headroom=args.down_proj_headroom,
         kv_equalize=args.kv_equalize,
         key_center=args.key_center,
-        value_alpha=args.value_alpha,
         residual=args.residual,
         eval_tokens=args.eval_tokens,
         eval_window=args.eval_window,

@@ -20,11 +20,6 @@ The scales are folded into the columns of the float graph's q_proj/k_proj weight
 Centering subtracts from the keys after RoPE their per-channel midrange over the same tokens (the
 graph's ``key_center`` initializer): softmax ignores the constant ``q . c`` it removes from each
 row of scores (see :func:`equalize_part`).
-
-Value equalization does for the value cache what the key scales do for the keys: a value channel
-divided by s reaches the attention output divided by s (softmax weights mix tokens, not
-channels), and o_proj's matching input rows multiplied by s restore it exactly. See
-:func:`value_scales`.
 """
 
 from __future__ import annotations
@@ -56,20 +51,6 @@ def key_scales(q_absmax: np.ndarray, k_absmax: np.ndarray, kv_heads: int, groups
     return np.clip(s, 1e-3, 1e3).astype(np.float32)
 
 
-def value_scales(v_absmax: np.ndarray, alpha: float) -> np.ndarray:
-    """Per-channel value scales s (KVH * D,) float32 in (0, 1]: values are divided by s, o_proj's
-    input rows of that channel (for every query head of the KV group) multiplied by it.
-
-    ``v_absmax`` is the per-channel max|v| of the v_proj output (bias included) over calibration
-    tokens. ``s = (max|v_j| / max_j max|v_j|) ** alpha``: alpha 1 gives every channel the
-    layer's largest magnitude (the uint8 value cache's levels spent evenly), alpha 0 changes
-    nothing; in between, the SmoothQuant migration strength (Xiao et al. 2023, eq. 4), since the
-    range taken from the values goes to o_proj's weight rows.
-    """
-    a = np.maximum(np.asarray(v_absmax, np.float64), 1e-6)
-    return np.clip((a / a.max()) ** alpha, 1e-3, 1.0).astype(np.float32)
-
-
 def channel_scales(s: np.ndarray, repeat: int) -> np.ndarray:
     """(KVH, D/2) pair scales -> (KVH * repeat * D,) per output channel (both halves of a head,
     ``repeat`` heads per KV head)."""
@@ -91,22 +72,17 @@ def _rewrite(t: TensorProto, base: Path, fn) -> None:
 
 def qk_output_names(model: onnx.ModelProto, layers: range) -> dict[int, tuple[str, str]]:
     """layer -> (q_proj output, k_proj output) tensor names (after the bias Add) in a float graph."""
-    return {l: names[:2] for l, names in qkv_output_names(model, layers).items()}
-
-
-def qkv_output_names(model: onnx.ModelProto, layers: range) -> dict[int, tuple[str, str, str]]:
-    """layer -> (q_proj, k_proj, v_proj output) tensor names (after the bias Add) in a float graph."""
     out = {}
     adds = {n.input[1]: n.output[0] for n in model.graph.node if n.op_type == "Add" and len(n.input) == 2}
     for l in layers:
         p = f"model.layers.{l}.self_attn."
-        out[l] = (adds[p + "q_proj.bias"], adds[p + "k_proj.bias"], adds[p + "v_proj.bias"])
+        out[l] = (adds[p + "q_proj.bias"], adds[p + "k_proj.bias"])
     return out
 
 
 def equalize_part(graph_path: Path, layers: range, absmax: dict[str, np.ndarray], kv_heads: int, groups: int,
                   head_dim: int, key_ranges: dict[int, tuple[np.ndarray, np.ndarray]] | None = None,
-                  scale: bool = True, center: bool = True, value_alpha: float = 0.0) -> dict[str, dict]:
+                  scale: bool = True, center: bool = True) -> dict[str, dict]:
     """Fold key scales into every layer of one float part and set its key centers, in place;
     returns a report per layer.
 
@@ -123,19 +99,16 @@ def equalize_part(graph_path: Path, layers: range, absmax: dict[str, np.ndarray]
     4e-4 (measured on the simulator: up to 4 on such scores); centered, the scores are ~30x
     smaller, and the largest |key| goes from 216 to 4.7 (a far finer uint8 key cache). c is updated as
     ``(c + midrange) / s``, so a re-run on a finished part changes nothing.
-
-    Value equalization (``value_alpha`` > 0, needs the v_proj output in ``absmax``): v_proj's
-    columns and bias divided by :func:`value_scales`, o_proj's rows multiplied by them.
     """
     from .onnx_graph import key_center_name
 
     model = onnx.load(str(graph_path), load_external_data=False)
     inits = {t.name: t for t in model.graph.initializer}
-    names = qkv_output_names(model, layers)
+    names = qk_output_names(model, layers)
     base = graph_path.parent
     report = {}
     for l in layers:
-        q_name, k_name, v_name = names[l]
+        q_name, k_name = names[l]
         s = key_scales(absmax[q_name], absmax[k_name], kv_heads, groups, head_dim) if scale \
             else np.ones((kv_heads, head_dim // 2), np.float32)
         sk, sq = channel_scales(s, 1), channel_scales(s, groups)
@@ -161,14 +134,5 @@ def equalize_part(graph_path: Path, layers: range, absmax: dict[str, np.ndarray]
                 entry["center_absmax"] = float(np.abs(mid / sk).max())
             else:
                 entry["key_absmax_after"] = float(np.maximum(np.abs(lo_s), np.abs(hi_s)).max())
-        if value_alpha > 0:
-            sv = value_scales(absmax[v_name], value_alpha)  # (KVH * D,)
-            so = np.repeat(sv.reshape(kv_heads, 1, head_dim), groups, axis=1).reshape(-1)  # o_proj rows (heads * D)
-            _rewrite(inits[p + "v_proj.weight"], base, lambda w: w / sv[None, :])
-            _rewrite(inits[p + "v_proj.bias"], base, lambda b: b / sv)
-            _rewrite(inits[p + "o_proj.weight"], base, lambda w: w * so[:, None])
-            va = np.asarray(absmax[v_name], np.float64)
-            entry.update({"value_absmax_median_before": float(np.median(va)), "value_absmax_max": float(va.max()),
-                          "value_absmax_median_after": float(np.median(va / sv))})
         report[f"model.layers.{l}"] = entry
     return report

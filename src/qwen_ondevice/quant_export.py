@@ -228,24 +228,21 @@ def calibrate_stage(part: PartSpec, float_dir: Path, float_info: dict, plan: Cal
 
 
 def equalize_stage(part: PartSpec, float_dir: Path, float_info: dict, plan: CalibrationPlan, cfg, calib_dir: Path,
-                   mask_value: float, tokens: int = 1024, scale: bool = True, center: bool = True,
-                   value_alpha: float = 0.0) -> dict:
-    """Key-cache equalization (``scale``), centering (``center``) and value equalization
-    (``value_alpha`` > 0) of one decoder part (:mod:`qwen_ondevice.kv_equalize`): measure the
-    per-channel q/k (and v) maxima and the per-channel range of the keys after RoPE over the
-    first ``tokens`` calibration tokens, then fold the
+                   mask_value: float, tokens: int = 1024, scale: bool = True, center: bool = True) -> dict:
+    """Key-cache equalization (``scale``) and centering (``center``) of one decoder part
+    (:mod:`qwen_ondevice.kv_equalize`): measure the per-channel q/k maxima and the per-channel
+    range of the keys after RoPE over the first ``tokens`` calibration tokens, then fold the
     scales into the part's float weights and write the key centers, in place. Returns the
     per-layer report."""
     import torch
 
-    from .kv_equalize import equalize_part, qkv_output_names
+    from .kv_equalize import equalize_part, qk_output_names
     from .modeling import rope_tables
 
     ar = str(plan.ar)
     graph = float_dir / Path(float_info["graphs"][ar]["file"]).name
-    names = qkv_output_names(onnx.load(str(graph), load_external_data=False), part.layers)
-    # q/k outputs (key scales), and the v_proj output when the values are equalized too
-    kinds = {n: {"range", "channel_range"} for qkv in names.values() for n in qkv[: 3 if value_alpha > 0 else 2]}
+    names = qk_output_names(onnx.load(str(graph), load_external_data=False), part.layers)
+    kinds = {n: {"range", "channel_range"} for pair in names.values() for n in pair}
     kinds.update({f"past_key_{l}_out": {"range", "key_channel_range"} for l in part.layers})
     S, T = plan.ids.shape
     n_seq = min(S, max(1, -(-tokens // T)))
@@ -258,7 +255,7 @@ def equalize_stage(part: PartSpec, float_dir: Path, float_info: dict, plan: Cali
     key_ranges = {l: (stats.tensors[f"past_key_{l}_out"].channel_lo, stats.tensors[f"past_key_{l}_out"].channel_hi)
                   for l in part.layers}
     return equalize_part(graph, part.layers, absmax, cfg.num_key_value_heads, cfg.num_key_value_groups, cfg.head_dim,
-                         key_ranges, scale=scale, center=center, value_alpha=value_alpha)
+                         key_ranges, scale=scale, center=center)
 
 
 def remove_float_files(float_dir: Path, float_info: dict) -> None:
