@@ -376,6 +376,7 @@ def check_quantized_graph(model: onnx.ModelProto, projection_weights: set[str],
         for i in n.input:
             consumers.setdefault(i, []).append(n)
     init = {t.name: t for t in g.initializer}
+    graph_outputs = {o.name for o in g.output}
     problems = []
     for n in g.node:
         if n.op_type in ("QuantizeLinear", "DequantizeLinear"):
@@ -403,7 +404,7 @@ def check_quantized_graph(model: onnx.ModelProto, projection_weights: set[str],
                     problems.append(f"{n.name}: zero point type {z.data_type} differs from weight type {q.data_type}")
         for o in n.output:
             if o in float_tensors:
-                if o in {x.name for x in g.output}:
+                if o in graph_outputs:
                     problems.append(f"{n.name} ({n.op_type}) output {o} is a float graph output")
                 continue
             for c in consumers.get(o, []):
