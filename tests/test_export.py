@@ -274,3 +274,44 @@ def test_report_of_fp32_bundle_matches_its_float_reference(tiny_bundle):
     assert acc["top1_agreement"] > 0.99 and acc["mean_kl"] < 1e-6
     assert "report.json" in read_manifest(out).data["files"]
     assert r["sizes"]["kv_cache_bytes_full_context"] == r["sizes"]["kv_cache_bytes_per_token"] * CL
+
+
+def test_ort_trimmed_past_matches_transformers_logits(tiny_bundle):
+    """The ort-cpu backend feeds a call only the filled past slots, rounded up to its
+    ``past_bucket`` (host_graph.symbolic_past): logits still equal transformers', in prefill and
+    in decode, and the calls were really fed shorter pasts than the graphs' static P."""
+    ckpt_path, out = tiny_bundle
+    rt = open_runtime(str(out))
+    be = rt.engine.backend
+    be.past_bucket = 8
+    fed: list[tuple[int, int]] = []  # (AR, past length fed)
+    session = be.session
+
+    class Recorder:
+        def __init__(self, sess):
+            self.sess = sess
+
+        def run(self, names, feeds):
+            if "past_value_0_in" in feeds:
+                fed.append((feeds["hidden_states_in"].shape[1], feeds["past_value_0_in"].shape[2]))
+                assert feeds["attention_mask"].shape[-1] == fed[-1][1] + fed[-1][0]
+            return self.sess.run(names, feeds)
+
+    be.session = lambda i, ar: Recorder(session(i, ar))
+    hf = load_checkpoint(ckpt_path).load_transformers_model()
+    ids = [int(t) for t in np.random.default_rng(2).integers(0, 151936, size=3 * AR + 3)]
+    for n in (1, AR + 1, 3 * AR + 3):
+        got = rt.engine.logits_all(ids[:n])
+        with torch.no_grad():
+            ref = hf(torch.tensor([ids[:n]])).logits[0].numpy()
+        np.testing.assert_allclose(got, ref, atol=1e-4, rtol=0, err_msg=f"prompt length {n}")
+    seq = ids[:AR + 3]
+    logits = rt.engine.prefill(seq)
+    for _ in range(2 * AR):  # decode across two bucket boundaries
+        seq.append(int(np.argmax(logits)))
+        logits = rt.engine.feed([seq[-1]])
+    with torch.no_grad():
+        ref = hf(torch.tensor([seq])).logits[0, -1].numpy()
+    np.testing.assert_allclose(logits.reshape(-1), ref, atol=1e-4, rtol=0)
+    assert {w for _, w in fed} >= {8, 16, 24, 32} and all(w % 8 == 0 for _, w in fed), sorted(set(fed))
+    assert max(w for ar, w in fed if ar == 1) < CL - 1 and max(w for ar, w in fed if ar == AR) < CL - AR

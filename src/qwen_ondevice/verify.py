@@ -45,6 +45,7 @@ def capture_inputs(root: Path, prompt: str = DEFAULT_PROMPT) -> tuple[dict, list
 
     rt = open_bundle_runtime(root, "ort-cpu")
     backend: OrtBackend = rt.engine.backend
+    backend.trim_past = False  # the recorded feeds go to the context binaries: the full static past
     calls: dict = {}
     state = {"n_valid": None}
     forward, session = backend.forward, backend.session

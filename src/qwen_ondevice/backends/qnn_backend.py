@@ -47,6 +47,7 @@ class QnnBackend(OrtBackend):
         qnn = qnn_section(manifest, chipset)
         check_chipset_option(qnn["chipset"], manifest.precision)
         super().__init__(manifest)
+        self.trim_past = False  # context binaries have the static shapes of the device graphs
         self.qnn = qnn
         self.chip = CHIPSETS[qnn["chipset"]]
         self.how = ""  # how the context binaries run here (set when the first part is opened)
