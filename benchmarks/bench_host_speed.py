@@ -4,8 +4,9 @@ Prefill tokens/s (a 512-token real-text prompt) and decode tokens/s (128 greedy 
 this project's ONNX Runtime backend on each bundle given, `transformers` (fp32), and llama.cpp
 (`llama-cpp-python` on the same GGUF file, when installed). Each is printed as a ratio to
 llama.cpp (or to transformers when llama-cpp-python is missing). Each bundle is run twice: as the
-backend runs it (each call fed only the filled past slots) and with the static past of the device
-graphs (every call attends over the whole context length).
+backend runs it (exact host numerics, each call fed only the filled past slots), with the static
+past of the device graphs (every call attends over the whole context length), and with
+`--host-numerics fast` (int8 activation blocks inside the weight products).
 
     python benchmarks/bench_host_speed.py BUNDLE [BUNDLE ...] [--threads 2]
 
@@ -100,12 +101,12 @@ def main() -> None:
         rows.append(("llama.cpp (Q4_K_M GGUF)", *lc))
     rows.append(("transformers fp32", *bench_transformers(ckpt, ids)))
     for b in args.bundles:
-        for trim in (True, False):  # the backend's default, then the static past of the device graphs
-            rt = open_runtime(str(b))
+        # the backend's default, the static past of the device graphs, the fast host numerics
+        for trim, numerics, label in ((True, "exact", ""), (False, "exact", ", static past"), (True, "fast", ", fast numerics")):
+            rt = open_runtime(str(b), host_numerics=numerics)
             be = rt.engine.backend
             be.trim_past, be.intra_op_threads = trim, args.threads  # before its sessions open
-            name = f"ort-cpu {be.manifest.precision} ({b.name})" + ("" if trim else ", static past")
-            rows.append((name, *bench_engine(rt.engine, ids)))
+            rows.append((f"ort-cpu {be.manifest.precision} ({b.name}){label}", *bench_engine(rt.engine, ids)))
             del rt, be
     base_name, base_p, base_d = rows[0]
     print(f"\nprefill: {PROMPT_TOKENS}-token prompt; decode: {DECODE_TOKENS} greedy tokens; {args.threads} threads; "

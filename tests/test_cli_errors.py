@@ -81,6 +81,7 @@ def test_prompt_over_the_context_length(capsys, tiny_path):
         (["--context-length", "8192"], "max_position_embeddings"),
         (["--context-length", "32", "--prompt-length", "32"], "must be below the context length 32"),
         (["--backend", "ort-cpu"], "bundle"),
+        (["--host-numerics", "fast"], "--host-numerics fast applies to a bundle on the ort-cpu backend"),
     ],
 )
 def test_bad_options(capsys, tiny_path, extra, fragment):

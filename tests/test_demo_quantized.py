@@ -83,9 +83,9 @@ def test_w4a16_bundle_is_smaller_and_keeps_few_int8_projections(demo_w4a16):
     assert weights < 0.55e9
 
 
-def test_w4a16_chat_writes_a_correct_fibonacci_function(demo_w4a16, capsys):
+def _assert_fibonacci_answer(bundle, capsys, *options: str) -> None:
     prompt = "Write a Python function that returns the n-th Fibonacci number."
-    assert main(["--quiet", "generate", str(demo_w4a16), "--prompt", prompt, "--max-new-tokens", "160", "--json"]) == 0
+    assert main(["--quiet", "generate", str(bundle), "--prompt", prompt, "--max-new-tokens", "160", "--json", *options]) == 0
     text = json.loads(capsys.readouterr().out)["text"]
     code = re.search(r"```(?:python)?\n(.*?)(```|$)", text, re.S)
     assert code, text
@@ -95,3 +95,23 @@ def test_w4a16_chat_writes_a_correct_fibonacci_function(demo_w4a16, capsys):
     values = [fn(n) for n in range(2, 12)]
     assert all(values[i] == values[i - 1] + values[i - 2] for i in range(2, len(values))), (values, text)
     assert values[-1] in (55, 89), (values, text)  # fn(11): F(11) = 89 counting F(0) = 0, or 55 counting fib(1) = 0
+
+
+def test_w4a16_chat_writes_a_correct_fibonacci_function(demo_w4a16, capsys):
+    _assert_fibonacci_answer(demo_w4a16, capsys)
+
+
+def test_w4a16_fast_host_numerics_keep_the_accuracy(demo_w4a16, capsys):
+    """``--host-numerics fast`` (int8 activation blocks inside the weight products) on the same
+    held-out tokens as the export's exact report, against the same float model."""
+    from qwen_ondevice.evaluate import evaluate_bundle
+
+    exact = _accuracy(demo_w4a16)
+    fast = evaluate_bundle(demo_w4a16, tokens=EVAL_TOKENS, window=1024, host_numerics="fast")
+    print(f"\nexact: {exact}\nfast: {fast.format()}")
+    assert fast.tokens == exact["tokens"] and fast.reference_perplexity == pytest.approx(exact["reference_perplexity"], rel=1e-6)
+    # measured over 4092 tokens of the CL-4096 bundle: +4.97% fast vs +5.01% exact, top-1 88.10% vs 87.98%
+    assert abs(fast.perplexity_ratio - exact["perplexity_ratio"]) <= 0.01, (fast, exact)
+    assert fast.top1_agreement >= exact["top1_agreement"] - 0.01 and fast.top1_agreement >= 0.85
+    assert fast.mean_kl <= 1.1 * exact["mean_kl"]
+    _assert_fibonacci_answer(demo_w4a16, capsys, "--host-numerics", "fast")

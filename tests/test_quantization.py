@@ -952,6 +952,34 @@ def test_host_rewrites_keep_the_quantized_arithmetic(bundles):
     assert diff_steps.max() <= 4 and diff_steps.mean() < 0.1 and agree >= 0.98
 
 
+def test_fast_host_numerics_stay_as_close_to_float(bundles, tiny):
+    """``--host-numerics fast`` (int8 activation blocks inside the weight products) against the
+    exact QDQ arithmetic, both scored against the float model on the same text: it really
+    computes something else, and it is no further from float."""
+    window = CL
+    runs = {n: open_runtime(str(bundles["w4a16_b32"]), host_numerics=n) for n in ("exact", "fast")}
+    assert {n: rt.engine.backend.numerics for n, rt in runs.items()} == {"exact": "exact", "fast": "fast"}
+    ids = text_token_ids_for(runs["exact"].tokenizer, 2 * window)
+    ref, _ = reference_engine(str(tiny), window)
+    r = {n: evaluate_engines(rt.engine, ref, ids, window, "test") for n, rt in runs.items()}
+    logits = {n: rt.engine.logits_all(ids[:window]) for n, rt in runs.items()}
+    f = ref.logits_all(ids[:window])
+    err = {n: float(np.abs(x - f).mean()) for n, x in logits.items()}
+    moved = float(np.abs(logits["fast"] - logits["exact"]).mean())
+    print(f"\nexact: {r['exact'].format()}, |logits error| {err['exact']:.4f}\nfast: {r['fast'].format()}, "
+          f"|logits error| {err['fast']:.4f}; fast vs exact {moved:.4f}")
+    assert moved > 0.01 * err["exact"]  # the fast kernels ran
+    assert err["fast"] < 1.1 * err["exact"]  # measured 1.007x
+    assert r["fast"].mean_kl < 1.1 * r["exact"].mean_kl
+    assert r["fast"].top1_agreement > r["exact"].top1_agreement - 0.03
+
+
+def text_token_ids_for(tokenizer, n: int) -> list[int]:
+    from qwen_ondevice.calibrate import default_evaluation_text, text_token_ids
+
+    return text_token_ids(tokenizer, default_evaluation_text(), n, "evaluation")
+
+
 # --------------------------------------------------------------------------------------------
 # 5. weight rounding
 

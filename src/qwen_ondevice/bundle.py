@@ -92,8 +92,9 @@ def verify_files(m: Manifest) -> list[str]:
     return bad
 
 
-def open_bundle_runtime(root: Path, backend: str):
-    """A :class:`~qwen_ondevice.runtime.Runtime` over a bundle on ``ort-cpu`` or ``qnn-htp``.
+def open_bundle_runtime(root: Path, backend: str, host_numerics: str = "exact"):
+    """A :class:`~qwen_ondevice.runtime.Runtime` over a bundle on ``ort-cpu`` (with
+    ``host_numerics``, see ``backends.ort_backend.HOST_NUMERICS``) or ``qnn-htp``.
 
     Raises:
         UserError: a bad bundle (see :func:`read_manifest`), or a backend it cannot run.
@@ -108,7 +109,7 @@ def open_bundle_runtime(root: Path, backend: str):
     if backend == "ort-cpu":
         from .backends.ort_backend import OrtBackend
 
-        be = OrtBackend(m)
+        be = OrtBackend(m, numerics=host_numerics)
     elif backend == "qnn-htp":
         from .backends.qnn_backend import QnnBackend
 

@@ -40,6 +40,7 @@ class AccuracyReport:
     top1_agreement: float
     mean_kl: float
     seconds: float
+    host_numerics: str = "exact"  # of the bundle's ort-cpu run (backends.ort_backend.HOST_NUMERICS)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -49,7 +50,8 @@ class AccuracyReport:
             f"perplexity {self.perplexity:.3f} vs float {self.reference_perplexity:.3f} "
             f"(ratio {self.perplexity_ratio:.4f}, {100 * (self.perplexity_ratio - 1):+.2f}%), "
             f"top-1 agreement {100 * self.top1_agreement:.2f}%, mean KL {self.mean_kl:.4f} nats "
-            f"[{self.tokens} tokens, {self.windows} windows of {self.window}, {self.text}]"
+            f"[{self.tokens} tokens, {self.windows} windows of {self.window}, {self.text}"
+            + (f", {self.host_numerics} host numerics]" if self.host_numerics != "exact" else "]")
         )
 
 
@@ -110,8 +112,12 @@ def reference_engine(model: str, window: int):
 
 
 def evaluate_bundle(bundle: Path, reference: str | None = None, text: str | None = None,
-                    tokens: int = DEFAULT_EVAL_TOKENS, window: int = DEFAULT_WINDOW, backend: str = "ort-cpu") -> AccuracyReport:
+                    tokens: int = DEFAULT_EVAL_TOKENS, window: int = DEFAULT_WINDOW, backend: str = "ort-cpu",
+                  host_numerics: str = "exact") -> AccuracyReport:
     """Evaluate a bundle against its float reference (default: the model it was exported from).
+
+    ``host_numerics``: ``exact`` (the device simulation) or ``fast`` (ort-cpu only; see
+    ``backends.ort_backend.HOST_NUMERICS``), to measure what the fast mode costs.
 
     Raises:
         UserError: a bad bundle, a missing reference, or a text shorter than one window.
@@ -121,7 +127,7 @@ def evaluate_bundle(bundle: Path, reference: str | None = None, text: str | None
     from .runtime import open_runtime
 
     m = read_manifest(bundle)
-    rt = open_runtime(str(bundle), backend)
+    rt = open_runtime(str(bundle), backend, host_numerics=host_numerics)
     path = Path(text) if text else default_evaluation_text()
     tokens = tokens // window * window
     if tokens < window:
@@ -133,7 +139,9 @@ def evaluate_bundle(bundle: Path, reference: str | None = None, text: str | None
             raise UserError(f"{e} (at least one window of {window} tokens is needed)") from None
         raise
     ref, _ = reference_engine(reference or m.data["model"]["source"], window)
-    return evaluate_engines(rt.engine, ref, ids, window, path.name)
+    report = evaluate_engines(rt.engine, ref, ids, window, path.name)
+    report.host_numerics = host_numerics
+    return report
 
 
 def register_cli(sub) -> None:
@@ -144,11 +152,14 @@ def register_cli(sub) -> None:
     p.add_argument("--tokens", type=int, default=DEFAULT_EVAL_TOKENS)
     p.add_argument("--window", type=int, default=DEFAULT_WINDOW)
     p.add_argument("--backend", choices=["ort-cpu", "qnn-htp"], default="ort-cpu")
+    from .cli import add_host_numerics_arg
+
+    add_host_numerics_arg(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_evaluate)
 
 
 def _cmd_evaluate(args) -> int:
-    r = evaluate_bundle(args.bundle, args.reference, args.text, args.tokens, args.window, args.backend)
+    r = evaluate_bundle(args.bundle, args.reference, args.text, args.tokens, args.window, args.backend, args.host_numerics)
     print(json.dumps(r.to_dict(), indent=1) if args.json else r.format())
     return 0

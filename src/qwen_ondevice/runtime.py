@@ -25,21 +25,28 @@ def is_bundle(path: str | Path) -> bool:
     return (Path(path) / "manifest.json").is_file()
 
 
-def open_runtime(model: str, backend: str | None = None, context_length: int = 4096, prompt_length: int | None = None) -> Runtime:
+def open_runtime(model: str, backend: str | None = None, context_length: int = 4096, prompt_length: int | None = None,
+                 host_numerics: str = "exact") -> Runtime:
     """MODEL (bundle folder, checkpoint folder, .gguf, ``demo``, Hub id) -> :class:`Runtime`.
 
     A bundle runs on ``ort-cpu`` unless ``backend`` says otherwise; a checkpoint runs on ``torch``
     with the given context length (a bundle's context length is fixed by its graphs).
+    ``host_numerics`` (``exact`` / ``fast``, see ``backends.ort_backend.HOST_NUMERICS``) applies
+    to a bundle on ``ort-cpu`` only.
 
     Raises:
-        UserError: unknown backend, a backend that cannot run this MODEL, or a bad MODEL.
+        UserError: unknown backend, a backend that cannot run this MODEL, ``fast`` numerics
+            anywhere but a bundle on ort-cpu, or a bad MODEL.
     """
     if backend is not None and backend not in BACKENDS:
         raise UserError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if host_numerics != "exact" and (not is_bundle(model) or backend not in (None, "ort-cpu")):
+        raise UserError(f"--host-numerics {host_numerics} applies to a bundle on the ort-cpu backend; "
+                        f"{model} runs on {backend or 'torch'} with its own numerics")
     if is_bundle(model):
         from .bundle import open_bundle_runtime
 
-        return open_bundle_runtime(Path(model), backend or "ort-cpu")
+        return open_bundle_runtime(Path(model), backend or "ort-cpu", host_numerics)
     if backend not in (None, "torch"):
         raise UserError(f"backend {backend!r} runs an exported bundle; {model} is a checkpoint (use --backend torch or export it first)")
     from .backends.torch_backend import TorchBackend

@@ -715,7 +715,7 @@ def cmd_serve(args) -> int:
     from .runtime import open_runtime
 
     sock = bind_socket(args.host, args.port)
-    rt = open_runtime(args.model, args.backend, args.context_length, args.prompt_length)
+    rt = open_runtime(args.model, args.backend, args.context_length, args.prompt_length, args.host_numerics)
     app = create_app(rt)
     host, port = sock.getsockname()[:2]
     log(f"serving {rt.model_name} ({rt.engine.backend.name}, context {rt.engine.context_length}) on http://{host}:{port}/v1")
