@@ -903,6 +903,8 @@ def test_host_rewrites_keep_the_quantized_arithmetic(bundles):
 
     - the embedding table gathered before its DequantizeLinear gives bitwise the graph's own
       uint16 rows, for ids across the whole vocabulary;
+    - the integer-level rewrites of a decoder part (constant DQs folded, data movement on the
+      integers) give bitwise the graph's own outputs;
     - feeding only the filled past slots (trimming) leaves the logits within the rounding noise
       of the static run: the masked slots it drops each weighed < exp(-20) in the softmax.
     """
@@ -928,6 +930,25 @@ def test_host_rewrites_keep_the_quantized_arithmetic(bundles):
             ids[0, 0], ids[0, -1] = 0, V - 1
             (a,), (b,) = plain.run(None, {"input_ids": ids}), fast.run(None, {"input_ids": ids})
             assert a.dtype == np.uint16 and np.array_equal(a, b)
+
+    dec = next(p for p in m.parts if p["layers"][1] > p["layers"][0])
+    for ar in m.ar_lengths:
+        path = m.graph_path(dec, ar)
+        model = onnx.load(str(path), load_external_data=False)
+        folded, moved = host_graph.fold_constant_dequantize(model, path.parent), host_graph.drop_data_movement_qdq(model, path.parent)
+        L = dec["layers"][1] - dec["layers"][0]
+        assert folded >= 5 * L and moved >= 8 * L, (folded, moved)  # biases, norms, key centers; reshapes, transposes, splits
+        host_graph.drop_unused_initializers(model)
+        so = qdq_session_options(ort)
+        so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent))
+        fast = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        plain = ort.InferenceSession(str(path), qdq_session_options(ort), providers=["CPUExecutionProvider"])
+        rng = np.random.default_rng(ar)
+        feeds = {i.name: rng.integers(0, 256 if i.type == "tensor(uint8)" else 65536, size=i.shape).astype(
+            np.uint8 if i.type == "tensor(uint8)" else np.uint16) for i in plain.get_inputs()}
+        names = [o.name for o in plain.get_outputs()]
+        for name, a, b in zip(names, plain.run(names, feeds), fast.run(names, feeds)):
+            assert np.array_equal(a, b), (ar, name)
 
     ids = open_runtime(str(bundle)).tokenizer.encode(real_text(3000, offset=9000))[: CL - 4]
     runs = {}
