@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 
 from ..encodings import Encoding
@@ -48,7 +46,13 @@ class OrtBackend(Backend):
     """Runs each part's AR-N graph in order; the host owns KV cache, positions and mask.
 
     One ``InferenceSession`` per part and AR, created lazily (a decode-only run never loads the
-    AR-128 graphs). Float inputs are cast to the graph's input dtype; logits come back float32.
+    AR-128 graphs) from the graph with the host rewrites of :mod:`.host_graph`. Float inputs are
+    cast (float graphs) or quantized with the manifest's encodings (QDQ graphs); logits come back
+    float32. ``numerics`` is one of :data:`HOST_NUMERICS`; ``trim_past`` (on for the CPU EP) feeds
+    each call only ``past_window(n_past, P)`` cache slots. Set both before the first call.
+
+    Raises:
+        ValueError: an unknown ``numerics``.
     """
 
     name = "ort-cpu"
