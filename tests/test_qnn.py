@@ -171,7 +171,9 @@ def _check_verify(out: Path, capsys) -> None:
     # CPU's own top-2 margin is inside twice the HTP-vs-CPU logit difference
     for a in r["argmax"].values():
         assert a["sampled_row_agrees"] or (a["near_tie"] and a["disagreeing"][-1]["cpu_margin"] < 0.1), a
-    assert all("byte-identical" in t["how"] for t in r["timings"])  # x86_64: re-prepared, identical .bin
+    # x86_64: re-prepared; an identical .bin, or one that differs in a few hundred bytes of graph
+    # description (QNN's preparation of graphs that move uint8 tensors varies between runs)
+    assert all("byte-identical" in t["how"] or "not byte-identical" in t["how"] for t in r["timings"]), r["timings"]
 
 
 def test_verify_refuses_other_chipset_and_uncompiled_bundle(compiled, capsys):

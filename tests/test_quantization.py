@@ -304,7 +304,7 @@ def test_key_centering_is_exact_in_float_and_narrows_the_key_cache(bundles, tiny
     from qwen_ondevice.export import export_part
     from qwen_ondevice.kv_equalize import equalize_part
     from qwen_ondevice.modeling import PartSpec
-    from qwen_ondevice.onnx_graph import key_center_name
+    from qwen_ondevice.onnx_graph import key_offset_name
 
     ckpt = load_checkpoint(tiny)
     cfg = ckpt.config
@@ -347,7 +347,7 @@ def test_key_centering_is_exact_in_float_and_narrows_the_key_cache(bundles, tiny
                 r = p["kv_equalization"][f"model.layers.{l}"]
                 assert r["center_absmax"] > 0 and r["key_absmax_after"] < r["key_absmax_before"], (prec, l, r)
                 qg = QGraph(bundles[prec] / p["graphs"][str(AR)]["file"])
-                assert np.abs(qg.weight_dq(key_center_name(l))).max() > 0
+                assert np.abs(qg.weight_dq(key_offset_name(l))).max() > 0
 
 
 def _out_channels(cfg, proj: str) -> tuple[int, int]:
@@ -601,9 +601,9 @@ def numpy_decoder_part(qg: QGraph, cfg, layers, head: bool, feeds: dict) -> dict
         t = after(t_k, "Reshape"); k = fq(t, k.reshape(AR_, KVH, 1, D))
         t = after(t, "Transpose"); k = fq(t, k.transpose(1, 2, 0, 3))
         t, k = rope(t, k)
-        center = f"model.layers.{l}.self_attn.key_center"
-        if center + "_dq" in qg.consumers:  # key centering (on by default)
-            t = after(t, "Sub", center); k = fq(t, k - W(center))
+        offset = f"model.layers.{l}.self_attn.key_offset"
+        if offset + "_dq" in qg.consumers:  # key centering (on by default): the offset -c is added
+            t = after(t, "Add", offset); k = fq(t, k + W(offset))
         t_kout = after(t, "Transpose")
         assert t_kout == f"past_key_{l}_out"
         outs[t_kout] = qg.q(t_kout, k.transpose(0, 1, 3, 2))

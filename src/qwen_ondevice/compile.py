@@ -404,6 +404,25 @@ def simulator_host() -> bool:
     return platform.machine().lower() in ("x86_64", "amd64")
 
 
+#: The share of a context binary's bytes (and of its size) allowed to differ between the shipped
+#: binary and a fresh preparation of the same graphs (open_part_context): measured 381 bytes of
+#: 12.8 MB on the tiny test model, and a 4 KiB size difference on the demo model's 364 MB part.
+MAX_DIFFERING_FRACTION = 1e-3
+
+
+def differing_bytes(a: Path, b: Path, chunk: int = 1 << 24) -> int:
+    """The number of byte positions at which two files of one size differ."""
+    import numpy as np
+
+    n = 0
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        while True:
+            x, y = fa.read(chunk), fb.read(chunk)
+            if not x:
+                return n
+            n += int(np.count_nonzero(np.frombuffer(x, np.uint8) != np.frombuffer(y, np.uint8)))
+
+
 def open_part_context(root: Path, part: dict, qnn_part: dict, chip: Chipset, bin_sha256: str | None, work: Path,
                       strict: bool = True):
     """Sessions by AR that run one part's context binary on the HTP; returns (sessions, how).
@@ -411,10 +430,12 @@ def open_part_context(root: Path, part: dict, qnn_part: dict, chip: Chipset, bin
     On a Snapdragon host the EPContext wrappers are loaded (both sessions share the one loaded
     context). The x86_64 simulator of onnxruntime-qnn 2.7 crashes (SIGSEGV in context creation)
     on *any* weight-shared context binary, so there the part's QDQ graphs are prepared again
-    exactly as the export did. Preparation is deterministic, but QNN numbers tensors with a
+    exactly as the export did. QNN numbers tensors with a
     per-process counter: only the first part prepared in a process gives a byte-identical .bin.
-    ``strict`` (use it in a fresh process, as ``verify`` does) requires the sha256 to match;
-    otherwise the size and the QNN graph names must match the shipped binary.
+    ``strict`` (use it in a fresh process, as ``verify`` does) requires the sha256 to match or,
+    since QNN does not prepare every graph deterministically, a size within
+    :data:`MAX_DIFFERING_FRACTION` of the shipped one (and, at equal sizes, at most that share of
+    the bytes different); otherwise the size (to that share) and the number of QNN graphs must match.
 
     Raises:
         CompileError: the fresh preparation differs from the shipped .bin (another QAIRT
@@ -441,11 +462,25 @@ def open_part_context(root: Path, part: dict, qnn_part: dict, chip: Chipset, bin
         if strict:
             same = len(bins) == 1 and (bin_sha256 is None or sha256_file(bins[0]) == bin_sha256)
             how = f"re-prepared on this x86_64 host, byte-identical to {Path(qnn_part['bin']).name}"
+            shipped = root / qnn_part["bin"]
+            if not same and len(bins) == 1 and shipped.is_file():
+                # QNN's preparation of a graph that moves uint8 tensors (the KV outputs) is not
+                # deterministic: two fresh preparations of one part differ in a few hundred bytes
+                # of graph description, and on the demo model in size by one 4 KiB page
+                size, fresh = shipped.stat().st_size, bins[0].stat().st_size
+                diff = differing_bytes(bins[0], shipped) if fresh == size else None
+                same = (abs(fresh - size) <= MAX_DIFFERING_FRACTION * size
+                        and (diff is None or diff <= MAX_DIFFERING_FRACTION * size))
+                how = (f"re-prepared on this x86_64 host, not byte-identical to {shipped.name} (QNN's preparation "
+                       f"varies between runs): " + (f"{diff} of {size} bytes differ" if diff is not None
+                                                    else f"{fresh} bytes against {size}"))
         else:
-            names = {g["qnn_graph"] for g in qnn_part["graphs"].values()}
-            fresh = {_partition_name(Path(g[2])) for g in graphs}
-            same = len(bins) == 1 and bins[0].stat().st_size == int(qnn_part["bin_bytes"]) and fresh == names
-            how = f"re-prepared on this x86_64 host (same size and QNN graphs as {Path(qnn_part['bin']).name})"
+            # the QNN graph names are ONNX Runtime partition ids, which vary between preparations
+            # of the same graphs: the count is compared, not the names
+            size = int(qnn_part["bin_bytes"])
+            same = (len(bins) == 1 and abs(bins[0].stat().st_size - size) <= MAX_DIFFERING_FRACTION * size
+                    and len({_partition_name(Path(g[2])) for g in graphs}) == len(qnn_part["graphs"]))
+            how = f"re-prepared on this x86_64 host (the size and number of QNN graphs of {Path(qnn_part['bin']).name})"
         if not same:
             raise CompileError(
                 f"{qnn_part['bin']}: preparing {part['name']} again on this host does not give the same context binary "

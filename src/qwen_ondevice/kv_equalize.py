@@ -17,9 +17,9 @@ equalization is idempotent (re-running it on equalized weights finds scales of 1
 The scales are folded into the columns of the float graph's q_proj/k_proj weights and biases
 (MatMul layout (H, heads * D)), in the part's external-data file, before calibration.
 
-Centering subtracts from the keys after RoPE their per-channel midrange over the same tokens (the
-graph's ``key_center`` initializer): softmax ignores the constant ``q . c`` it removes from each
-row of scores (see :func:`equalize_part`).
+Centering subtracts from the keys after RoPE their per-channel midrange c over the same tokens
+(the graph adds its ``key_offset`` initializer, -c): softmax ignores the constant ``q . c`` it
+removes from each row of scores (see :func:`equalize_part`).
 """
 
 from __future__ import annotations
@@ -91,16 +91,16 @@ def equalize_part(graph_path: Path, layers: range, absmax: dict[str, np.ndarray]
     ``key_ranges`` maps a layer to the per-channel (KVH * D,) min and max of its stored keys
     (``past_key_{l}_out``, after RoPE and the current center), measured on the same tokens.
 
-    Centering (``center``): the graph stores ``RoPE(k) - c`` (onnx_graph.key_center_name), with c
-    the per-channel midrange of the keys. q . c is one constant per query row, which softmax
+    Centering (``center``): the graph stores ``RoPE(k) + o`` with the offset o = -c
+    (onnx_graph.key_offset_name), c the per-channel midrange of the keys. q . c is one constant per query row, which softmax
     ignores, so attention is unchanged in float. It matters on the device: Qwen2's keys share a
     large common part (k_proj biases), so raw attention scores reach ~1400 on the demo while
     their spread within a row is ~70, and the HTP computes q . k with a relative error of about
     4e-4 (measured on the simulator: up to 4 on such scores); centered, the scores are ~30x
-    smaller, and the largest |key| goes from 216 to 4.7 (a far finer uint8 key cache). c is updated as
-    ``(c + midrange) / s``, so a re-run on a finished part changes nothing.
+    smaller, and the largest |key| goes from 216 to 4.7 (a far finer uint8 key cache). o is updated as
+    ``(o - midrange) / s``, so a re-run on a finished part changes nothing.
     """
-    from .onnx_graph import key_center_name
+    from .onnx_graph import key_offset_name
 
     model = onnx.load(str(graph_path), load_external_data=False)
     inits = {t.name: t for t in model.graph.initializer}
@@ -129,7 +129,7 @@ def equalize_part(graph_path: Path, layers: range, absmax: dict[str, np.ndarray]
             if center:
                 mid = (lo + hi) / 2
                 shape = (kv_heads, 1, 1, head_dim)
-                _rewrite(inits[key_center_name(l)], base, lambda c: (c + mid.reshape(shape)) / sk.reshape(shape))
+                _rewrite(inits[key_offset_name(l)], base, lambda o: (o - mid.reshape(shape)) / sk.reshape(shape))
                 entry["key_absmax_after"] = float(((hi_s - lo_s) / 2).max())
                 entry["center_absmax"] = float(np.abs(mid / sk).max())
             else:

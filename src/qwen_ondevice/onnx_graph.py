@@ -202,9 +202,10 @@ def shift_by_row_max(b: GraphBuilder, scores: str) -> str:
     return b.op("Sub", [scores, row_max])
 
 
-def key_center_name(layer: int) -> str:
-    """The initializer (KVH, 1, 1, D) subtracted from the layer's keys after RoPE (``key_center``)."""
-    return f"model.layers.{layer}.self_attn.key_center"
+def key_offset_name(layer: int) -> str:
+    """The initializer (KVH, 1, 1, D) added to the layer's keys after RoPE (``key_center``): minus
+    the key center c."""
+    return f"model.layers.{layer}.self_attn.key_offset"
 
 
 def _decoder_layer(b: GraphBuilder, cfg: ModelConfig, ws: WeightSource, layer: int, hidden: str, mask: str,
@@ -214,7 +215,9 @@ def _decoder_layer(b: GraphBuilder, cfg: ModelConfig, ws: WeightSource, layer: i
     ``key_center``: the keys are stored minus a constant vector c (KVH, 1, 1, D), zeros here and
     set by the export's key-centering stage (:mod:`qwen_ondevice.kv_equalize`). Exact for
     attention: q . (k - c) = q . k - q . c, and q . c is the same for every key of a query's row,
-    which softmax ignores."""
+    which softmax ignores. The graph adds the offset -c (:func:`key_offset_name`) rather than
+    subtracting c: the HTP truncates where it requantizes a Sub's output, and rounds an Add's
+    (HTP simulator: the stored keys came out 0.5 uint8 steps low on average with Sub)."""
     H, D, KVH, G = cfg.hidden_size, cfg.head_dim, cfg.num_key_value_heads, cfg.num_key_value_groups
     n = layer_weight_names(layer)
     pk = b.input(f"past_key_{layer}_in", b.T, (KVH, 1, D, P))
@@ -233,7 +236,7 @@ def _decoder_layer(b: GraphBuilder, cfg: ModelConfig, ws: WeightSource, layer: i
     q = _rope(b, q, cos, sin, D // 2)  # (KVH, G, AR, D)
     k = _rope(b, k, cos, sin, D // 2)  # (KVH, 1, AR, D)
     if key_center:
-        k = b.op("Sub", [k, b.weight(key_center_name(layer), np.zeros((KVH, 1, 1, D), b.np_float))])
+        k = b.op("Add", [k, b.weight(key_offset_name(layer), np.zeros((KVH, 1, 1, D), b.np_float))])
     b.op("Transpose", [k], out=f"past_key_{layer}_out", perm=[0, 1, 3, 2])  # (KVH, 1, D, AR)
     b.output(f"past_key_{layer}_out", b.T, (KVH, 1, D, AR))
 
