@@ -85,6 +85,7 @@ def test_w4a16_bundle_is_smaller_and_keeps_few_int8_projections(demo_w4a16):
 
 def _assert_fibonacci_answer(bundle, capsys, *options: str) -> None:
     prompt = "Write a Python function that returns the n-th Fibonacci number."
+    capsys.readouterr()  # drop what the test printed before: only the command's JSON is parsed
     assert main(["--quiet", "generate", str(bundle), "--prompt", prompt, "--max-new-tokens", "160", "--json", *options]) == 0
     text = json.loads(capsys.readouterr().out)["text"]
     code = re.search(r"```(?:python)?\n(.*?)(```|$)", text, re.S)
