@@ -1,10 +1,12 @@
 """QNN context binaries of a compiled bundle: compile time and peak RSS per part, HTP (simulator
 on x86_64) time per AR-128 and AR-1 call per part, and bytes moved per generated token.
 
-    PYTHONPATH=src python benchmarks/bench_qnn.py BUNDLE [--from-manifest] [--skip-simulator]
+    PYTHONPATH=src python benchmarks/bench_qnn.py BUNDLE [--from-manifest] [--skip-simulator] [--levels 0,1,3]
 
 - compile: each part's AR graphs compiled again into one weight-shared context, in a child
-  process (time and that process's peak RSS); ``--from-manifest`` prints the export's own numbers.
+  process (time and that process's peak RSS), at each HTP graph finalization optimization level
+  of ``--levels`` (default: the bundle's own), with ratios against the first level listed (the
+  QNN EP's default is 0); ``--from-manifest`` prints the export's own numbers.
 - simulator: the calls of ``qwen-ondevice verify`` (one AR-128 and one AR-1 call per part on a
   short chat prompt), with the ORT CPU time of the same QDQ call as the baseline in the same run.
 - bytes per generated token: every decoder weight read once (the embedding part reads one row)
@@ -49,7 +51,7 @@ def bundle_bytes_per_token(root: Path) -> dict:
     return {"weights": r["bytes_read_per_token_full_context"] - kv, "kv": kv, "total": r["bytes_read_per_token_full_context"]}
 
 
-def recompile(root: Path) -> list[dict]:
+def recompile(root: Path, level: int) -> list[dict]:
     from qwen_ondevice.compile import _run_worker, wrapper_name
 
     m = read_manifest(root, verify=False)
@@ -59,13 +61,13 @@ def recompile(root: Path) -> list[dict]:
         with tempfile.TemporaryDirectory() as tmp:
             graphs = [[ar, str(root / part["graphs"][str(ar)]["file"]), str(Path(tmp) / wrapper_name(part["name"], ar))] for ar in ars]
             t0 = time.perf_counter()
-            res, peak, err = _run_worker({"chipset": m.data["qnn"]["chipset"], "graphs": graphs})
+            res, peak, err = _run_worker({"chipset": m.data["qnn"]["chipset"], "graphs": graphs, "optimization": level})
             seconds = time.perf_counter() - t0
             if not res["ok"]:
                 raise SystemExit(f"{part['name']}: {res['error']}")
             bin_bytes = sum(b.stat().st_size for b in Path(tmp).glob("*.bin"))
         rows.append({"name": part["name"], "compile_seconds": seconds, "peak_rss_bytes": peak, "bin_bytes": bin_bytes,
-                     "weight_bytes": part["weight_bytes"]})
+                     "weight_bytes": part["weight_bytes"], "htp_optimization": level})
     return rows
 
 
@@ -75,6 +77,8 @@ def main() -> int:
     ap.add_argument("--from-manifest", action="store_true", help="print the export's compile numbers instead of compiling again")
     ap.add_argument("--skip-simulator", action="store_true", help="do not run the parts on the HTP simulator")
     ap.add_argument("--json", type=Path, default=None, help="also write the numbers to this JSON file")
+    ap.add_argument("--levels", default=None,
+                    help="comma-separated HTP graph optimization levels to compile at (0-3; default: the bundle's own)")
     args = ap.parse_args()
     from qwen_ondevice.progress import set_quiet
 
@@ -88,12 +92,17 @@ def main() -> int:
           f"{q['chipset']} (soc {q['soc_model']}, {q['dsp_arch']}), QAIRT {q.get('qairt', '?')}")
     out = {"bundle": str(args.bundle), "chipset": q["chipset"]}
 
-    rows = q["parts"] if args.from_manifest else recompile(args.bundle)
-    print(f"\ncompile ({'export manifest' if args.from_manifest else 'compiled again now, one child process per part'}):")
-    print(f"  {'part':<14} {'seconds':>9} {'peak RSS GB':>12} {'bin MB':>9} {'weights MB':>11} {'bin/weights':>12}")
+    levels = [int(x) for x in args.levels.split(",")] if args.levels else [int(q.get("htp_optimization", 3))]
+    rows = q["parts"] if args.from_manifest else [r for lv in levels for r in recompile(args.bundle, lv)]
+    print(f"\ncompile ({'export manifest' if args.from_manifest else 'compiled again now, one child process per part'};"
+          f" ratios against level {levels[0]}):")
+    print(f"  {'part':<14} {'level':>5} {'seconds':>9} {'ratio':>6} {'peak RSS GB':>12} {'ratio':>6} {'bin MB':>9} {'bin/weights':>12}")
+    base = {r["name"]: r for r in rows if r.get("htp_optimization", levels[0]) == levels[0]}
     for r in rows:
-        print(f"  {r['name']:<14} {r['compile_seconds']:>9.1f} {r['peak_rss_bytes'] / 1e9:>12.2f} {r['bin_bytes'] / 1e6:>9.1f} "
-              f"{r['weight_bytes'] / 1e6:>11.1f} {r['bin_bytes'] / r['weight_bytes']:>12.3f}")
+        b = base.get(r["name"], r)
+        print(f"  {r['name']:<14} {r.get('htp_optimization', '?'):>5} {r['compile_seconds']:>9.1f} "
+              f"{r['compile_seconds'] / b['compile_seconds']:>6.2f} {r['peak_rss_bytes'] / 1e9:>12.2f} "
+              f"{r['peak_rss_bytes'] / b['peak_rss_bytes']:>6.2f} {r['bin_bytes'] / 1e6:>9.1f} {r['bin_bytes'] / r['weight_bytes']:>12.3f}")
     out["compile"] = rows
 
     if not args.skip_simulator:

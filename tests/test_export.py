@@ -72,14 +72,14 @@ def test_each_part_and_ar_matches_torch(tiny_bundle):
             got = dict(zip(names, sess.run(names, feeds)))
             with torch.no_grad():
                 if spec.embedding:
-                    ref = {"hidden_states_out": module(torch.from_numpy(feeds["input_ids"]))}
+                    ref = {spec.hidden_out: module(torch.from_numpy(feeds["input_ids"]))}
                 else:
                     t = {k: torch.from_numpy(v) for k, v in feeds.items()}
                     L = list(spec.layers)
-                    y, ks, vs = module(t["hidden_states_in"], t["attention_mask"], t["position_ids_cos"],
+                    y, ks, vs = module(t[spec.hidden_in], t["attention_mask"], t["position_ids_cos"],
                                        t["position_ids_sin"], [t[f"past_key_{l}_in"] for l in L],
                                        [t[f"past_value_{l}_in"] for l in L])
-                    ref = {("logits" if spec.head else "hidden_states_out"): y}
+                    ref = {("logits" if spec.head else spec.hidden_out): y}
                     for l, k, v in zip(L, ks, vs):
                         ref[f"past_key_{l}_out"], ref[f"past_value_{l}_out"] = k, v
             assert set(ref) == set(got)
@@ -94,7 +94,13 @@ def test_graph_io_names_follow_contract(tiny_bundle):
     assert [i["name"] for i in first["graphs"]["1"]["inputs"]] == ["input_ids"]
     assert first["graphs"]["1"]["inputs"][0]["dtype"] == "int32"
     names = [i["name"] for i in middle["graphs"][str(AR)]["inputs"]]
-    assert names[:4] == ["hidden_states_in", "attention_mask", "position_ids_cos", "position_ids_sin"]
+    # the boundary tensors carry one name on both sides (Genie joins parts by name):
+    # hidden_states_{L} enters decoder layer L (transformers' output_hidden_states numbering)
+    l0 = middle["layers"][0]
+    assert names[:4] == [f"hidden_states_{l0}", "attention_mask", "position_ids_cos", "position_ids_sin"]
+    assert [o["name"] for o in first["graphs"][str(AR)]["outputs"]] == ["hidden_states_0"] and l0 == 0
+    assert [o["name"] for o in middle["graphs"][str(AR)]["outputs"]][0] == f"hidden_states_{middle['layers'][1]}"
+    assert [i["name"] for i in last["graphs"][str(AR)]["inputs"]][0] == f"hidden_states_{middle['layers'][1]}"
     l0 = middle["layers"][0]
     shapes = {i["name"]: tuple(i["shape"]) for i in middle["graphs"][str(AR)]["inputs"]}
     cfg = m.config
@@ -293,7 +299,7 @@ def test_ort_trimmed_past_matches_transformers_logits(tiny_bundle):
 
         def run(self, names, feeds):
             if "past_value_0_in" in feeds:
-                fed.append((feeds["hidden_states_in"].shape[1], feeds["past_value_0_in"].shape[2]))
+                fed.append((feeds["attention_mask"].shape[2], feeds["past_value_0_in"].shape[2]))
                 assert feeds["attention_mask"].shape[-1] == fed[-1][1] + fed[-1][0]
             return self.sess.run(names, feeds)
 

@@ -36,8 +36,8 @@ CHIP = "snapdragon-8-elite"
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 
-def _options(ckpt, **kw) -> ExportOptions:
-    return ExportOptions(model=str(ckpt), precision="w4a16", prompt_length=AR, context_length=CL, num_parts=2,
+def _options(ckpt, num_parts: int = 2, **kw) -> ExportOptions:
+    return ExportOptions(model=str(ckpt), precision="w4a16", prompt_length=AR, context_length=CL, num_parts=num_parts,
                          calibration_tokens=256, **kw)
 
 
@@ -95,8 +95,16 @@ def test_all_compute_nodes_on_the_npu(compiled, capsys):
             assert g["nodes"] == len(src.graph.node) and g["nodes_outside"] == 0 and g["npu_fraction"] == 1.0
     assert main(["inspect", str(out)]) == 0
     text = capsys.readouterr().out
-    assert f"QNN context binaries for {CHIP} (soc_model 69, HTP v79)" in text
+    assert f"QNN context binaries for {CHIP} (soc_model 69, HTP v79, HTP graph optimization level 3)" in text
     assert text.count("100.0% of nodes on the NPU") == 4
+    # inspect reads the binaries themselves: every graph QNN finds in each .bin, with its tensors
+    from qwen_ondevice.qnn_binary import read_context_binary
+
+    for p in m["qnn"]["parts"]:
+        for g in read_context_binary(out / p["bin"]):
+            assert f"graph {g.name} (read from the .bin)" in text
+            t = g.outputs[0]
+            assert f"{t.name} {tuple(t.dims)} {t.dtype} scale {t.scale:.4g} offset {t.offset}" in text
 
 
 def test_weights_stored_once(compiled, tmp_path):
@@ -225,7 +233,10 @@ def test_genie_config_fields_equal_manifest_and_tokenizer(compiled):
     ctx = genie["context"]
     assert ctx["size"] == m["context_length"] == CL
     assert ctx["n-vocab"] == cfg["vocab_size"]
-    assert ctx["bos-token"] == gen["bos_token_id"]
+    # Genie prepends a bos-token >= 0 to every query; Qwen2's tokenizer adds nothing before the
+    # text (its chat template starts with <|im_start|>), so Genie must add nothing either
+    assert tok("x")["input_ids"] == tok("x", add_special_tokens=False)["input_ids"]
+    assert ctx["bos-token"] == -1 and gen["bos_token_id"] == 151643
     im_end, eot = tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")
     assert (im_end, eot) == (151645, 151643)
     assert set(ctx["eos-token"]) == {im_end, eot} and ctx["eot-token"] == im_end
@@ -246,16 +257,86 @@ def test_genie_config_fields_equal_manifest_and_tokenizer(compiled):
 
 def test_genie_accepts_the_config(compiled):
     """libGenie.so from the onnxruntime-qnn wheel parses genie_config.json (child process)."""
-    from qwen_ondevice.genie import genie_library, probe_genie
+    from qwen_ondevice.genie_run import genie_library, run_genie
 
     # the pinned onnxruntime-qnn (>= 2.7, Linux x86_64) carries libGenie.so
     assert genie_library() is not None, "no libGenie.so in this onnxruntime-qnn"
     out, _ = compiled
-    r = probe_genie(out, timeout=120)
-    assert r.get("config_status") == 0, r["log"]
-    bad = json.loads((out / "genie_config.json").read_text())
-    bad["dialog"]["engine"]["backend"]["QnnHtp"]["n-layer"] = 2  # a key Genie's QnnHtp schema does not have
-    assert probe_genie(out, config=bad, timeout=120).get("config_status") != 0
+    config = json.loads((out / "genie_config.json").read_text())
+    r = run_genie(config, out, create_dialog=False, timeout=120)
+    assert r.config_status == 0, r.log[-5:]
+    config["dialog"]["engine"]["backend"]["QnnHtp"]["n-layer"] = 2  # a key Genie's QnnHtp schema does not have
+    assert run_genie(config, out, create_dialog=False, timeout=120).config_status not in (0, None)
+
+
+def test_binaries_carry_ai_hub_graph_names_read_back_by_qnn(compiled):
+    """The graph names inside each .bin (read by QNN itself, not from our manifest) are AI Hub's,
+    and Genie's parse of them gives the AR and CL of their own tensors."""
+    from qwen_ondevice.qnn_binary import read_context_binary
+
+    out, m = compiled
+    N = len(m["parts"])
+    for i, p in enumerate(m["qnn"]["parts"], 1):
+        graphs = read_context_binary(out / p["bin"])
+        assert len(graphs) == 2
+        for g in graphs:
+            io = {t.name: t for t in g.inputs}
+            ar = io["input_ids"].dims[1] if "input_ids" in io else io["attention_mask"].dims[2]
+            kind = "token" if ar == 1 else "prompt"
+            # AI Hub's form, with filler characters (no digits, no ar/cl) before the _i_of_N ending
+            head, _, tail = g.name.partition(f"_{i}_of_{N}")
+            assert tail == "" and head.startswith(f"{kind}_ar{ar}_cl{CL}"), g.name
+            assert set(head[len(f"{kind}_ar{ar}_cl{CL}"):]) <= {"_", "x"}, g.name
+            if "attention_mask" in io:
+                assert io["attention_mask"].dims == (1, 1, ar, CL)
+            # the wrapper runs this graph: its partition_name is the name inside the .bin
+            (node,) = [n for n in _wrapper_nodes(out / p["graphs"][str(ar)]["wrapper"]) if n.op_type == "EPContext"]
+            assert _attrs(node)["partition_name"].decode() == g.name
+
+
+def test_boundaries_join_with_one_encoding(compiled):
+    """Part 2 reads the very tensor part 1 writes: same name, dtype, shape, scale and offset in
+    the binaries (as QNN reads them), and the manifest's encoding on both sides."""
+    from qwen_ondevice.qnn_binary import read_context_binary
+
+    out, m = compiled
+    first, second = (read_context_binary(out / p["bin"]) for p in m["qnn"]["parts"])
+    for ar in (AR, 1):
+        (prod,) = [t for g in first for t in g.outputs if g.outputs[0].dims[1] == ar]
+        cons = next(t for g in second for t in g.inputs if t.name == prod.name and t.dims[1] == ar)
+        assert prod.name == "hidden_states_0" and prod.dtype == cons.dtype == "ufixed_point_16"
+        assert (prod.dims, prod.scale, prod.offset) == (cons.dims, cons.scale, cons.offset)
+        enc = next(o["encoding"] for o in m["parts"][0]["graphs"][str(ar)]["outputs"] if o["name"] == prod.name)
+        assert np.float32(prod.scale) == np.float32(enc["scale"]) and prod.offset == -enc["zero_point"]
+
+
+@pytest.fixture(scope="module")
+def compiled_3(tiny_ckpt, tmp_path_factory):
+    out = tmp_path_factory.mktemp("qnn3") / "bundle"
+    export(_options(tiny_ckpt, num_parts=3, chipset=CHIP), out)
+    return out
+
+
+def test_genie_runs_a_three_part_bundle_like_the_runtime(compiled_3):
+    """Genie itself (libGenie.so, simulator) on the non-shared twin of a 3-part bundle: every
+    graph sorted into its (AR, CL) variant and split, no unconnected tensor or naming warning,
+    and its greedy tokens equal the qnn-htp runtime's; the text query (Genie's own tokenizer on
+    the templated prompt) decodes to the same text; the weight-shared bundle parses too."""
+    from qwen_ondevice.genie_verify import verify_genie
+
+    r = verify_genie(compiled_3, "Hi", new_tokens=4, timeout=900)
+    t, s = r["twin"], r["shared"]
+    assert t["dialog_status"] == 0 and [q["status"] for q in t["queries"]] == [0, 0], t
+    assert t["graphs_loaded"] == {f"{AR},{CL}": 3, f"1,{CL}": 3}
+    genie_tokens = t["queries"][0]["tokens"]
+    assert len(genie_tokens) == 4 and genie_tokens == t["reference_tokens"]
+    assert t["queries"][1]["text"] == t["reference_text"] and t["text_equal"]
+    assert t["log_problems"] == []
+    assert s["config_status"] == 0 and s["graphs_loaded"] == {f"{AR},{CL}": 3, f"1,{CL}": 3}
+    assert r["ok"]
+    from qwen_ondevice.genie_verify import format_genie_report
+
+    assert format_genie_report(r).splitlines()[-1].startswith("PASS")
 
 
 def _one_line_error(capsys, argv) -> str:
@@ -327,11 +408,11 @@ def test_failed_part_keeps_earlier_parts_and_rerun_resumes(tiny_ckpt, tmp_path, 
     real = comp.compile_part
     calls = []
 
-    def failing(root, part, chip, work):
+    def failing(root, part, chip, work, *rest):
         calls.append(part["name"])
         if part["name"] == "part_2_of_2":
             raise CompileError("part_2_of_2 AR-8 graph: QNN could not prepare it for snapdragon-8-elite: (simulated)")
-        return real(root, part, chip, work)
+        return real(root, part, chip, work, *rest)
 
     out = tmp_path / "b"
     monkeypatch.setattr(comp, "compile_part", failing)

@@ -249,7 +249,8 @@ def test_io_names_shapes_equal_fp32_and_dtypes_quantized(bundles):
                     e = x["encoding"]
                     assert e["dtype"] == want and e["scale"] > 0
                 seen.add(n)
-        assert {"input_ids", "hidden_states_in", "hidden_states_out", "attention_mask", "position_ids_cos",
+        boundary = m.part_specs()[1].hidden_out  # between the two decoder parts: one name on both sides
+        assert {"input_ids", "hidden_states_0", boundary, "attention_mask", "position_ids_cos",
                 "position_ids_sin", "logits", "past_key_0_in", "past_value_2_out"} <= seen
         mask = next(x for x in m.parts[1]["graphs"][str(AR)]["inputs"] if x["name"] == "attention_mask")["encoding"]
         assert mask["min"] == pytest.approx(MASK_VALUE, rel=1e-4) and mask["max"] == pytest.approx(0.0, abs=1e-9)
@@ -320,7 +321,7 @@ def test_key_centering_is_exact_in_float_and_narrows_the_key_cache(bundles, tiny
     hidden = rng.normal(0, 1, (1, AR, cfg.hidden_size)).astype(np.float32)
     cos_t, sin_t = (t.numpy() for t in rope_tables(cfg, torch.arange(CL)))
     x = make_call_inputs(list(range(AR)), AR, 5, CL, cos_t, sin_t, MASK_VALUE)
-    feeds = {"hidden_states_in": hidden, "attention_mask": x.attention_mask, "position_ids_cos": x.cos, "position_ids_sin": x.sin}
+    feeds = {part.hidden_in: hidden, "attention_mask": x.attention_mask, "position_ids_cos": x.cos, "position_ids_sin": x.sin}
     for l in part.layers:
         feeds[f"past_key_{l}_in"] = rng.normal(0, 2, (KVH, 1, D, CL - AR)).astype(np.float32)
         feeds[f"past_value_{l}_in"] = rng.normal(0, 2, (KVH, 1, CL - AR, D)).astype(np.float32)
@@ -554,12 +555,12 @@ def numpy_decoder_part(qg: QGraph, cfg, layers, head: bool, feeds: dict) -> dict
     """The Qwen2 decoder layers (and the head) of one part, written out in numpy, with a
     quantize/dequantize at every tensor the graph quantizes (encodings read from the graph).
     Returns the graph outputs as uints."""
-    AR_ = feeds["hidden_states_in"].shape[1]
+    h_t = f"hidden_states_{layers.start}"  # the part's boundary input (transformers' numbering)
+    AR_ = feeds[h_t].shape[1]
     H, D, KVH = cfg.hidden_size, cfg.head_dim, cfg.num_key_value_heads
     G, half = cfg.num_attention_heads // KVH, cfg.head_dim // 2
     W = qg.weight_dq
     fq, after = qg.fq, qg.after
-    h_t = "hidden_states_in"
     h = qg.dq(h_t, feeds[h_t])
     mask = qg.dq("attention_mask", feeds["attention_mask"])
     cos = qg.dq("position_ids_cos", feeds["position_ids_cos"])
@@ -649,7 +650,7 @@ def numpy_decoder_part(qg: QGraph, cfg, layers, head: bool, feeds: dict) -> dict
         qg.qf(t, x @ W("lm_head.weight"))
     else:
         t = after(h_t, "Identity")
-        assert t == "hidden_states_out"
+        assert t == f"hidden_states_{layers.stop}"
         outs[t] = qg.q(t, h)
         qg.qf(t, h)
     return outs
@@ -714,15 +715,15 @@ def test_ort_equals_numpy_qdq_reference(bundles, tiny, variant):
                 sdq = qg.producer[name + ".row_scale_dq"]
                 rs = ((qg.init(sdq.input[0]).astype(np.int32) - int(qg.init(sdq.input[2]))).astype(np.float32)
                       * np.float32(qg.init(sdq.input[1])))  # (V, 1) float32
-                ref = qg.q("hidden_states_out", rows[x.input_ids] * rs[x.input_ids])
+                ref = qg.q("hidden_states_0", rows[x.input_ids] * rs[x.input_ids])
                 assert got.dtype == np.uint16 and np.array_equal(got, ref)
                 assert len(np.unique(got)) > min(100, got.size // 2)
-                hidden, hidden_enc = got, enc["hidden_states_out"]
+                hidden, hidden_enc = got, enc["hidden_states_0"]
                 continue
             layers = range(*part["layers"])
-            if enc["hidden_states_in"] != hidden_enc:
-                hidden = enc["hidden_states_in"].quantize(hidden_enc.dequantize(hidden))
-            feeds = {"hidden_states_in": hidden, "attention_mask": enc["attention_mask"].quantize(x.attention_mask),
+            h_in = f"hidden_states_{layers.start}"
+            assert enc[h_in] == hidden_enc  # a boundary carries one encoding on both sides
+            feeds = {h_in: hidden, "attention_mask": enc["attention_mask"].quantize(x.attention_mask),
                      "position_ids_cos": enc["position_ids_cos"].quantize(x.cos),
                      "position_ids_sin": enc["position_ids_sin"].quantize(x.sin)}
             for l in layers:
@@ -776,7 +777,8 @@ def test_ort_equals_numpy_qdq_reference(bundles, tiny, variant):
                 cache[l][0][..., n_past : n_past + n] = got[f"past_key_{l}_out"][..., :n]
                 cache[l][1][:, :, n_past : n_past + n] = got[f"past_value_{l}_out"][:, :, :n]
             if not part["head"]:
-                hidden, hidden_enc = got["hidden_states_out"], enc["hidden_states_out"]
+                h_out = f"hidden_states_{layers.stop}"
+                hidden, hidden_enc = got[h_out], enc[h_out]
     print(f"\nfree run: {free['exact'] / free['total']:.4%} exact, max LSB by output {free['max']}; "
           f"forced: {forced['points']} Q points, {forced['exact'] / forced['total']:.4%} exact")
     # measured 92.6% (per channel) and 96.3% (block-wise); each point alone is held to 1 LSB below

@@ -12,7 +12,7 @@ from .errors import UserError
 from .modeling import PartSpec
 
 SCHEMA = "qwen-ondevice.bundle"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: part boundaries named hidden_states_{layer}, AI Hub graph names
 MANIFEST = "manifest.json"
 #: Files copied from the checkpoint (those present); the chat template travels inside
 #: tokenizer_config.json and, for newer tokenizers, also as chat_template.jinja.

@@ -14,12 +14,17 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import onnx
 
 from .engine import make_call_inputs
 from .errors import UserError
 from .progress import log
+
+if TYPE_CHECKING:
+    from .modeling import PartSpec
 
 #: Ops whose output is a rearrangement of their input: they inherit its encoding, no statistics.
 DATA_MOVEMENT = {"Reshape", "Transpose", "Split", "Identity", "Squeeze", "Unsqueeze"}
@@ -142,8 +147,9 @@ def is_row_max_shift(node: onnx.NodeProto, producers: dict[str, onnx.NodeProto])
     return p is not None and p.op_type == "ReduceMax"
 
 
-def tracked_tensors(model: onnx.ModelProto) -> dict[str, set[str]]:
-    """Which float tensors of a float part graph need statistics, and which kinds.
+def tracked_tensors(model: onnx.ModelProto, hidden_in: str | None) -> dict[str, set[str]]:
+    """Which float tensors of a float part graph need statistics, and which kinds
+    (``hidden_in``: the part's boundary input, :attr:`qwen_ondevice.modeling.PartSpec.hidden_in`).
 
     Returns name -> kinds, kinds from {"range", "matmul_input", "norm_io", "channel_range",
     "sample"} ("channel_range": per-channel min/max of the down_proj input and the up_proj
@@ -159,8 +165,8 @@ def tracked_tensors(model: onnx.ModelProto) -> dict[str, set[str]]:
     def add(name, kind):
         kinds.setdefault(name, set()).add(kind)
 
-    if "hidden_states_in" in graph_inputs:
-        add("hidden_states_in", "range")
+    if hidden_in is not None and hidden_in in graph_inputs:
+        add(hidden_in, "range")
     for node in model.graph.node:
         out = node.output[0]
         if node.op_type in DATA_MOVEMENT or node.op_type == "Softmax":
@@ -236,7 +242,7 @@ def calibrate_part(
     float_graph: Path,
     kinds: dict[str, set[str]],
     plan: CalibrationPlan,
-    layers: range,
+    part: "PartSpec",
     kv_shape: tuple[int, int],
     hidden_in: np.ndarray | None,
     cos_table: np.ndarray,
@@ -248,12 +254,13 @@ def calibrate_part(
     """Run one part's float AR graph over every calibration chunk; returns its statistics and
     its outputs per chunk (hidden states (n_chunks, AR, H) or, for the last part, nothing useful).
 
-    ``hidden_in`` is (n_chunks, AR, H) float32 from the previous part (None for the embedding
-    part, which reads the token ids). ``kv_shape`` is (KVH, D). The part keeps its own float KV
+    ``hidden_in`` is (n_chunks, AR, H) float32 from the previous part, fed as the part's boundary
+    input ``part.hidden_in`` (None for the embedding part, which reads the token ids). ``kv_shape`` is (KVH, D). The part keeps its own float KV
     cache per sequence, exactly as the engine does.
     """
     import onnxruntime as ort
 
+    layers = part.layers
     model = onnx.load(str(float_graph), load_external_data=False)
     existing = {o.name for o in model.graph.output}
     for name in kinds:
@@ -284,7 +291,7 @@ def calibrate_part(
             feeds = {"input_ids": tokens[None].astype(np.int32)}
         else:
             x = make_call_inputs(list(tokens), AR, n_past, CL, cos_table, sin_table, mask_value)
-            feeds = {"hidden_states_in": hidden_in[i][None], "attention_mask": x.attention_mask,
+            feeds = {part.hidden_in: hidden_in[i][None], "attention_mask": x.attention_mask,
                      "position_ids_cos": x.cos, "position_ids_sin": x.sin}
             for l in layers:
                 feeds[f"past_key_{l}_in"] = keys[l]
@@ -297,8 +304,7 @@ def calibrate_part(
                 if n_past + AR <= P:
                     keys[l][..., n_past : n_past + AR] = res[f"past_key_{l}_out"]
                     values[l][:, :, n_past : n_past + AR, :] = res[f"past_value_{l}_out"]
-        main = "logits" if "logits" in res else "hidden_states_out"
-        outputs.append(res[main][0] if main == "hidden_states_out" else np.zeros((AR, 0), np.float32))
+        outputs.append(np.zeros((AR, 0), np.float32) if part.head else res[part.hidden_out][0])
         if (i + 1) % 8 == 0 or i + 1 == len(chunks):
             log(f"[calibrate] {label}: chunk {i + 1}/{len(chunks)}")
     del sess

@@ -37,6 +37,9 @@ MIN_WEIGHT_SHARING_ARCH = 73
 #: A part's .bin may exceed its weight bytes by this factor (graph metadata, small tensors,
 #: alignment); one copy per graph would be about 2x.
 MAX_BIN_TO_WEIGHT_RATIO = 1.5
+#: ... plus this many bytes of graph descriptions, which do not scale with the weights (they
+#: dominate a part of a tiny test model, whose weights are a few kilobytes).
+BIN_OVERHEAD_BYTES = 1 << 20
 #: QNN EP provider option: block-wise int4 weights (``DequantizeLinear`` with ``block_size``) go to
 #: the HTP's native LPBQ kernel (QNN_QUANTIZATION_ENCODING_BLOCKWISE_EXPANSION, uint16 activations)
 #: instead of the compatibility path, which dequantizes the activations to fp16 around the MatMul
@@ -44,6 +47,13 @@ MAX_BIN_TO_WEIGHT_RATIO = 1.5
 #: (:func:`qwen_ondevice.weight_quant.lpbq_scales`), and unlike the fp16 path its preparation is
 #: deterministic, which ``verify`` on x86_64 relies on. Per-channel weights are not affected.
 BLOCK_QUANT_OPTION = {"enable_block_quant_weight_optimization": "1"}
+#: QNN EP provider option ``htp_graph_finalization_optimization_mode``: 1 prepares fastest with a
+#: less optimized graph, 2 more optimized, 3 the most optimized and the slowest to prepare (the
+#: level ONNX Runtime's own weight-sharing context example uses; onnxruntime-qnn docs). Shipped
+#: bundles use 3; ``export --htp-optimization 1`` gives a faster development build. The level
+#: changes the .bin, so re-preparing a part (verify, qnn-htp on x86_64) uses the bundle's own.
+HTP_OPTIMIZATION_LEVELS = (1, 2, 3)
+DEFAULT_HTP_OPTIMIZATION = 3
 #: Ops allowed outside the EPContext node, and only at the graph's own inputs/outputs.
 BOUNDARY_OPS = ("QuantizeLinear", "DequantizeLinear")
 
@@ -127,8 +137,10 @@ def check_chipset_option(chipset: str | None, precision: str) -> Chipset | None:
 # The QNN execution provider
 
 
-def qnn_session_options(chip: Chipset, config: dict[str, str] | None = None, log_severity: int = 3):
-    """SessionOptions with the QNN EP (HTP backend) for ``chip`` and no CPU fallback."""
+def qnn_session_options(chip: Chipset, config: dict[str, str] | None = None, log_severity: int = 3,
+                        optimization: int = DEFAULT_HTP_OPTIMIZATION):
+    """SessionOptions with the QNN EP (HTP backend) for ``chip``, no CPU fallback, and the HTP
+    graph finalization ``optimization`` level (:data:`HTP_OPTIMIZATION_LEVELS`)."""
     import onnxruntime as ort
     import onnxruntime_qnn
 
@@ -141,7 +153,8 @@ def qnn_session_options(chip: Chipset, config: dict[str, str] | None = None, log
     so.add_provider_for_devices(devices, {"backend_path": onnxruntime_qnn.get_qnn_htp_path(), "soc_model": str(chip.soc_model),
                                           "htp_arch": str(chip.arch),
                                           # float tensors (the residual stream) in fp16: the documented default, stated
-                                          "enable_htp_fp16_precision": "1", **BLOCK_QUANT_OPTION})
+                                          "enable_htp_fp16_precision": "1", **BLOCK_QUANT_OPTION,
+                                          "htp_graph_finalization_optimization_mode": str(int(optimization))})
     return so
 
 
@@ -175,11 +188,13 @@ class PrepareError(RuntimeError):
         self.ar = ar
 
 
-def prepare_part(graphs: list, chip: Chipset) -> dict[int, object]:
+def prepare_part(graphs: list, chip: Chipset, share: bool = True,
+                 optimization: int = DEFAULT_HTP_OPTIMIZATION) -> dict[int, object]:
     """Compile one part's graphs into one weight-shared context: ``graphs`` is
     ``[[ar, source onnx, wrapper path], ...]`` in compile order; the wrappers and one .bin are
     written beside the wrappers. Returns the sessions by AR: they run the prepared graphs (on the
-    HTP, or on the simulator on x86_64).
+    HTP, or on the simulator on x86_64). Without ``share`` each graph gets a context binary of
+    its own, not weight-shared (what the x86_64 simulator and Genie on it can load).
 
     Raises:
         PrepareError: a graph failed to prepare (an op the HTP cannot take, a QNN error).
@@ -188,12 +203,13 @@ def prepare_part(graphs: list, chip: Chipset) -> dict[int, object]:
 
     sessions = {}
     for i, (ar, src, wrapper) in enumerate(graphs):
-        cfg = {"ep.context_enable": "1", "ep.context_embed_mode": "0", "ep.context_file_path": str(wrapper),
-               "ep.share_ep_contexts": "1"}
-        if i == len(graphs) - 1:
-            cfg["ep.stop_share_ep_contexts"] = "1"
+        cfg = {"ep.context_enable": "1", "ep.context_embed_mode": "0", "ep.context_file_path": str(wrapper)}
+        if share:
+            cfg["ep.share_ep_contexts"] = "1"
+            if i == len(graphs) - 1:
+                cfg["ep.stop_share_ep_contexts"] = "1"
         try:
-            sessions[int(ar)] = ort.InferenceSession(str(src), sess_options=qnn_session_options(chip, cfg))
+            sessions[int(ar)] = ort.InferenceSession(str(src), sess_options=qnn_session_options(chip, cfg, optimization=optimization))
         except Exception as e:
             raise PrepareError(int(ar), f"{type(e).__name__}: {e}") from e
     return sessions
@@ -205,7 +221,8 @@ def _compile_worker() -> None:
     libraries' exit-time destructors)."""
     spec = json.loads(sys.stdin.read())
     try:
-        sessions = prepare_part(spec["graphs"], CHIPSETS[spec["chipset"]])
+        sessions = prepare_part(spec["graphs"], CHIPSETS[spec["chipset"]], spec.get("share", True),
+                                spec.get("optimization", DEFAULT_HTP_OPTIMIZATION))
         del sessions
         result = {"ok": True}
     except PrepareError as e:
@@ -277,13 +294,19 @@ def bin_name(part_name: str) -> str:
     return f"{part_name}.bin"
 
 
-def compile_part(root: Path, part: dict, chip: Chipset, work: Path) -> dict:
+def compile_part(root: Path, part: dict, chip: Chipset, work: Path, context_length: int | None = None,
+                 num_parts: int | None = None, optimization: int = DEFAULT_HTP_OPTIMIZATION) -> dict:
     """Compile ``part`` (its manifest entry; graph files relative to ``root``) for ``chip`` into
     ``root/qnn/<chipset>/``; returns the part's entry for the manifest's ``qnn`` section.
 
+    With ``context_length`` and ``num_parts`` the graphs inside the .bin are renamed to AI Hub's
+    names (:func:`qwen_ondevice.qnn_names.graph_name`), the wrappers pointed at them, and the .bin
+    read back with QNN (:func:`check_part_binary`).
+
     Raises:
         CompileError: QNN could not prepare a graph (named by part and AR, with QNN's message),
-            an op fell outside the EPContext node, or the .bin holds the weights twice.
+            an op fell outside the EPContext node, the .bin holds the weights twice, or what QNN
+            reads back from it disagrees with the part's graphs.
     """
     name = part["name"]
     ars = sorted((int(a) for a in part["graphs"]), reverse=True)
@@ -292,7 +315,7 @@ def compile_part(root: Path, part: dict, chip: Chipset, work: Path) -> dict:
     graphs = [[ar, str(root / part["graphs"][str(ar)]["file"]), str(work / wrapper_name(name, ar))] for ar in ars]
     log(f"[qnn] {name}: compiling AR-{', AR-'.join(map(str, ars))} into one context for {chip.name} (soc {chip.soc_model}, {chip.dsp_arch})")
     t0 = time.perf_counter()
-    result, peak, stderr = _run_worker({"chipset": chip.name, "graphs": graphs})
+    result, peak, stderr = _run_worker({"chipset": chip.name, "graphs": graphs, "optimization": optimization})
     seconds = round(time.perf_counter() - t0, 2)
     if not result["ok"]:
         where = f"AR-{result['failed_ar']} graph" if result.get("failed_ar") is not None else "graphs"
@@ -318,11 +341,15 @@ def compile_part(root: Path, part: dict, chip: Chipset, work: Path) -> dict:
             raise CompileError(f"{name} AR-{ar}: graph {info['qnn_graph']} is not inside {bins[0].name}")
     weight_bytes = int(part["weight_bytes"])
     ratio = bin_bytes / max(weight_bytes, 1)
-    if len(graphs) > 1 and ratio > MAX_BIN_TO_WEIGHT_RATIO:
+    if len(graphs) > 1 and bin_bytes > MAX_BIN_TO_WEIGHT_RATIO * weight_bytes + BIN_OVERHEAD_BYTES:
         raise CompileError(
             f"{name}: the context binary is {bin_bytes / 1e6:.1f} MB for {weight_bytes / 1e6:.1f} MB of weights "
             f"({ratio:.2f}x): the {len(graphs)} graphs do not share their weights"
         )
+    if context_length is not None and num_parts is not None:
+        name_graphs(bins[0], {int(ar): (Path(w), entry_graphs[str(ar)]) for ar, _, w in graphs}, context_length,
+                    int(part["index"]), num_parts)
+        check_part_binary(bins[0], part, {ar: g["qnn_graph"] for ar, g in entry_graphs.items()}, context_length, num_parts)
     for ar, _, wrapper in graphs:
         os.replace(wrapper, final_dir / wrapper_name(name, ar))
     os.replace(bins[0], final_dir / final_bin)
@@ -338,7 +365,118 @@ def compile_part(root: Path, part: dict, chip: Chipset, work: Path) -> dict:
         "graphs": entry_graphs,
         "compile_seconds": seconds,
         "peak_rss_bytes": peak,
+        "htp_optimization": int(optimization),
     }
+
+
+def name_graphs(bin_path: Path, graphs: dict[int, tuple[Path, dict]], context_length: int, index: int,
+                num_parts: int) -> None:
+    """Rename each AR's graph inside ``bin_path`` to its AI Hub name (padded to the length of
+    ONNX Runtime's name) and point its EPContext wrapper at it; ``graphs`` maps AR to (wrapper,
+    its manifest entry, whose ``qnn_graph`` is updated).
+
+    Raises:
+        CompileError: a name does not fit or is not found (see :mod:`qwen_ondevice.qnn_names`).
+    """
+    from .qnn_names import RenameError, graph_name, padded_name, rename_graph, set_partition_name
+
+    for ar, (wrapper, info) in graphs.items():
+        old = info["qnn_graph"]
+        try:
+            new = padded_name(graph_name(ar, context_length, index, num_parts), len(old))
+            rename_graph(bin_path, old, new)
+            set_partition_name(wrapper, old, new)
+        except RenameError as e:
+            raise CompileError(f"part {index} of {num_parts} AR-{ar}: {e}") from None
+        info["qnn_graph"] = new
+
+
+def check_part_binary(bin_path: Path, part: dict, names: dict[str, str], context_length: int, num_parts: int) -> list:
+    """Read ``bin_path`` back with QNN (``QnnSystemContext_getBinaryInfo``) and check it against
+    the part's manifest entry: one graph per AR under its expected name (``names``), the AR and
+    CL Genie parses from that name equal to the tensor shapes, and every graph input and output
+    of the ONNX graph present with its shape and (for quantized tensors) the manifest's scale and
+    offset (QNN offset = -zero_point). Returns the graphs read.
+
+    Raises:
+        CompileError: naming the part and what disagrees.
+    """
+    from .qnn_binary import read_context_binary
+    from .qnn_names import parse_graph_name
+
+    where = f"{part['name']} ({bin_path.name})"
+    graphs = {g.name: g for g in read_context_binary(bin_path)}
+    if sorted(graphs) != sorted(names.values()):
+        raise CompileError(f"{where}: QNN reads graphs {sorted(graphs)}, expected {sorted(names.values())}")
+    for ar, gname in names.items():
+        g = graphs[gname]
+        parsed = parse_graph_name(gname)
+        if parsed != (int(ar), context_length, int(part["index"]), num_parts):
+            raise CompileError(f"{where}: graph name {gname!r} reads as (AR, CL, i, N) = {parsed}, expected "
+                               f"({ar}, {context_length}, {part['index']}, {num_parts})")
+        qnn_io = {t.name: t for t in g.inputs + g.outputs}
+        for io in part["graphs"][str(ar)]["inputs"] + part["graphs"][str(ar)]["outputs"]:
+            t = qnn_io.get(io["name"])
+            if t is None:
+                raise CompileError(f"{where}: graph {gname} has no tensor {io['name']!r} (QNN reads {sorted(qnn_io)})")
+            if tuple(t.dims) != tuple(io["shape"]):
+                raise CompileError(f"{where}: {io['name']} is {tuple(t.dims)} in graph {gname}, {tuple(io['shape'])} in the ONNX graph")
+            enc = io.get("encoding")
+            if enc is not None and not _same_encoding(t, enc):
+                raise CompileError(f"{where}: {io['name']} has scale {t.scale} offset {t.offset} in graph {gname}, "
+                                   f"the manifest's encoding is scale {enc['scale']} zero point {enc['zero_point']}")
+        if "attention_mask" in qnn_io and qnn_io["attention_mask"].dims[-2:] != (int(ar), context_length):
+            raise CompileError(f"{where}: attention_mask {qnn_io['attention_mask'].dims} disagrees with the name {gname}")
+    return list(graphs.values())
+
+
+def check_boundaries(parts: list[tuple[str, dict[int, tuple[Path, str]]]]) -> dict:
+    """Check, from what QNN reads back from the context binaries, that the parts join as Genie
+    joins them. ``parts`` lists, in part order, (part name, {AR: (.bin path, graph name)}).
+    Per AR, every graph input other than the host-fed ones (:data:`HOST_INPUTS`, ``past_*``) must
+    be an output of the previous part's graph of that AR with the same name, dtype, shape, scale
+    and offset. Returns {AR: [boundary tensor names]}.
+
+    Raises:
+        CompileError: an unconnected boundary or one with two encodings, naming the part.
+    """
+    from .qnn_binary import read_context_binary
+
+    read: dict[Path, dict] = {}
+    by_ar: dict[int, list] = {}
+    for name, graphs in parts:
+        for ar, (bin_path, gname) in graphs.items():
+            if bin_path not in read:
+                read[bin_path] = {g.name: g for g in read_context_binary(bin_path)}
+            by_ar.setdefault(int(ar), []).append((name, read[bin_path][gname]))
+    joined: dict[int, list[str]] = {}
+    for ar, seq in by_ar.items():
+        for k, (name, g) in enumerate(seq):
+            produced = {t.name: t for t in seq[k - 1][1].outputs} if k else {}
+            for t in g.inputs:
+                if t.name in HOST_INPUTS or t.name.startswith("past_"):
+                    continue
+                src = produced.get(t.name)
+                if src is None:
+                    raise CompileError(f"{name} AR-{ar}: input {t.name!r} is produced by no earlier part "
+                                       "(Genie would zero-fill it)")
+                if (src.dtype, src.dims, src.scale, src.offset) != (t.dtype, t.dims, t.scale, t.offset):
+                    raise CompileError(f"{name} AR-{ar}: boundary {t.name!r} differs between the parts: {src} / {t} "
+                                       "(Genie needs one encoding for a shared tensor)")
+                joined.setdefault(ar, []).append(t.name)
+    return joined
+
+
+#: Graph inputs the host (or Genie) feeds itself: everything else must come from another part.
+HOST_INPUTS = ("input_ids", "attention_mask", "position_ids_cos", "position_ids_sin")
+
+
+def _same_encoding(t, enc: dict) -> bool:
+    """Whether a QNN tensor's scale/offset is the ONNX encoding ``enc`` (float32 scale)."""
+    import numpy as np
+
+    return (t.scale is not None and np.float32(t.scale) == np.float32(enc["scale"])
+            and t.offset == -int(enc["zero_point"]))
 
 
 def _contains(path: Path, needle: bytes) -> bool:
@@ -424,7 +562,7 @@ def differing_bytes(a: Path, b: Path, chunk: int = 1 << 24) -> int:
 
 
 def open_part_context(root: Path, part: dict, qnn_part: dict, chip: Chipset, bin_sha256: str | None, work: Path,
-                      strict: bool = True):
+                      strict: bool = True, context_length: int | None = None, num_parts: int | None = None):
     """Sessions by AR that run one part's context binary on the HTP; returns (sessions, how).
 
     On a Snapdragon host the EPContext wrappers are loaded (both sessions share the one loaded
@@ -436,13 +574,16 @@ def open_part_context(root: Path, part: dict, qnn_part: dict, chip: Chipset, bin
     since QNN does not prepare every graph deterministically, a size within
     :data:`MAX_DIFFERING_FRACTION` of the shipped one (and, at equal sizes, at most that share of
     the bytes different); otherwise the size (to that share) and the number of QNN graphs must match.
+    The fresh graphs are renamed as the export renamed the shipped ones (:func:`name_graphs`,
+    with ``context_length`` and ``num_parts``) before the comparison.
 
     Raises:
         CompileError: the fresh preparation differs from the shipped .bin (another QAIRT
             version?), or QNN fails.
     """
+    optimization = int(qnn_part.get("htp_optimization", DEFAULT_HTP_OPTIMIZATION))
     if not simulator_host():
-        so = lambda: qnn_session_options(chip, {"ep.share_ep_contexts": "1"})  # noqa: E731
+        so = lambda: qnn_session_options(chip, {"ep.share_ep_contexts": "1"}, optimization=optimization)  # noqa: E731
         import onnxruntime as ort
 
         return ({int(ar): ort.InferenceSession(str(root / g["wrapper"]), sess_options=so()) for ar, g in qnn_part["graphs"].items()},
@@ -455,10 +596,13 @@ def open_part_context(root: Path, part: dict, qnn_part: dict, chip: Chipset, bin
     try:
         graphs = [[ar, str(root / part["graphs"][str(ar)]["file"]), str(work / wrapper_name(part["name"], ar))] for ar in ars]
         try:
-            sessions = prepare_part(graphs, chip)
+            sessions = prepare_part(graphs, chip, optimization=optimization)
         except PrepareError as e:
             raise CompileError(f"{part['name']} AR-{e.ar}: QNN could not prepare it for {chip.name}: {str(e).splitlines()[0][:400]}") from None
         bins = sorted(work.glob("*.bin"))
+        if strict and len(bins) == 1 and context_length is not None and num_parts is not None:
+            name_graphs(bins[0], {int(ar): (Path(w), {"qnn_graph": _partition_name(Path(w))}) for ar, _, w in graphs},
+                        context_length, int(part["index"]), num_parts)
         if strict:
             same = len(bins) == 1 and (bin_sha256 is None or sha256_file(bins[0]) == bin_sha256)
             how = f"re-prepared on this x86_64 host, byte-identical to {Path(qnn_part['bin']).name}"
@@ -500,8 +644,10 @@ def _partition_name(wrapper: Path) -> str:
 
 
 def describe_context(root: Path, qnn: dict) -> list[dict]:
-    """What the bundle's wrappers say (read from the files, for ``inspect``): per part the .bin,
-    its size, the QNN graphs pointing into it and the fraction of nodes on the NPU."""
+    """What the bundle's files say (for ``inspect``): per part the .bin, its size, the QNN graphs
+    its wrappers point into and the fraction of nodes on the NPU, and (``binary``) the graphs QNN
+    itself reads from the .bin with each graph's I/O tensors (name, QNN data type, shape,
+    scale/offset), as the device sees them."""
     import onnx
 
     folder = root / QNN_DIR / qnn["chipset"]
@@ -521,8 +667,20 @@ def describe_context(root: Path, qnn: dict) -> list[dict]:
             }
         b = folder / Path(p["bin"]).name
         rows.append({"name": p["name"], "bin": p["bin"], "bin_bytes": b.stat().st_size if b.exists() else None,
-                     "weight_bytes": p["weight_bytes"], "graphs": graphs})
+                     "weight_bytes": p["weight_bytes"], "graphs": graphs, "binary": _read_binary(b)})
     return rows
+
+
+def _read_binary(path: Path) -> list[dict] | str:
+    """The graphs inside a .bin as QNN reads them (GraphInfo dicts), or why they cannot be read."""
+    from .qnn_binary import QnnBinaryError, read_context_binary
+
+    if not path.exists():
+        return "missing"
+    try:
+        return [g.to_dict() for g in read_context_binary(path)]
+    except QnnBinaryError as e:
+        return str(e)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -547,11 +705,15 @@ def compile_stage(out: Path, ckpt, options, parts, state) -> dict:
         if stage in state.done:
             log(f"[qnn] {p.name}: compiled earlier, skipped")
         else:
-            info = compile_part(out, state.done[f"part:{p.name}"], chip, out / ".export" / "qnn" / p.name)
+            info = compile_part(out, state.done[f"part:{p.name}"], chip, out / ".export" / "qnn" / p.name,
+                                options.context_length, len(parts), options.htp_optimization)
             state.mark(stage, info)
         entries.append(state.done[stage])
     shutil.rmtree(out / ".export" / "qnn", ignore_errors=True)
+    check_boundaries([(p["name"], {int(ar): (out / p["bin"], g["qnn_graph"]) for ar, g in p["graphs"].items()})
+                      for p in entries])
     qnn = {**chip.to_dict(), "folder": f"{QNN_DIR}/{chip.name}", "weight_sharing": True,
+           "htp_optimization": options.htp_optimization,
            "qairt": next(iter(entries[0]["graphs"].values())).get("qairt", ""), "parts": entries}
     from .genie import write_genie_files
 

@@ -61,6 +61,7 @@ class ExportOptions:
     eval_tokens: int = 2048  # held-out tokens scored for report.json (0 skips the accuracy report)
     eval_window: int = 1024
     chipset: str = "snapdragon-8-elite"  # QNN context binaries for this chipset; "none" skips (compile.py)
+    htp_optimization: int = 3  # HTP graph finalization level (compile.HTP_OPTIMIZATION_LEVELS): 3 ships, 1 builds fastest
 
     @property
     def ar_lengths(self) -> list[int]:
@@ -208,7 +209,7 @@ def _calibration_plan(ckpt: Checkpoint, options: ExportOptions):
 
 def _quantized_part(ckpt: Checkpoint, part: PartSpec, options: ExportOptions, out: Path, state: "ExportState", plan) -> dict:
     """float graphs -> calibration -> QDQ graphs for one part (each step a stamped stage)."""
-    from .quant_export import QuantSettings, calibrate_stage, quantize_part_graphs, remove_float_files
+    from .quant_export import QuantSettings, boundary_encoding, calibrate_stage, quantize_part_graphs, remove_float_files
     from .calibrate import PartStats
 
     state_dir = out / STATE_DIR
@@ -242,7 +243,9 @@ def _quantized_part(ckpt: Checkpoint, part: PartSpec, options: ExportOptions, ou
         _stage_delay()
     log(f"[quantize] {part.name}: {options.precision} ({options.weight_method})")
     stats = PartStats.load(calib_dir / f"part_{part.index}.stats.npz")
-    info = quantize_part_graphs(part, float_dir, float_info, stats, settings, out / "onnx", MASK_VALUE)
+    producer = state.done[f"part:{PartSpec(part.index - 1, part.num_parts, range(0)).name}"] if part.hidden_in else None
+    info = quantize_part_graphs(part, float_dir, float_info, stats, settings, out / "onnx", MASK_VALUE,
+                                boundary_encoding(producer, part.hidden_in) if producer else None)
     if f"kveq:{part.name}" in state.done:
         info["kv_equalization"] = state.done[f"kveq:{part.name}"]["layers"]
     remove_float_files(float_dir, float_info)
@@ -393,7 +396,6 @@ def build_manifest(out: Path, ckpt: Checkpoint, options: ExportOptions, parts: l
             "value_layout": "(KVH, 1, P, D)",
             "bytes_per_token": kv_per_token,
         },
-        "io_names": {"hidden_in": "hidden_states_in", "hidden_out": "hidden_states_out"},
         "parts": part_entries,
         "quantization": _quantization_summary(options, part_entries),
         "export": {"stages": {k: v for k, v in state.done.items() if k.startswith("part:") or k == "files"}},
@@ -460,6 +462,9 @@ def register_cli(sub) -> None:
     p.add_argument("--chipset", default="snapdragon-8-elite",
                    help="compile QNN context binaries for this Snapdragon chipset (quantized precisions; default "
                         "snapdragon-8-elite); 'none' skips")
+    p.add_argument("--htp-optimization", type=int, choices=(1, 2, 3), default=3,
+                   help="HTP graph finalization optimization of the context binaries: 3 (default) the most optimized "
+                        "for the device and the slowest to compile, 1 the fastest compile (development builds)")
     p.add_argument("--force", action="store_true", help="overwrite the --out folder and start over")
     p.set_defaults(func=_cmd_export)
 
@@ -485,6 +490,7 @@ def _cmd_export(args) -> int:
         eval_tokens=args.eval_tokens,
         eval_window=args.eval_window,
         chipset=args.chipset,
+        htp_optimization=args.htp_optimization,
     )
     t0 = time.perf_counter()
     out = export(options, args.out, force=args.force)

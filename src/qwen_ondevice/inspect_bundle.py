@@ -73,7 +73,8 @@ def _qnn_report(root: Path, qnn: dict | None) -> dict:
         return {}
     from .compile import describe_context
 
-    return {qnn["chipset"]: {"soc_model": qnn["soc_model"], "dsp_arch": qnn["dsp_arch"], "parts": describe_context(root, qnn)}}
+    return {qnn["chipset"]: {"soc_model": qnn["soc_model"], "dsp_arch": qnn["dsp_arch"],
+                             "htp_optimization": qnn.get("htp_optimization"), "parts": describe_context(root, qnn)}}
 
 
 def format_report(r: dict) -> str:
@@ -95,13 +96,25 @@ def format_report(r: dict) -> str:
                 lines.append(f"    {kind}: " + ", ".join(f"{x['name']} {tuple(x['shape'])} {x['dtype']}".strip() for x in shown))
             lines.append("    ops: " + ", ".join(f"{k} {v}" for k, v in g["ops"].items()))
     for chip, q in r.get("qnn", {}).items():
-        lines.append(f"\nQNN context binaries for {chip} (soc_model {q['soc_model']}, HTP {q['dsp_arch']}):")
+        lines.append(f"\nQNN context binaries for {chip} (soc_model {q['soc_model']}, HTP {q['dsp_arch']}, "
+                     f"HTP graph optimization level {q.get('htp_optimization')}):")
         for p in q["parts"]:
             lines.append(f"  {p['bin']}: {mb(p['bin_bytes'])} ({p['bin_bytes'] / max(p['weight_bytes'], 1):.2f}x the part's weights)"
                          if p["bin_bytes"] is not None else f"  {p['bin']}: missing")
             for ar, g in p["graphs"].items():
                 lines.append(f"    AR-{ar}: {', '.join(g['qnn_graphs'])} in {', '.join(g['bins'])}; "
                              f"{g['npu_fraction'] * 100:.1f}% of nodes on the NPU ({g['wrapper']})")
+            if isinstance(p["binary"], str):
+                lines.append(f"    QNN cannot read the binary: {p['binary']}")
+                continue
+            for g in p["binary"]:  # what QNN itself reads from the .bin
+                lines.append(f"    graph {g['name']} (read from the .bin):")
+                for kind in ("inputs", "outputs"):
+                    io = g[kind]
+                    shown = io if len(io) <= 6 else io[:4] + io[-1:]
+                    lines.append(f"      {kind}: " + ", ".join(
+                        f"{t['name']} {tuple(t['dims'])} {t['dtype']}" + (f" scale {t['scale']:.4g} offset {t['offset']}" if t["scale"] is not None else "")
+                        for t in shown) + (f" (+{len(io) - len(shown)} more)" if len(io) > len(shown) else ""))
     lines.append("")
     if r["bad_files"]:
         lines.append(f"INTEGRITY: {len(r['bad_files'])} of {r['files']} files fail their sha256: {', '.join(r['bad_files'])}")

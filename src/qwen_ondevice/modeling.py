@@ -199,6 +199,15 @@ class DecoderPart(nn.Module):
         return self.head_forward(hidden), new_keys, new_values
 
 
+def hidden_state_name(layer: int) -> str:
+    """The name of the part-boundary tensor that enters decoder layer ``layer`` (1, AR, H):
+    ``hidden_states_{layer}``, numbered as transformers' ``output_hidden_states`` (0 is the
+    embedding output). The producing part's output and the consuming part's input carry this one
+    name and one encoding: Genie joins the parts of a bundle by identical tensor names and
+    zero-fills an input no other graph produces."""
+    return f"hidden_states_{layer}"
+
+
 @dataclass(frozen=True)
 class PartSpec:
     """What one part of the split model holds.
@@ -216,6 +225,16 @@ class PartSpec:
     @property
     def name(self) -> str:
         return f"part_{self.index}_of_{self.num_parts}"
+
+    @property
+    def hidden_in(self) -> str | None:
+        """The boundary tensor this part reads (None for the embedding part)."""
+        return None if self.embedding else hidden_state_name(self.layers.start)
+
+    @property
+    def hidden_out(self) -> str | None:
+        """The boundary tensor this part writes (None for the part with the lm_head)."""
+        return None if self.head else hidden_state_name(self.layers.stop)
 
     def to_dict(self) -> dict:
         return {

@@ -24,8 +24,6 @@ from .modeling import PartSpec, layer_weight_names
 
 OPSET = 21
 IR_VERSION = 10
-HIDDEN_IN = "hidden_states_in"
-HIDDEN_OUT = "hidden_states_out"
 NP_TO_ONNX = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float16): TensorProto.FLOAT16,
               np.dtype(np.int32): TensorProto.INT32, np.dtype(np.int64): TensorProto.INT64,
               np.dtype(np.uint8): TensorProto.UINT8, np.dtype(np.int8): TensorProto.INT8,
@@ -264,10 +262,10 @@ def build_part_graph(cfg: ModelConfig, weights: WeightStore, part: PartSpec, ar:
                      key_center: bool = False) -> tuple[onnx.ModelProto, list[IOSpec], list[IOSpec]]:
     """The ONNX model of ``part`` at AR ``ar`` and CL ``cl``, with its I/O signature.
 
-    I/O (DESIGN.md section 3): part 1 ``input_ids`` (1, AR) int32 -> ``hidden_states_out``
-    (1, AR, H); a decoder part ``hidden_states_in``, ``attention_mask`` (1, 1, AR, CL),
+    I/O (DESIGN.md section 3): part 1 ``input_ids`` (1, AR) int32 -> ``hidden_states_0``
+    (1, AR, H); a decoder part with layers [a, b) ``hidden_states_{a}``, ``attention_mask`` (1, 1, AR, CL),
     ``position_ids_cos``/``_sin`` (1, 1, AR, D/2), ``past_key_{l}_in`` (KVH, 1, D, P),
-    ``past_value_{l}_in`` (KVH, 1, P, D) -> ``hidden_states_out`` or ``logits`` (1, AR, V),
+    ``past_value_{l}_in`` (KVH, 1, P, D) -> ``hidden_states_{b}`` or ``logits`` (1, AR, V),
     ``past_key_{l}_out`` (KVH, 1, D, AR), ``past_value_{l}_out`` (KVH, 1, AR, D).
     Float tensors are float32 (``fp32``) or float16 (``fp16``). ``key_center`` adds each layer's
     key-center subtraction (see :func:`_decoder_layer`; the quantized exports use it).
@@ -279,11 +277,11 @@ def build_part_graph(cfg: ModelConfig, weights: WeightStore, part: PartSpec, ar:
     if part.embedding:
         ids = b.input("input_ids", TensorProto.INT32, (1, ar))
         table = b.weight("model.embed_tokens.weight", ws.tensor("model.embed_tokens.weight"))
-        b.op("Gather", [table, ids], out=HIDDEN_OUT, axis=0)
-        b.output(HIDDEN_OUT, T, (1, ar, H))
+        b.op("Gather", [table, ids], out=part.hidden_out, axis=0)
+        b.output(part.hidden_out, T, (1, ar, H))
     else:
         P = cl - ar
-        hidden = b.input(HIDDEN_IN, T, (1, ar, H))
+        hidden = b.input(part.hidden_in, T, (1, ar, H))
         mask = b.input("attention_mask", T, (1, 1, ar, cl))
         cos = b.input("position_ids_cos", T, (1, 1, ar, D // 2))
         sin = b.input("position_ids_sin", T, (1, 1, ar, D // 2))
@@ -294,8 +292,8 @@ def build_part_graph(cfg: ModelConfig, weights: WeightStore, part: PartSpec, ar:
             b.op("MatMul", [x, b.weight("lm_head.weight", ws.tensor("lm_head.weight", transpose=True))], out="logits")
             b.output("logits", T, (1, ar, V))
         else:
-            b.op("Identity", [hidden], out=HIDDEN_OUT)
-            b.output(HIDDEN_OUT, T, (1, ar, H))
+            b.op("Identity", [hidden], out=part.hidden_out)
+            b.output(part.hidden_out, T, (1, ar, H))
     # Order the outputs: hidden/logits first, then the KV outputs by layer.
     b.outputs.sort(key=lambda vi: (vi.name.startswith("past_"), _kv_order(vi.name)))
     model = b.model()

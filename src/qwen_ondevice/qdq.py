@@ -22,7 +22,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from .calibrate import DATA_MOVEMENT, PartStats, is_row_max_shift
 from .encodings import Encoding, encoding_for_range, mse_range
-from .onnx_graph import HIDDEN_IN, IR_VERSION, OPSET, ExternalData, IOSpec, _signature
+from .onnx_graph import IR_VERSION, OPSET, ExternalData, IOSpec, _signature
 from .weight_quant import QuantizedWeight
 
 SOFTMAX_ENCODING = Encoding(1.0 / 65535, 0, "uint16")
@@ -355,22 +355,23 @@ def _prune_unused(nodes: list[onnx.NodeProto], outputs) -> list[onnx.NodeProto]:
     return [n for n in nodes if not (n.op_type == "DequantizeLinear" and n.output[0] not in used)]
 
 
-def residual_stream(model: onnx.ModelProto) -> list[str]:
+def residual_stream(model: onnx.ModelProto, hidden_in: str | None) -> list[str]:
     """The residual stream of a decoder part's float graph: the outputs of its residual Adds
     (two per layer, attention then MLP), in order, without a graph output.
 
-    Found by walking from ``hidden_states_in``: each residual Add reads the stream as its first
-    input (``onnx_graph._decoder_layer``). Empty for a graph without that input (the embedding).
+    Found by walking from the part's boundary input ``hidden_in``
+    (:attr:`qwen_ondevice.modeling.PartSpec.hidden_in`): each residual Add reads the stream as its
+    first input (``onnx_graph._decoder_layer``). Empty for a graph without that input (the embedding).
     """
     g = model.graph
-    if HIDDEN_IN not in {i.name for i in g.input}:
+    if hidden_in is None or hidden_in not in {i.name for i in g.input}:
         return []
     outputs = {o.name for o in g.output}
     consumers: dict[str, list[onnx.NodeProto]] = {}
     for n in g.node:
         for i in n.input:
             consumers.setdefault(i, []).append(n)
-    stream, t = [], HIDDEN_IN
+    stream, t = [], hidden_in
     while True:
         adds = [n for n in consumers.get(t, []) if n.op_type == "Add" and n.input[0] == t]
         if len(adds) != 1 or adds[0].output[0] in outputs:

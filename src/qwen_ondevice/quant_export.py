@@ -22,6 +22,7 @@ import numpy as np
 import onnx
 
 from .calibrate import CalibrationPlan, PartStats, calibrate_part, tracked_tensors
+from .encodings import Encoding
 from .modeling import PartSpec
 from .onnx_graph import ExternalData
 from .progress import log
@@ -71,9 +72,14 @@ def quantize_part_graphs(
     settings: QuantSettings,
     out_dir: Path,
     mask_value: float,
+    hidden_in_encoding: Encoding | None = None,
 ) -> dict:
     """Quantize one part's weights and rewrite each of its float AR graphs; returns the
     manifest entry (files, I/O signature with encodings, per-weight bits and errors).
+
+    ``hidden_in_encoding`` is the encoding the previous part gave the boundary tensor this part
+    reads (``part.hidden_in``): a boundary carries one encoding on both sides, decided by the
+    producing part (Genie refuses a tensor shared by two graphs with two encodings).
 
     Raises:
         RuntimeError: the produced graph fails :func:`check_quantized_graph`.
@@ -100,6 +106,11 @@ def quantize_part_graphs(
                 "alpha": settings.smooth_alpha, "down_proj_input_range_before": [before[0], before[1]],
                 "down_proj_input_range_after": [act.lo, act.hi], "scale_min": float(s.min()), "scale_max": float(s.max())}
     enc = activation_encodings(ref_graph, stats, mask_value, settings.down_proj_headroom, settings.key_minmax)
+    if part.hidden_in is not None:
+        if hidden_in_encoding is None:
+            raise ValueError(f"{part.name}: the encoding of its boundary input {part.hidden_in} (from the previous part) is needed")
+        enc.enc[part.hidden_in] = hidden_in_encoding
+        enc.notes[part.hidden_in] = "part boundary: the encoding the producing part gave it"
 
     def quantize(wname: str, bits: int, method: str) -> QuantizedWeight:
         w = smoothed[wname] if wname in smoothed else read_initializer(inits[wname], float_dir).astype(np.float32)
@@ -150,7 +161,7 @@ def quantize_part_graphs(
     try:
         for ar in ars:
             fmodel = onnx.load(str(float_dir / Path(float_info["graphs"][ar]["file"]).name), load_external_data=False)
-            residual = frozenset(residual_stream(fmodel) if settings.float_residual else ())
+            residual = frozenset(residual_stream(fmodel, part.hidden_in) if settings.float_residual else ())
             float_tensors.update(residual)
             qmodel, inputs, outputs = quantize_graph(fmodel, float_dir, enc.enc, weights, data, residual)
             problems = check_quantized_graph(qmodel, projection_set, residual)
@@ -193,6 +204,20 @@ FLOAT_RESIDUAL_REASON = (
 )
 
 
+def boundary_encoding(producer: dict, name: str) -> Encoding:
+    """The encoding of the boundary tensor ``name`` in the producing part's manifest entry
+    (the same in each of its AR graphs).
+
+    Raises:
+        ValueError: the part does not output ``name``, or its graphs disagree on the encoding.
+    """
+    found = {json.dumps(o["encoding"], sort_keys=True) for g in producer["graphs"].values() for o in g["outputs"]
+             if o["name"] == name and "encoding" in o}
+    if len(found) != 1:
+        raise ValueError(f"{producer['name']}: expected one encoding for its output {name}, found {len(found)}")
+    return Encoding.from_dict(json.loads(found.pop()))
+
+
 def natural_key(name: str) -> tuple:
     """Sort key that orders ``add_12`` after ``add_9``."""
     return tuple(int(x) if x.isdigit() else x for x in re.split(r"(\d+)", name))
@@ -214,11 +239,11 @@ def calibrate_stage(part: PartSpec, float_dir: Path, float_info: dict, plan: Cal
 
     ar = str(plan.ar)
     graph = float_dir / Path(float_info["graphs"][ar]["file"]).name
-    kinds = tracked_tensors(onnx.load(str(graph), load_external_data=False))
+    kinds = tracked_tensors(onnx.load(str(graph), load_external_data=False), part.hidden_in)
     prev = calib_dir / f"part_{part.index - 1}.hidden.npy"
     hidden_in = None if part.embedding else np.load(prev)
     cos, sin = rope_tables(cfg, torch.arange(plan.context_length))
-    stats, outs = calibrate_part(graph, kinds, plan, part.layers, (cfg.num_key_value_heads, cfg.head_dim), hidden_in,
+    stats, outs = calibrate_part(graph, kinds, plan, part, (cfg.num_key_value_heads, cfg.head_dim), hidden_in,
                                  cos.numpy(), sin.numpy(), mask_value, hessians, label=part.name)
     stats.save(calib_dir / f"part_{part.index}.stats.npz")
     if not part.head:
@@ -249,7 +274,7 @@ def equalize_stage(part: PartSpec, float_dir: Path, float_info: dict, plan: Cali
     sub = CalibrationPlan(plan.ids[:n_seq], plan.ar, plan.context_length)
     hidden_in = np.load(calib_dir / f"part_{part.index - 1}.hidden.npy", mmap_mode="r")[: len(sub.chunks)]
     cos, sin = rope_tables(cfg, torch.arange(plan.context_length))
-    stats, _ = calibrate_part(graph, kinds, sub, part.layers, (cfg.num_key_value_heads, cfg.head_dim), np.asarray(hidden_in),
+    stats, _ = calibrate_part(graph, kinds, sub, part, (cfg.num_key_value_heads, cfg.head_dim), np.asarray(hidden_in),
                               cos.numpy(), sin.numpy(), mask_value, label=f"{part.name} (key equalization)")
     absmax = {n: np.maximum(np.abs(st.channel_lo), np.abs(st.channel_hi)) for n, st in stats.tensors.items()}
     key_ranges = {l: (stats.tensors[f"past_key_{l}_out"].channel_lo, stats.tensors[f"past_key_{l}_out"].channel_hi)

@@ -81,6 +81,7 @@ class OrtBackend(Backend):
         self._host_names: dict[tuple[int, int], list[str]] = {}
         # quantized bundles: the encoding of every quantized graph input/output, by name
         self.encodings: dict[str, Encoding] = {}
+        self.specs = manifest.part_specs()
         for part in manifest.parts:
             for g in part["graphs"].values():
                 for io in g["inputs"] + g["outputs"]:
@@ -129,26 +130,22 @@ class OrtBackend(Backend):
         W = self.past_window(n_past, P)  # past slots fed: the filled ones, the rest are masked
         if W < P:  # mask columns [0, W) of the past and [P, CL) of this call's tokens
             attention_mask = np.concatenate([attention_mask[..., :W], attention_mask[..., P:]], axis=-1)
-        hidden = None
+        hidden = None  # the boundary tensor between two parts, passed on as it is (one name, one encoding)
         logits = None
-        for i, part in enumerate(self.manifest.parts):
+        for i, (part, spec) in enumerate(zip(self.manifest.parts, self.specs)):
             sess = self.session(i, AR)
             types = self._input_types[(i, AR)]
             name = part["name"]
-            if part["embedding"]:
+            if spec.embedding:
                 (hidden,) = sess.run(None, {"input_ids": input_ids.astype(np.int32)})
-                hidden_enc = self.encodings.get(f"{name}:hidden_states_out")
                 continue
-            in_enc = self.encodings.get(f"{name}:hidden_states_in")
-            if in_enc is not None and in_enc != hidden_enc:
-                hidden = in_enc.quantize(hidden_enc.dequantize(hidden))
             feeds = {
-                "hidden_states_in": hidden,
+                spec.hidden_in: hidden,
                 "attention_mask": self._input(name, "attention_mask", attention_mask, types),
                 "position_ids_cos": self._input(name, "position_ids_cos", cos, types),
                 "position_ids_sin": self._input(name, "position_ids_sin", sin, types),
             }
-            layers = range(*part["layers"])
+            layers = spec.layers
             for l in layers:
                 k, v = cache.past(l, W)
                 feeds[f"past_key_{l}_in"] = np.ascontiguousarray(k)
@@ -157,12 +154,11 @@ class OrtBackend(Backend):
             outs = dict(zip(names, sess.run(names, feeds)))
             for l in layers:
                 cache.write(l, n_past, outs[f"past_key_{l}_out"], outs[f"past_value_{l}_out"], n_valid)
-            if part["head"]:
+            if spec.head:
                 logits = outs["logits"]
                 logits_enc = self.encodings.get(f"{name}:logits")
             else:
-                hidden = outs["hidden_states_out"]
-                hidden_enc = self.encodings.get(f"{name}:hidden_states_out")
+                hidden = outs[spec.hidden_out]
         rows = logits[0, n_valid - 1 : n_valid] if last_only else logits[0, :n_valid]
         return logits_enc.dequantize(rows) if logits_enc is not None else rows.astype(np.float32)
 
