@@ -431,3 +431,34 @@ def test_failed_part_keeps_earlier_parts_and_rerun_resumes(tiny_ckpt, tmp_path, 
     m = json.loads((out / "manifest.json").read_text())
     assert [p["name"] for p in m["qnn"]["parts"]] == ["part_1_of_2", "part_2_of_2"]
     assert np.all([(out / p["bin"]).exists() for p in m["qnn"]["parts"]])
+
+
+def test_onnx_runtime_runs_a_renamed_binary_bit_identically(compiled, tmp_path):
+    """A context binary renamed in place (graph name inside the .bin, EPContext partition_name)
+    still loads and runs in ONNX Runtime with the same outputs as before the renaming. Non-shared,
+    since the x86_64 simulator cannot load a weight-shared context."""
+    import onnxruntime as ort
+
+    from qwen_ondevice.compile import _partition_name, name_graphs, qnn_session_options
+    from qwen_ondevice.qnn_binary import read_context_binary
+
+    out, m = compiled
+    part = m["parts"][1]
+    rng = np.random.default_rng(0)
+    feeds = {io["name"]: rng.integers(0, 200, io["shape"]).astype(np.uint16 if io["dtype"] == "uint16" else np.uint8)
+             for io in part["graphs"]["1"]["inputs"]}
+    wrapper = tmp_path / "part.ar1.ctx.onnx"
+    res, _, err = _run_worker({"chipset": CHIP, "share": False, "graphs": [[1, str(out / part["graphs"]["1"]["file"]), str(wrapper)]]})
+    assert res["ok"], err
+    (b,) = tmp_path.glob("*.bin")
+
+    def run():
+        sess = ort.InferenceSession(str(wrapper), sess_options=qnn_session_options(CHIPSETS[CHIP]))
+        return sess.run(None, feeds)
+
+    before, old = run(), _partition_name(wrapper)
+    name_graphs(b, {1: (wrapper, info := {"qnn_graph": old})}, CL, 2, 2)
+    assert info["qnn_graph"] != old and _partition_name(wrapper) == info["qnn_graph"]
+    assert [g.name for g in read_context_binary(b)] == [info["qnn_graph"]]
+    for x, y in zip(before, run()):
+        np.testing.assert_array_equal(x, y)
