@@ -310,6 +310,19 @@ def test_boundaries_join_with_one_encoding(compiled):
         assert np.float32(prod.scale) == np.float32(enc["scale"]) and prod.offset == -enc["zero_point"]
 
 
+def test_genie_parses_every_graph_of_the_weight_shared_bundle(compiled):
+    """The real (weight-shared) bundle in Genie: it sorts every graph into its (AR, CL) variant
+    and split before the x86_64 simulator refuses the shared context."""
+    from qwen_ondevice.genie_run import run_genie
+    from qwen_ondevice.genie_verify import graphs_loaded, log_problems
+
+    out, m = compiled
+    r = run_genie(json.loads((out / "genie_config.json").read_text()), out, create_dialog=True, timeout=300)
+    assert r.config_status == 0
+    assert graphs_loaded(r) == {(AR, CL): 2, (1, CL): 2}
+    assert [p for p in log_problems(r) if "Shared weights" not in p and "context from binary" not in p] == []
+
+
 @pytest.fixture(scope="module")
 def compiled_3(tiny_ckpt, tmp_path_factory):
     out = tmp_path_factory.mktemp("qnn3") / "bundle"
