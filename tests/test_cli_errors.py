@@ -94,3 +94,36 @@ def test_small_context_without_prompt_length_uses_a_smaller_ar(capsys, tiny_path
                                       "--max-new-tokens", "3", "--json"])
     assert code == 0, err
     assert len(json.loads(out)["token_ids"]) == 3
+
+
+def _sharded_copy(tiny_path, tmp_path):
+    """The tiny checkpoint with its weights in two shards and a model.safetensors.index.json."""
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path / "sharded"
+    shutil.copytree(tiny_path, out)
+    (out / "model.safetensors").unlink()
+    tensors = load_file(str(tiny_path / "model.safetensors"))
+    names = sorted(tensors)
+    half = len(names) // 2
+    weight_map = {}
+    for k, group in enumerate((names[:half], names[half:]), 1):
+        fname = f"model-0000{k}-of-00002.safetensors"
+        save_file({n: tensors[n] for n in group}, str(out / fname))
+        weight_map.update({n: fname for n in group})
+    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return out
+
+
+def test_missing_or_truncated_shard_is_named(capsys, tmp_path, tiny_path):
+    ckpt = _sharded_copy(tiny_path, tmp_path)
+    shard = ckpt / "model-00002-of-00002.safetensors"
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) - 1000])  # a truncated copy
+    assert_one_line_error(*run_cli(capsys, ["generate", str(ckpt), "--prompt", "hi"]), str(shard), "truncated")
+    shard.unlink()  # a shard the index names but the folder lacks
+    assert_one_line_error(*run_cli(capsys, ["generate", str(ckpt), "--prompt", "hi"]), str(shard), "missing",
+                          "model.safetensors.index.json")
+    shard.write_bytes(data)  # whole again: it loads
+    code, out, err = run_cli(capsys, ["generate", str(ckpt), "--prompt", "hi", "--max-new-tokens", "2"])
+    assert code == 0, err

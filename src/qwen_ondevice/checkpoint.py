@@ -38,6 +38,7 @@ class WeightStore:
         files = sorted(folder.glob("*.safetensors"))
         if not files:
             raise UserError(f"{folder}: no *.safetensors weights in this folder")
+        check_shards(folder, files)
         self._handles = {}
         self._where: dict[str, Path] = {}
         for f in files:
@@ -88,6 +89,42 @@ class WeightStore:
         for s in shape:
             n *= s
         return n * bytes_per_element
+
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+
+
+def check_shards(folder: Path, files: list[Path]) -> None:
+    """Check a checkpoint's weight files before any is read: every shard named in
+    ``model.safetensors.index.json`` is there, and no file is shorter than its own header says
+    (a truncated download or copy). Reads only the headers.
+
+    Raises:
+        UserError: one line naming the missing or truncated file.
+    """
+    index = folder / SAFETENSORS_INDEX
+    if index.exists():
+        try:
+            named = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, AttributeError) as e:
+            raise UserError(f"{index}: not a valid safetensors index ({type(e).__name__}: {e})") from None
+        missing = [n for n in named if not (folder / n).is_file()]
+        if missing:
+            raise UserError(f"{folder / missing[0]}: missing, but {SAFETENSORS_INDEX} names it"
+                            + (f" (and {len(missing) - 1} more shard(s))" if len(missing) > 1 else ""))
+    for f in files:
+        size = f.stat().st_size
+        try:
+            with open(f, "rb") as fh:
+                n = int.from_bytes(fh.read(8), "little")
+                header = json.loads(fh.read(n)) if 8 <= size and n <= size - 8 else None
+        except (OSError, ValueError):
+            header = None
+        if header is None:
+            raise UserError(f"{f}: not a safetensors file, or truncated in its header ({size} bytes)")
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+        if 8 + n + end > size:
+            raise UserError(f"{f}: truncated ({size} bytes; its header describes {8 + n + end}); copy or download it again")
 
 
 @dataclass
