@@ -52,7 +52,7 @@ def bundle_bytes_per_token(root: Path) -> dict:
 
 
 def recompile(root: Path, level: int) -> list[dict]:
-    from qwen_ondevice.compile import _run_worker, wrapper_name
+    from qwen_ondevice.compile import compile_in_child, wrapper_name
 
     m = read_manifest(root, verify=False)
     rows = []
@@ -61,7 +61,7 @@ def recompile(root: Path, level: int) -> list[dict]:
         with tempfile.TemporaryDirectory() as tmp:
             graphs = [[ar, str(root / part["graphs"][str(ar)]["file"]), str(Path(tmp) / wrapper_name(part["name"], ar))] for ar in ars]
             t0 = time.perf_counter()
-            res, peak, err = _run_worker({"chipset": m.data["qnn"]["chipset"], "graphs": graphs, "optimization": level})
+            res, peak, err = compile_in_child({"chipset": m.data["qnn"]["chipset"], "graphs": graphs, "optimization": level})
             seconds = time.perf_counter() - t0
             if not res["ok"]:
                 raise SystemExit(f"{part['name']}: {res['error']}")

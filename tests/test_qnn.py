@@ -25,7 +25,7 @@ from qwen_ondevice.compile import (  # noqa: E402
     CHIPSETS,
     MAX_BIN_TO_WEIGHT_RATIO,
     CompileError,
-    _run_worker,
+    compile_in_child,
     compile_part,
     supported_chipsets,
 )
@@ -120,7 +120,7 @@ def test_weights_stored_once(compiled, tmp_path):
     for ar in (AR, 1):
         d = tmp_path / f"ar{ar}"
         d.mkdir()
-        res, _, err = _run_worker({"chipset": CHIP, "graphs": [[ar, str(out / part["graphs"][str(ar)]["file"]), str(d / "g.onnx")]]})
+        res, _, err = compile_in_child({"chipset": CHIP, "graphs": [[ar, str(out / part["graphs"][str(ar)]["file"]), str(d / "g.onnx")]]})
         assert res["ok"], err
         separate += sum(b.stat().st_size for b in d.glob("*.bin"))
     shared = m["qnn"]["parts"][-1]["bin_bytes"]
@@ -452,7 +452,7 @@ def test_onnx_runtime_runs_a_renamed_binary_bit_identically(compiled, tmp_path):
     since the x86_64 simulator cannot load a weight-shared context."""
     import onnxruntime as ort
 
-    from qwen_ondevice.compile import _partition_name, name_graphs, qnn_session_options
+    from qwen_ondevice.compile import partition_name, name_graphs, qnn_session_options
     from qwen_ondevice.qnn_binary import read_context_binary
 
     out, m = compiled
@@ -461,7 +461,7 @@ def test_onnx_runtime_runs_a_renamed_binary_bit_identically(compiled, tmp_path):
     feeds = {io["name"]: rng.integers(0, 200, io["shape"]).astype(np.uint16 if io["dtype"] == "uint16" else np.uint8)
              for io in part["graphs"]["1"]["inputs"]}
     wrapper = tmp_path / "part.ar1.ctx.onnx"
-    res, _, err = _run_worker({"chipset": CHIP, "share": False, "graphs": [[1, str(out / part["graphs"]["1"]["file"]), str(wrapper)]]})
+    res, _, err = compile_in_child({"chipset": CHIP, "share": False, "graphs": [[1, str(out / part["graphs"]["1"]["file"]), str(wrapper)]]})
     assert res["ok"], err
     (b,) = tmp_path.glob("*.bin")
 
@@ -469,9 +469,9 @@ def test_onnx_runtime_runs_a_renamed_binary_bit_identically(compiled, tmp_path):
         sess = ort.InferenceSession(str(wrapper), sess_options=qnn_session_options(CHIPSETS[CHIP]))
         return sess.run(None, feeds)
 
-    before, old = run(), _partition_name(wrapper)
+    before, old = run(), partition_name(wrapper)
     name_graphs(b, {1: (wrapper, info := {"qnn_graph": old})}, CL, 2, 2)
-    assert info["qnn_graph"] != old and _partition_name(wrapper) == info["qnn_graph"]
+    assert info["qnn_graph"] != old and partition_name(wrapper) == info["qnn_graph"]
     assert [g.name for g in read_context_binary(b)] == [info["qnn_graph"]]
     for x, y in zip(before, run()):
         np.testing.assert_array_equal(x, y)

@@ -250,8 +250,11 @@ def _own_peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _run_worker(spec: dict) -> tuple[dict, int, str]:
-    """Run :func:`_compile_worker` in a child; returns (result, the child's peak RSS bytes, stderr text)."""
+def compile_in_child(spec: dict) -> tuple[dict, int, str]:
+    """Compile graphs in a child process (:func:`_compile_worker`): ``spec`` holds ``chipset``
+    (a :data:`CHIPSETS` name), ``graphs`` (``[[ar, source onnx, wrapper path], ...]``) and
+    optionally ``share`` (default True: one weight-shared context) and ``optimization`` (the HTP
+    level). Returns (result ``{"ok", "failed_ar", "error"}``, the child's peak RSS bytes, its stderr)."""
     src_root = str(Path(__file__).resolve().parents[1])
     env = dict(os.environ)
     env["PYTHONPATH"] = src_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
@@ -315,7 +318,7 @@ def compile_part(root: Path, part: dict, chip: Chipset, work: Path, context_leng
     graphs = [[ar, str(root / part["graphs"][str(ar)]["file"]), str(work / wrapper_name(name, ar))] for ar in ars]
     log(f"[qnn] {name}: compiling AR-{', AR-'.join(map(str, ars))} into one context for {chip.name} (soc {chip.soc_model}, {chip.dsp_arch})")
     t0 = time.perf_counter()
-    result, peak, stderr = _run_worker({"chipset": chip.name, "graphs": graphs, "optimization": optimization})
+    result, peak, stderr = compile_in_child({"chipset": chip.name, "graphs": graphs, "optimization": optimization})
     seconds = round(time.perf_counter() - t0, 2)
     if not result["ok"]:
         where = f"AR-{result['failed_ar']} graph" if result.get("failed_ar") is not None else "graphs"
@@ -601,7 +604,7 @@ def open_part_context(root: Path, part: dict, qnn_part: dict, chip: Chipset, bin
             raise CompileError(f"{part['name']} AR-{e.ar}: QNN could not prepare it for {chip.name}: {str(e).splitlines()[0][:400]}") from None
         bins = sorted(work.glob("*.bin"))
         if strict and len(bins) == 1 and context_length is not None and num_parts is not None:
-            name_graphs(bins[0], {int(ar): (Path(w), {"qnn_graph": _partition_name(Path(w))}) for ar, _, w in graphs},
+            name_graphs(bins[0], {int(ar): (Path(w), {"qnn_graph": partition_name(Path(w))}) for ar, _, w in graphs},
                         context_length, int(part["index"]), num_parts)
         if strict:
             same = len(bins) == 1 and (bin_sha256 is None or sha256_file(bins[0]) == bin_sha256)
@@ -623,7 +626,7 @@ def open_part_context(root: Path, part: dict, qnn_part: dict, chip: Chipset, bin
             # of the same graphs: the count is compared, not the names
             size = int(qnn_part["bin_bytes"])
             same = (len(bins) == 1 and abs(bins[0].stat().st_size - size) <= MAX_DIFFERING_FRACTION * size
-                    and len({_partition_name(Path(g[2])) for g in graphs}) == len(qnn_part["graphs"]))
+                    and len({partition_name(Path(g[2])) for g in graphs}) == len(qnn_part["graphs"]))
             how = f"re-prepared on this x86_64 host (the size and number of QNN graphs of {Path(qnn_part['bin']).name})"
         if not same:
             raise CompileError(
@@ -636,7 +639,8 @@ def open_part_context(root: Path, part: dict, qnn_part: dict, chip: Chipset, bin
     return sessions, how
 
 
-def _partition_name(wrapper: Path) -> str:
+def partition_name(wrapper: Path) -> str:
+    """The QNN graph name an EPContext wrapper model runs (its EPContext node's ``partition_name``)."""
     import onnx
 
     node = next(n for n in onnx.load(str(wrapper), load_external_data=False).graph.node if n.op_type == "EPContext")

@@ -14,11 +14,12 @@ import os
 import platform
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .bundle import CHECKPOINT_FILES, MANIFEST, SCHEMA, SCHEMA_VERSION
 from .checkpoint import Checkpoint, load_checkpoint
+from .compile import DEFAULT_HTP_OPTIMIZATION, HTP_OPTIMIZATION_LEVELS
 from .demo import sha256_file
 from .errors import UserError
 from .modeling import MASK_VALUE, PartSpec
@@ -61,7 +62,7 @@ class ExportOptions:
     eval_tokens: int = 2048  # held-out tokens scored for report.json (0 skips the accuracy report)
     eval_window: int = 1024
     chipset: str = "snapdragon-8-elite"  # QNN context binaries for this chipset; "none" skips (compile.py)
-    htp_optimization: int = 3  # HTP graph finalization level (compile.HTP_OPTIMIZATION_LEVELS): 3 ships, 1 builds fastest
+    htp_optimization: int = DEFAULT_HTP_OPTIMIZATION  # HTP graph finalization level (compile.py): 3 ships, 1 builds fastest
 
     @property
     def ar_lengths(self) -> list[int]:
@@ -150,7 +151,6 @@ def export(options: ExportOptions, out: Path, force: bool = False) -> Path:
     calib_plan = _calibration_plan(ckpt, options) if quantized else None
     state = prepare_output(out, options, force)
     cfg = ckpt.config
-    timings = dict(state.done.get("timings", {}))
 
     if "files" not in state.done:
         t0 = time.perf_counter()
@@ -462,7 +462,7 @@ def register_cli(sub) -> None:
     p.add_argument("--chipset", default="snapdragon-8-elite",
                    help="compile QNN context binaries for this Snapdragon chipset (quantized precisions; default "
                         "snapdragon-8-elite); 'none' skips")
-    p.add_argument("--htp-optimization", type=int, choices=(1, 2, 3), default=3,
+    p.add_argument("--htp-optimization", type=int, choices=HTP_OPTIMIZATION_LEVELS, default=DEFAULT_HTP_OPTIMIZATION,
                    help="HTP graph finalization optimization of the context binaries: 3 (default) the most optimized "
                         "for the device and the slowest to compile, 1 the fastest compile (development builds)")
     p.add_argument("--force", action="store_true", help="overwrite the --out folder and start over")

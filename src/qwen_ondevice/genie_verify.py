@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import ast
 import json
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -53,7 +52,7 @@ def build_twin(root: Path, manifest, work: Path) -> list[Path]:
         UserError: a graph could not be compiled or renamed (CompileError), or the twin's parts
             do not join.
     """
-    from .compile import _partition_name, _run_worker, check_boundaries, name_graphs, wrapper_name
+    from .compile import check_boundaries, compile_in_child, name_graphs, partition_name, wrapper_name
 
     qnn = manifest.data["qnn"]
     level = int(qnn.get("htp_optimization", 3))
@@ -66,12 +65,12 @@ def build_twin(root: Path, manifest, work: Path) -> list[Path]:
             folder.mkdir(parents=True)
             wrapper = folder / wrapper_name(part["name"], ar)
             t0 = time.perf_counter()
-            result, peak, stderr = _run_worker({"chipset": qnn["chipset"], "share": False, "optimization": level,
+            result, peak, stderr = compile_in_child({"chipset": qnn["chipset"], "share": False, "optimization": level,
                                                 "graphs": [[ar, str(root / part["graphs"][str(ar)]["file"]), str(wrapper)]]})
             if not result["ok"]:
                 raise UserError(f"{part['name']} AR-{ar}: the non-shared twin could not be compiled: {result['error'][:400]}")
             (b,) = folder.glob("*.bin")
-            info = {"qnn_graph": _partition_name(wrapper)}
+            info = {"qnn_graph": partition_name(wrapper)}
             name_graphs(b, {ar: (wrapper, info)}, CL, int(part["index"]), N)
             graphs[ar] = (b, info["qnn_graph"])
             bins.append(b)
