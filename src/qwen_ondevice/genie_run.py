@@ -21,8 +21,13 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
+import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from .progress import log
 
 #: Genie's verbose log level (GenieLog.h).
 LOG_VERBOSE = 4
@@ -99,24 +104,38 @@ def run_genie(config: dict, cwd: Path, queries: list[dict] = (), max_new_tokens:
     spec = {"lib": str(lib), "config": json.dumps(config), "queries": list(queries), "max_new_tokens": int(max_new_tokens),
             "create": bool(create_dialog or queries)}
     run = GenieRun()
-    try:
-        proc = subprocess.run([sys.executable, "-c", "from qwen_ondevice.genie_run import _child; _child()"],
-                              input=json.dumps(spec).encode(), cwd=str(cwd), env=env, capture_output=True, timeout=timeout)
-        out, err, run.exit = proc.stdout, proc.stderr, proc.returncode
-    except subprocess.TimeoutExpired as e:
-        out, err, run.exit = e.stdout or b"", e.stderr or b"", "timeout"
-    for line in out.decode(errors="replace").splitlines():
-        if line.startswith("GENIE_LOG "):
-            level, _, msg = line[len("GENIE_LOG "):].partition(" ")
-            run.log.append((LOG_LEVELS.get(int(level), level), json.loads(msg)))
-        elif line.startswith("GENIE_RESULT "):
-            res = json.loads(line[len("GENIE_RESULT "):])
-            if "query" in res:
-                run.queries.append(GenieQuery(res["status"], res["tokens"], res["text"]))
-            else:
-                for k, v in res.items():
-                    setattr(run, k, v)
-    run.stderr = err.decode(errors="replace")[-4000:]
+    with tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen([sys.executable, "-c", "from qwen_ondevice.genie_run import _child; _child()"],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, cwd=str(cwd), env=env)
+        watchdog = threading.Timer(timeout, proc.kill)
+        watchdog.start()
+        try:
+            proc.stdin.write(json.dumps(spec).encode())
+            proc.stdin.close()
+            t0, tokens = time.perf_counter(), 0
+            for raw in proc.stdout:  # as the child writes it: progress for long runs on the simulator
+                line = raw.decode(errors="replace").rstrip("\n")
+                if line.startswith("GENIE_LOG "):
+                    level, _, msg = line[len("GENIE_LOG "):].partition(" ")
+                    run.log.append((LOG_LEVELS.get(int(level), level), json.loads(msg)))
+                elif line.startswith("GENIE_TOKEN "):
+                    tokens += 1
+                    log(f"[genie] query {len(run.queries) + 1}: token {tokens} after {time.perf_counter() - t0:.1f} s")
+                elif line.startswith("GENIE_RESULT "):
+                    res = json.loads(line[len("GENIE_RESULT "):])
+                    if "query" in res:
+                        run.queries.append(GenieQuery(res["status"], res["tokens"], res["text"]))
+                        t0, tokens = time.perf_counter(), 0
+                    else:
+                        for k, v in res.items():
+                            setattr(run, k, v)
+            proc.wait()
+        finally:
+            timed_out = not watchdog.is_alive() and proc.returncode is not None and proc.returncode < 0
+            watchdog.cancel()
+        run.exit = "timeout" if timed_out else proc.returncode
+        err.seek(0)
+        run.stderr = err.read().decode(errors="replace")[-4000:]
     return run
 
 
@@ -175,11 +194,21 @@ def _child() -> None:
                 lib.GenieDialog_setMaxNumTokens(dialog, spec["max_new_tokens"])
                 tokens, pieces = [], []
                 if "ids" in q:
-                    cb = TokCB(lambda ptr, n, code, user: tokens.extend(int(ptr[i]) for i in range(n)))
+                    def on_tokens(ptr, n, code, user):
+                        tokens.extend(int(ptr[i]) for i in range(n))
+                        for _ in range(n):
+                            emit("GENIE_TOKEN", "")
+
+                    cb = TokCB(on_tokens)
                     ids = (ctypes.c_uint32 * len(q["ids"]))(*q["ids"])
                     qs = lib.GenieDialog_tokenQuery(dialog, ids, len(q["ids"]), 0, cb, None)
                 else:
-                    cb = TextCB(lambda text, code, user: pieces.append(text) if text else None)
+                    def on_text(text, code, user):
+                        if text:
+                            pieces.append(text)
+                            emit("GENIE_TOKEN", "")
+
+                    cb = TextCB(on_text)
                     qs = lib.GenieDialog_query(dialog, q["text"].encode(), 0, cb, None)
                 report(query=k, status=int(qs), tokens=tokens, text=b"".join(pieces).decode("utf-8", "replace"))
             lib.GenieDialog_free.argtypes = [ctypes.c_void_p]
