@@ -1088,6 +1088,36 @@ def test_gptq_beats_mse_rounding_on_correlated_inputs():
         quantize_weight(W, 4, act_sq, method="gptq")
 
 
+def test_column_blocks_and_row_blocks_change_no_result():
+    """A wide weight quantized a few output channels at a time (what bounds the lm_head's memory
+    at 7B) gives the very q and scales of one pass, for per-channel, block-wise, mse and GPTQ;
+    the embedding's int8 rows rounded in row blocks equal the whole-table rounding."""
+    from qwen_ondevice.qdq import int8_rows
+
+    rng = np.random.default_rng(3)
+    K, N = 64, 50
+    W = rng.normal(0, 0.05, (K, N)).astype(np.float32)
+    W[:, 11] *= 20
+    X = rng.normal(0, 1, (512, K)).astype(np.float32)
+    act_sq, H = (X.astype(np.float64) ** 2).mean(axis=0), X.T.astype(np.float64) @ X
+    for kw in ({"bits": 8}, {"bits": 4, "method": "gptq", "hessian": H}, {"bits": 4, "block_size": 32},
+               {"bits": 4, "block_size": 32, "method": "gptq", "hessian": H}):
+        whole = quantize_weight(W, act_sq=act_sq, **kw)
+        for step in (1, 7, 49):
+            part = quantize_weight(W, act_sq=act_sq, column_block=step, **kw)
+            np.testing.assert_array_equal(part.q, whole.q)
+            np.testing.assert_array_equal(part.scale, whole.scale)
+            assert part.rel_error == pytest.approx(whole.rel_error, rel=1e-5)
+    table = rng.normal(0, 0.02, (1000, 24)).astype(np.float32)
+    table[17] *= 50
+    s_ref = np.maximum(np.abs(table).max(axis=1), 1e-12) / 127.0  # the formula, written out once
+    q_ref = np.clip(np.rint(table / s_ref[:, None]), -127, 127).astype(np.int8)
+    for rows in (1, 333, 4096):
+        q, s = int8_rows(table, rows_per_block=rows)
+        np.testing.assert_array_equal(q, q_ref)
+        np.testing.assert_array_equal(s, s_ref)
+
+
 def test_mlp_smoothing_is_exact_in_float_and_rescales_the_statistics():
     """SmoothQuant folded into up_proj/down_proj: the float MLP output is unchanged, the massive
     channel's range moves into the weights, and the rescaled statistics equal statistics measured

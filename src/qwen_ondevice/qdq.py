@@ -259,8 +259,7 @@ def quantize_graph(
             attrs = {"axis": 1} if qw.block_size is None else {"axis": 0, "block_size": qw.block_size}
             nodes.append(helper.make_node("DequantizeLinear", [qname, sc, zp], [name + "_dq"], name=name + "_DQ", **attrs))
         elif name in gather_tables:  # embedding (V, H): int8 symmetric per row, see _embedding_lookup
-            scale = np.maximum(np.abs(w).max(axis=1), 1e-12) / 127.0
-            q = np.clip(np.rint(w / scale[:, None]), -127, 127).astype(np.int8)
+            q, scale = int8_rows(w)
             row_enc = _row_scale_encoding(scale)
             embedding[name] = (big(name + ".q", q), big(name + ".row_scale.q", row_enc.quantize(scale)[:, None]), row_enc)
             continue
@@ -309,6 +308,21 @@ def quantize_graph(
     out = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="qwen-ondevice")
     out.ir_version = IR_VERSION
     return out, _signature(list(graph.input)), _signature(list(graph.output))
+
+
+def int8_rows(w: np.ndarray, rows_per_block: int = 8192) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 per row of ``w`` (V, H): returns q (V, H) int8 and scale (V,) float32 with
+    ``w ~ q * scale[:, None]``. Rows are rounded ``rows_per_block`` at a time, so the temporaries
+    stay a block's size (Qwen2-7B's embedding is 152064 x 3584: 2.2 GB in float32)."""
+    V = w.shape[0]
+    q = np.empty(w.shape, np.int8)
+    scale = np.empty(V, np.float32)
+    for r0 in range(0, V, rows_per_block):
+        blk = np.asarray(w[r0 : r0 + rows_per_block], np.float32)
+        s = np.maximum(np.abs(blk).max(axis=1), 1e-12) / 127.0
+        q[r0 : r0 + rows_per_block] = np.clip(np.rint(blk / s[:, None]), -127, 127)
+        scale[r0 : r0 + rows_per_block] = s
+    return q, scale
 
 
 def _row_scale_encoding(scale: np.ndarray) -> Encoding:

@@ -105,46 +105,71 @@ def hessian_factor(hessian: np.ndarray, damp: float = 0.01) -> HessianFactor:
     return HessianFactor(perm, hinv.float(), dead)
 
 
+#: Output channels quantized per call of :func:`_quantize_columns`: every channel's scale and
+#: rounding depend only on its own column (and, for GPTQ, on the shared Hessian), so a wide
+#: weight (Qwen2-7B's lm_head: 3584 x 152064, 2.2 GB in float32) is processed in column blocks
+#: whose temporaries stay near COLUMN_BLOCK_ELEMENTS * 4 bytes each, not the whole weight's size.
+COLUMN_BLOCK_ELEMENTS = 1 << 25
+
+
 def quantize_weight(
     w: np.ndarray, bits: int, act_sq: np.ndarray | None = None, hessian: "np.ndarray | HessianFactor | None" = None,
     method: str = "mse", damp: float = 0.01, block: int = 128, block_size: int | None = None,
+    column_block: int | None = None,
 ) -> QuantizedWeight:
     """Quantize W (K, N) float32 to ``bits`` (4 or 8): per output channel, or per block of
     ``block_size`` input rows within each output channel (block-wise, "LPBQ-style" grouping).
 
     ``act_sq`` (K,) is E[x_k^2] of the layer input (uniform when None); ``hessian`` (K, K) is
     sum x x^T (or its :class:`HessianFactor`), needed by ``gptq``. With blocks, GPTQ keeps the
-    block scales fixed from the start ("static groups"), so act-order stays valid.
+    block scales fixed from the start ("static groups"), so act-order stays valid. Output channels
+    are processed ``column_block`` at a time (default: :data:`COLUMN_BLOCK_ELEMENTS` / K), which
+    bounds the temporaries without changing any result.
 
     Raises:
         ValueError: an unknown method, gptq without a Hessian, or K not a multiple of block_size.
     """
+    if method not in ("mse", "gptq"):
+        raise ValueError(f"unknown weight method {method!r}")
+    if method == "gptq" and hessian is None:
+        raise ValueError("gptq needs the input Hessian")
     W = torch.from_numpy(np.ascontiguousarray(w, np.float32))
     K, N = W.shape
+    if block_size is not None and K % block_size:
+        raise ValueError(f"input size {K} is not a multiple of the block size {block_size}")
     a = torch.ones(K) if act_sq is None else torch.from_numpy(np.asarray(act_sq, np.float32))
+    factor = None
+    if method == "gptq":
+        factor = hessian if isinstance(hessian, HessianFactor) else hessian_factor(hessian, damp)
+    step = column_block or max(1, COLUMN_BLOCK_ELEMENTS // K)
+    q = np.empty((K, N), np.int8)
+    scale = np.empty((N,) if block_size is None else (K // block_size, N), np.float32)
+    num = den = 0.0
+    for c0 in range(0, N, step):
+        c1 = min(c0 + step, N)
+        qc, sc, n_err, d_err = _quantize_columns(W[:, c0:c1], bits, a, factor, block, block_size)
+        q[:, c0:c1], scale[..., c0:c1] = qc, sc
+        num, den = num + n_err, den + d_err
+    return QuantizedWeight(q, scale, bits, float(num / max(den, 1e-30)), block_size)
+
+
+def _quantize_columns(W: torch.Tensor, bits: int, a: torch.Tensor, factor: "HessianFactor | None", block: int,
+                      block_size: int | None) -> tuple[np.ndarray, np.ndarray, float, float]:
+    """Quantize the output channels W (K, n): returns q (K, n) int8, the scales ((n,) or
+    (K / B, n)), and the sums of E[x^2](W - Wq)^2 and E[x^2] W^2 over these channels."""
+    K = W.shape[0]
     if block_size is None:
-        s = mse_scales(W, bits, a)  # (N,)
+        s = mse_scales(W, bits, a)  # (n,)
         blocks = None
     else:
-        if K % block_size:
-            raise ValueError(f"input size {K} is not a multiple of the block size {block_size}")
         blocks = lpbq_scales(torch.stack([mse_scales(W[i : i + block_size], bits, a[i : i + block_size])
-                                          for i in range(0, K, block_size)]))  # (K / B, N)
-        s = blocks.repeat_interleave(block_size, dim=0)  # (K, N)
+                                          for i in range(0, K, block_size)]))  # (K / B, n)
+        s = blocks.repeat_interleave(block_size, dim=0)  # (K, n)
     qmin, qmax = _qrange(bits)
-    if method == "mse":
-        q = torch.clamp(torch.round(W / s), qmin, qmax)
-    elif method == "gptq":
-        if hessian is None:
-            raise ValueError("gptq needs the input Hessian")
-        factor = hessian if isinstance(hessian, HessianFactor) else hessian_factor(hessian, damp)
-        q = _gptq(W, s, factor, qmin, qmax, block)
-    else:
-        raise ValueError(f"unknown weight method {method!r}")
-    deq = q * s
-    rel = float((a[:, None] * (W - deq) ** 2).sum() / (a[:, None] * W**2).sum().clamp_min(1e-30))
-    scale = (s if blocks is None else blocks).numpy().astype(np.float32)
-    return QuantizedWeight(q.to(torch.int8).numpy(), scale, bits, rel, block_size)
+    q = torch.clamp(torch.round(W / s), qmin, qmax) if factor is None else _gptq(W, s, factor, qmin, qmax, block)
+    num = float((a[:, None] * (W - q * s) ** 2).sum())
+    den = float((a[:, None] * W**2).sum())
+    return q.to(torch.int8).numpy(), (s if blocks is None else blocks).numpy().astype(np.float32), num, den
 
 
 def _gptq(W: torch.Tensor, s: torch.Tensor, f: HessianFactor, qmin: int, qmax: int, block: int) -> torch.Tensor:
