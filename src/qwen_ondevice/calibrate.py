@@ -225,7 +225,10 @@ class Calibrator:
             if self.hessians:
                 r32 = rows.astype(np.float32)
                 h = r32.T @ r32
-                s.hessian = h if s.hessian is None else s.hessian + h
+                if s.hessian is None:
+                    s.hessian = h
+                else:
+                    s.hessian += h  # in place: no second K x K array
         if "sample" in kinds:
             flat = x.ravel()
             s.sample.append(flat[self.rng.integers(0, flat.size, self.sample_per_call)])
