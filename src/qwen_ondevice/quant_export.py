@@ -91,7 +91,10 @@ def quantize_part_graphs(
     weight_report = {}
     matmul_inputs = {n.input[1]: n.input[0] for n in ref_graph.graph.node if n.op_type == "MatMul" and n.input[1] in inits}
     matmul_outputs = {n.input[1]: n.output[0] for n in ref_graph.graph.node if n.op_type == "MatMul" and n.input[1] in inits}
-    factors = {}  # one Hessian factorisation per layer input, shared by q/k/v and gate/up
+    # the Hessian factor of the last layer input used, shared by q/k/v and by gate/up (which come
+    # one after the other in graph order): one K x K factor alive at a time, not one per input of
+    # the part (8 layers of Qwen2-7B: 12.7 GB); the int8 re-pass below computes again what it needs
+    factors: dict[str, object] = {}
     smoothed: dict[str, np.ndarray] = {}  # weight name -> float weight after smoothing
     smoothing_report = {}
     if settings.smooth_alpha > 0:
@@ -118,6 +121,7 @@ def quantize_part_graphs(
         s = stats.tensors[act]
         act_sq = s.channel_sumsq / max(s.rows, 1)
         if method == "gptq" and act not in factors:
+            factors.clear()
             factors[act] = hessian_factor(s.hessian)
         # a weight whose input size is not a multiple of the block keeps one scale per channel
         block = settings.block_size if bits == 4 and is_projection(wname) and w.shape[0] % (settings.block_size or 1) == 0 else None

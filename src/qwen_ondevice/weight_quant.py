@@ -15,6 +15,7 @@ Methods:
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -96,7 +97,9 @@ def hessian_factor(hessian: np.ndarray, damp: float = 0.01) -> HessianFactor:
     """The :class:`HessianFactor` of H = sum x x^T (K, K). At most three K x K float32 arrays are
     alive at once (each intermediate is dropped as soon as the next exists): 1.4 GB each for
     Qwen2-7B's down_proj input (K = 18944)."""
-    H = torch.from_numpy(np.asarray(hessian, np.float32))
+    with warnings.catch_warnings():  # a read-only memory map (PartStats.load): only read here
+        warnings.simplefilter("ignore", UserWarning)
+        H = torch.from_numpy(np.asarray(hessian, np.float32))
     dead = torch.diag(H) == 0
     # "act-order": quantize the input features with the largest Hessian diagonal first
     diag = torch.diag(H).clone()
