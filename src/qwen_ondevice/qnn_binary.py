@@ -446,31 +446,25 @@ def _read_info(system: _System, address: int, size: int, path: Path) -> list[Gra
         system.free(handle)
 
 
+def _versioned(struct, members: str, what: str, path: Path):
+    """The union member of a versioned QNN struct for its ``version`` (``<members>V1``..``V3``).
+
+    Raises:
+        QnnBinaryError: a version this reader does not know.
+    """
+    if struct.version not in (1, 2, 3):
+        raise QnnBinaryError(f"{path}: {what} version {struct.version} is not handled (this reader knows versions 1-3)")
+    return getattr(struct, f"{members}V{struct.version}")
+
+
 def _copy_graphs(info: _BinaryInfo, path: Path) -> list[GraphInfo]:
-    if info.version == 1:
-        b = info.contextBinaryInfoV1
-    elif info.version == 2:
-        b = info.contextBinaryInfoV2
-    elif info.version == 3:
-        b = info.contextBinaryInfoV3
-    else:
-        raise QnnBinaryError(f"{path}: QnnSystemContext_BinaryInfo_t version {info.version} is not handled "
-                             "(this reader knows versions 1-3)")
+    b = _versioned(info, "contextBinaryInfo", "QnnSystemContext_BinaryInfo_t", path)
     n = int(b.numGraphs)
     if n and not b.graphs:
         raise QnnBinaryError(f"{path}: QNN reports {n} graph(s) but no graph list")
     graphs = []
     for i in range(n):
-        g = b.graphs[i]
-        if g.version == 1:
-            gi = g.graphInfoV1
-        elif g.version == 2:
-            gi = g.graphInfoV2
-        elif g.version == 3:
-            gi = g.graphInfoV3
-        else:
-            raise QnnBinaryError(f"{path}: QnnSystemContext_GraphInfo_t version {g.version} (graph {i}) is not "
-                                 "handled (this reader knows versions 1-3)")
+        gi = _versioned(b.graphs[i], "graphInfo", f"QnnSystemContext_GraphInfo_t (graph {i})", path)
         name = _text(gi.graphName)
         graphs.append(GraphInfo(
             name=name,
