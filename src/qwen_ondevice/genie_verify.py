@@ -24,6 +24,7 @@ at the bundle's CL with one split per part.
 from __future__ import annotations
 
 import ast
+import copy
 import json
 import tempfile
 import time
@@ -94,11 +95,8 @@ def log_problems(run) -> list[str]:
     return bad + [m for lv, m in run.log if lv == "error" and m not in bad]
 
 
-def reference_tokens(root: Path, ids: list[int], n: int, backend: str = "qnn-htp") -> list[int]:
-    """The project runtime's greedy tokens (argmax, no stop) after ``ids`` on ``backend``."""
-    from .bundle import open_bundle_runtime
-
-    rt = open_bundle_runtime(root, backend)
+def reference_tokens(rt, ids: list[int], n: int) -> list[int]:
+    """The greedy tokens (argmax, no stop) of the runtime ``rt`` after ``ids``."""
     logits, out = rt.engine.prefill(ids), []
     for _ in range(n):
         out.append(int(np.argmax(logits)))
@@ -114,16 +112,15 @@ def verify_genie(root: Path, prompt: str, new_tokens: int = DEFAULT_NEW_TOKENS, 
     Raises:
         UserError: the bundle has no context binaries, or libGenie.so is not installed.
     """
-    from .backends.qnn_backend import qnn_section
-    from .bundle import open_bundle_runtime, read_manifest
+    from .bundle import open_bundle_runtime
     from .genie import GENIE_CONFIG
     from .genie_run import genie_library, run_genie
 
-    m = read_manifest(root)
-    qnn_section(m)
     if genie_library() is None:
         raise UserError("verify --genie needs libGenie.so from the onnxruntime-qnn wheel (Linux x86_64)")
-    tok = open_bundle_runtime(root, "ort-cpu").tokenizer
+    # one open (one sha256 pass over the bundle): the reference runtime, its manifest and tokenizer
+    rt = open_bundle_runtime(root, "qnn-htp")  # refuses a bundle without context binaries
+    m, tok = rt.engine.backend.manifest, rt.tokenizer
     messages = [{"role": "user", "content": prompt}]
     ids = tok.apply_chat_template(messages)
     text = tok.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -134,7 +131,7 @@ def verify_genie(root: Path, prompt: str, new_tokens: int = DEFAULT_NEW_TOKENS, 
         log(f"[genie] building the non-shared twin of {root} (each graph in its own context binary)")
         bins = build_twin(root, m, Path(tmp))
         report["twin_seconds"] = round(time.perf_counter() - t0, 1)
-        twin = json.loads(json.dumps(config))
+        twin = copy.deepcopy(config)
         twin["dialog"]["engine"]["model"]["binary"]["ctx-bins"] = [str(b) for b in bins]
         twin["dialog"]["sampler"] = {"version": 1, "seed": 42, "temp": 1.0, "top-k": 1, "top-p": 1.0, "greedy": True}
         log(f"[genie] Genie on the twin: a {len(ids)}-token chat prompt as token ids, then as text, {new_tokens} greedy tokens each")
@@ -143,7 +140,7 @@ def verify_genie(root: Path, prompt: str, new_tokens: int = DEFAULT_NEW_TOKENS, 
         report["genie_seconds"] = round(time.perf_counter() - t1, 1)
     log("[genie] the project's runtime (qnn-htp) on the same ids")
     t2 = time.perf_counter()
-    ref = reference_tokens(root, ids, new_tokens)
+    ref = reference_tokens(rt, ids, new_tokens)
     report["reference_seconds"] = round(time.perf_counter() - t2, 1)
     eos = config["dialog"]["context"]["eos-token"]
     stop = set(eos if isinstance(eos, list) else [eos])
