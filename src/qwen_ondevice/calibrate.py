@@ -237,15 +237,22 @@ class Calibrator:
             s.channel_sumsq = sq if s.channel_sumsq is None else s.channel_sumsq + sq
             s.rows += rows.shape[0]
             if self.hessians:
-                r32 = rows.astype(np.float32)
-                h = r32.T @ r32
                 if s.hessian is None:
-                    s.hessian = h
-                else:
-                    s.hessian += h  # in place: no second K x K array
+                    s.hessian = np.zeros((x.shape[-1], x.shape[-1]), np.float32)
+                _add_gram(s.hessian, x.reshape(-1, x.shape[-1]))
         if "sample" in kinds:
             flat = x.ravel()
             s.sample.append(flat[self.rng.integers(0, flat.size, self.sample_per_call)])
+
+
+def _add_gram(h: np.ndarray, rows: np.ndarray) -> None:
+    """h (K, K) float32 += rows^T rows for rows (N, K) float32, in place: one BLAS call with
+    beta = 1 (torch's ``addmm_``), no K x K temporary, where numpy's ``h += rows.T @ rows``
+    builds the product first and adds it in a second pass over h."""
+    import torch
+
+    r = torch.from_numpy(np.ascontiguousarray(rows, np.float32))
+    torch.from_numpy(h).addmm_(r.T, r)
 
 
 def _channel_range(s: TensorStats, rows: np.ndarray) -> None:

@@ -143,10 +143,12 @@ def quantize_part_graphs(
         size = {n: inits[n].dims[0] * inits[n].dims[1] for n in projections}
         budget = settings.int8_fraction * sum(size.values())
         used = 0
+        chosen = set()
         for n in sorted(projections, key=lambda n: -weights[n].rel_error):
-            if used + size[n] > budget:
-                continue
-            used += size[n]
+            if used + size[n] <= budget:
+                used += size[n]
+                chosen.add(n)
+        for n in (n for n in projections if n in chosen):  # graph order: k/v of a layer share one factor
             int4_err = weights[n].rel_error
             weights[n] = quantize(n, 8, settings.weight_method)
             weight_report[n] = {"bits": 8, "rel_error": weights[n].rel_error, "int4_rel_error": int4_err,
