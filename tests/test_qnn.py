@@ -432,7 +432,7 @@ def test_failed_part_keeps_earlier_parts_and_rerun_resumes(tiny_ckpt, tmp_path, 
     with pytest.raises(CompileError, match="part_2_of_2 AR-8"):
         export(_options(tiny_ckpt, chipset=CHIP), out)
     state = json.loads((out / ".export" / "state.json").read_text())["done"]
-    assert f"qnn:{CHIP}:part_1_of_2" in state and f"qnn:{CHIP}:part_2_of_2" not in state and "manifest" not in state
+    assert f"qnn:{CHIP}:O3:part_1_of_2" in state and f"qnn:{CHIP}:O3:part_2_of_2" not in state and "manifest" not in state
     assert (out / "qnn" / CHIP / "part_1_of_2.bin").exists() and not (out / "manifest.json").exists()
 
     monkeypatch.setattr(comp, "compile_part", lambda *a: (calls.append(a[1]["name"]), real(*a))[1])
@@ -444,6 +444,23 @@ def test_failed_part_keeps_earlier_parts_and_rerun_resumes(tiny_ckpt, tmp_path, 
     m = json.loads((out / "manifest.json").read_text())
     assert [p["name"] for p in m["qnn"]["parts"]] == ["part_1_of_2", "part_2_of_2"]
     assert np.all([(out / p["bin"]).exists() for p in m["qnn"]["parts"]])
+
+    # the finished bundle gains another chipset's binaries and a new report, without --force and
+    # without redoing its parts: --chipset and --eval-tokens change no graph
+    stamps = {k: v for k, v in json.loads((out / ".export" / "state.json").read_text())["done"].items() if k.startswith("part:")}
+    data_mtime = {p["data"]: (out / p["data"]).stat().st_mtime_ns for p in m["parts"]}
+    old_bins = {p["bin"]: (out / p["bin"]).read_bytes() for p in m["qnn"]["parts"]}
+    other = "snapdragon-8-gen-3"
+    export(_options(tiny_ckpt, chipset=other, eval_tokens=128), out)
+    assert calls[3:] == ["part_1_of_2", "part_2_of_2"]
+    done = json.loads((out / ".export" / "state.json").read_text())["done"]
+    assert {k: v for k, v in done.items() if k.startswith("part:")} == stamps
+    assert {p["data"]: (out / p["data"]).stat().st_mtime_ns for p in m["parts"]} == data_mtime
+    m2 = json.loads((out / "manifest.json").read_text())
+    assert m2["qnn"]["chipset"] == other and all(p["bin"].startswith(f"qnn/{other}/") for p in m2["qnn"]["parts"])
+    assert {b: (out / b).read_bytes() for b in old_bins} == old_bins  # the first chipset's binaries stay
+    assert set(old_bins) <= set(m2["files"])
+    assert json.loads((out / "report.json").read_text())["accuracy"]["tokens"] == 2 * (CL - 1)
 
 
 def test_onnx_runtime_runs_a_renamed_binary_bit_identically(compiled, tmp_path):

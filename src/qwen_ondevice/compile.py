@@ -11,7 +11,7 @@ the HTP cannot take fails the compile, and the produced wrappers are checked aga
 node must sit inside the EPContext node, and the .bin must hold the part's weights about once
 (weight sharing), not once per graph.
 
-Each finished part is stamped in the export state (``qnn:<chipset>:<part>``); a re-run resumes
+Each finished part is stamped in the export state (``qnn:<chipset>:O<level>:<part>``); a re-run resumes
 after the last compiled part. The stage also writes the Genie files (:mod:`qwen_ondevice.genie`).
 """
 
@@ -704,8 +704,11 @@ def compile_stage(out: Path, ckpt, options, parts, state) -> dict:
             "precisions w4a16/w8a16); no context binaries")
         return {}
     entries = []
+    # the binaries of this chipset at another optimization level are overwritten below
+    level = f"qnn:{chip.name}:O{options.htp_optimization}:"
+    state.forget(k for k in list(state.done) if k.startswith(f"qnn:{chip.name}:") and not k.startswith(level))
     for p in parts:
-        stage = f"qnn:{chip.name}:{p.name}"
+        stage = level + p.name
         if stage in state.done:
             log(f"[qnn] {p.name}: compiled earlier, skipped")
         else:

@@ -69,6 +69,17 @@ class ExportOptions:
         return [self.prompt_length, 1] if self.prompt_length != 1 else [1]
 
 
+#: Options that change no graph and no weight. A resume asked for other values keeps every
+#: finished part and redoes only the stages they decide: the accuracy report (``eval_*``) and
+#: the context binaries of the chipset at the optimization level asked (``chipset``,
+#: ``htp_optimization``); binaries already compiled for another chipset stay in the bundle.
+FINISHING_OPTIONS = {"eval_tokens": ("report",), "eval_window": ("report",), "chipset": (), "htp_optimization": ()}
+
+
+def _graph_options(options: dict) -> dict:
+    return {k: v for k, v in options.items() if k not in FINISHING_OPTIONS}
+
+
 class ExportState:
     """The stamps of finished stages, in ``BUNDLE/.export/state.json``."""
 
@@ -78,17 +89,35 @@ class ExportState:
         self.done: dict[str, dict] = {}
 
     def load(self) -> bool:
-        """Load an earlier state; True when it exists and was made with the same options."""
+        """Load an earlier state; True when it exists and was made with the same graph options
+        (all but :data:`FINISHING_OPTIONS`). Stages that a changed finishing option decides are
+        dropped, so they run again; the manifest is always rewritten then."""
         if not self.path.exists():
             return False
         state = json.loads(self.path.read_text())
-        if state.get("options") != self.options:
+        earlier = state.get("options") or {}
+        if _graph_options(earlier) != _graph_options(self.options):
             return False
         self.done = state.get("done", {})
+        changed = [k for k in FINISHING_OPTIONS if k in earlier and earlier[k] != self.options[k]]
+        if changed:
+            log("resume with other " + ", ".join(f"--{k.replace('_', '-')} ({earlier[k]} -> {self.options[k]})" for k in changed)
+                + ": the finished parts are kept")
+            for stage in {"manifest", *(s for k in changed for s in FINISHING_OPTIONS[k])}:
+                self.done.pop(stage, None)
         return True
 
     def mark(self, stage: str, info: dict | None = None) -> None:
         self.done[stage] = info or {}
+        self._write()
+
+    def forget(self, stages) -> None:
+        """Drop the stamps of ``stages`` (their files are about to be rewritten)."""
+        for stage in list(stages):
+            self.done.pop(stage, None)
+        self._write()
+
+    def _write(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps({"options": self.options, "done": self.done}, indent=1))
