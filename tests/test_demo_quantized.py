@@ -36,8 +36,10 @@ def demo_w8a16(demo_checkpoint, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def demo_w4a16_per_channel(demo_checkpoint, tmp_path_factory):
-    return _export(tmp_path_factory, "w4a16_per_channel", precision="w4a16", weight_block_size=None)
+def demo_w4a16_5_parts(demo_checkpoint, tmp_path_factory):
+    """The default w4a16 export split into 5 parts: the embedding, then 4 parts of decoder layers,
+    so 3 mid-model boundaries where the residual stream crosses as one uint16 tensor."""
+    return _export(tmp_path_factory, "w4a16_5_parts", precision="w4a16", num_parts=5)
 
 
 def _accuracy(bundle) -> dict:
@@ -65,10 +67,28 @@ def test_w4a16_meets_the_perplexity_and_top1_targets(demo_w4a16):
     assert acc["top1_agreement"] >= 0.85, acc
 
 
-def test_w4a16_per_channel_perplexity_ratio_and_top1(demo_w4a16_per_channel):
-    acc = _accuracy(demo_w4a16_per_channel)
-    assert acc["perplexity_ratio"] <= 1.19, acc
-    assert acc["top1_agreement"] >= 0.77, acc
+def test_mid_model_boundaries_keep_the_accuracy(demo_w4a16, demo_w4a16_5_parts):
+    """Each mid-model boundary is one tensor with one uint16 encoding on both sides (Genie's
+    rule), and the three of them cost at most 0.5 points of perplexity ratio (the target of the
+    7B issue) against the 2-part export, whose only boundary is the embedding output; scored on the
+    same held-out tokens. The int8 budget is per part, so the two exports also pick slightly
+    different int8 projections: the bound covers both effects."""
+    m = json.loads((demo_w4a16_5_parts / "manifest.json").read_text())
+    parts = m["parts"]
+    assert len(parts) == 5 and parts[0]["embedding"] and parts[-1]["head"]
+    mid = [p for p in parts[1:] if p["layers"][0] > 0]
+    assert len(mid) == 3
+    for prev, part in zip(parts, parts[1:]):
+        name = f"hidden_states_{part['layers'][0]}"
+        out_enc = {json.dumps(o["encoding"], sort_keys=True) for g in prev["graphs"].values() for o in g["outputs"] if o["name"] == name}
+        in_enc = {json.dumps(i["encoding"], sort_keys=True) for g in part["graphs"].values() for i in g["inputs"] if i["name"] == name}
+        assert len(out_enc) == 1 and out_enc == in_enc, (prev["name"], part["name"], out_enc, in_enc)
+        assert json.loads(out_enc.pop())["dtype"] == "uint16"
+    two, five = _accuracy(demo_w4a16), _accuracy(demo_w4a16_5_parts)
+    print(f"\n2 parts: {two}\n5 parts: {five}")
+    assert five["reference_perplexity"] == pytest.approx(two["reference_perplexity"], rel=1e-6)
+    assert five["perplexity_ratio"] <= two["perplexity_ratio"] + 0.005, (two, five)
+    assert five["perplexity_ratio"] <= 1.10 and five["top1_agreement"] >= 0.85, five
 
 
 def test_w4a16_bundle_is_smaller_and_keeps_few_int8_projections(demo_w4a16):

@@ -219,6 +219,51 @@ def test_resume_after_sigkill_gives_same_files(tiny_factory, tmp_path):
     assert _files_sha(out) == _files_sha(ref)
 
 
+def test_quantized_export_killed_in_each_stage_resumes_to_the_same_files(tiny_factory, tmp_path):
+    """SIGKILL once per kind of stage, each time when the stage's work is done but before its
+    stamp (the worst moment: key equalization has rewritten the float weights in place, the
+    calibration files and QDQ graphs are written): every re-run resumes, and the finished bundle
+    equals an uninterrupted export file by file (sha256), the float intermediates deleted."""
+    ckpt = str(tiny_factory(layers=4))
+    args = [ckpt, "--precision", "w4a16", "--prompt-length", str(AR), "--context-length", str(CL), "--num-parts", "3",
+            "--calibration-tokens", "256", "--eval-tokens", "128", "--chipset", "none"]
+    ref = tmp_path / "ref"
+    assert main(["--quiet", "export", *args, "--out", str(ref)]) == 0
+    out = tmp_path / "killed"
+    stages = ["float:part_2_of_3", "kveq:part_2_of_3", "calib:part_2_of_3", "part:part_2_of_3", "report", "manifest"]
+    for stage in stages:
+        env = dict(os.environ, QWEN_ONDEVICE_EXPORT_KILL_AFTER=stage)
+        r = subprocess.run([sys.executable, "-m", "qwen_ondevice.cli", "--quiet", "export", *args, "--out", str(out)],
+                           env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=300)
+        assert r.returncode == -signal.SIGKILL, (stage, r.returncode, r.stderr[-2000:])
+    assert main(["--quiet", "export", *args, "--out", str(out)]) == 0
+    assert _files_sha(out) == _files_sha(ref)
+    assert not (out / ".export" / "float").exists() and not (out / ".export" / "calib").exists()
+
+
+def test_export_refuses_a_plan_the_machine_cannot_hold(tiny_factory, tmp_path, capsys, monkeypatch):
+    """The estimate is checked before anything is written; the message names the stage and a way out."""
+    import qwen_ondevice.footprint as footprint
+
+    ckpt = str(tiny_factory(layers=3))
+    args = ["--quiet", "export", ckpt, "--precision", "w4a16", "--prompt-length", str(AR), "--context-length", str(CL),
+            "--chipset", "none"]
+    monkeypatch.setattr(footprint, "machine_memory_bytes", lambda: 200 << 20)
+    capsys.readouterr()  # what making the checkpoint printed
+    msg = _one_line_error(capsys, [*args, "--out", str(tmp_path / "a")])
+    assert "GB of memory at its peak" in msg and "0.2 GB available" in msg and not (tmp_path / "a").exists()
+    monkeypatch.setattr(footprint, "machine_memory_bytes", lambda: 1 << 40)
+    monkeypatch.setattr(footprint.shutil, "disk_usage", lambda p: shutil_usage(free=1 << 20))
+    msg = _one_line_error(capsys, [*args, "--out", str(tmp_path / "b")])
+    assert "GB of disk" in msg and "bigger disk" in msg and not (tmp_path / "b").exists()
+
+
+def shutil_usage(free: int):
+    import shutil
+
+    return shutil._ntuple_diskusage(1 << 40, (1 << 40) - free, free)
+
+
 def test_refusals(tiny_bundle, tiny_factory, tmp_path, capsys):
     ckpt = str(tiny_factory(layers=3))
     other = tmp_path / "other"

@@ -55,6 +55,10 @@ def test_tiny_graph_matches_transformers(tiny_factory, text_ids, kw, ar, cl, n):
     assert np.abs(ref).max() > 1.0  # the logits are not trivially small
     err = np.abs(ours - ref).max()
     assert err < TINY_TOL, f"max abs logit difference {err:.3g}"
+    # the streamed float reference (one layer at a time, lm_head in row blocks) computes the same
+    streamed = Engine(TorchBackend(ckpt, context_length=cl, stream=True), prompt_length=ar).logits_all(ids)
+    err = np.abs(streamed - ref).max()
+    assert err < TINY_TOL, f"streamed: max abs logit difference {err:.3g}"
 
 
 def test_tolerance_detects_bf16_rounding(tiny_factory, text_ids):

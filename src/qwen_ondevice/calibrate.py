@@ -21,7 +21,7 @@ import onnx
 
 from .engine import make_call_inputs
 from .errors import UserError
-from .progress import log
+from .progress import bar
 
 if TYPE_CHECKING:
     from .modeling import PartSpec
@@ -122,8 +122,10 @@ class PartStats:
                 v = getattr(s, key)
                 if v is not None:
                     arrays[f"{name}|{key}"] = v
-            if s.hessian is not None:
-                hname = f"{path.stem}.hessian{k}.npy"
+            if isinstance(s.hessian, np.memmap) and Path(s.hessian.filename).parent == path.parent.resolve():
+                arrays[f"{name}|hessian_file"] = np.array(Path(s.hessian.filename).name)  # spilled already
+            elif s.hessian is not None:
+                hname = f"{path.stem}.hessian.{k}.npy"
                 tmp = path.with_name(hname + ".partial.npy")
                 np.save(tmp, s.hessian)
                 tmp.replace(path.with_name(hname))
@@ -244,6 +246,24 @@ class Calibrator:
             flat = x.ravel()
             s.sample.append(flat[self.rng.integers(0, flat.size, self.sample_per_call)])
 
+    def spill(self, names, stem: Path) -> None:
+        """Write the Hessians of ``names`` to ``<stem>.hessian<k>.npy`` files and keep them as
+        read-only memory maps (:meth:`PartStats.save` then refers to the files as they are)."""
+        for name in names:
+            s = self.stats[name]
+            if s.hessian is None or isinstance(s.hessian, np.memmap):
+                continue
+            k = sum(isinstance(t.hessian, np.memmap) for t in self.stats.values())
+            path = _spilled_name(stem, k)
+            tmp = path.with_name(path.name + ".partial.npy")
+            np.save(tmp, s.hessian)
+            tmp.replace(path)
+            s.hessian = np.load(path, mmap_mode="r")
+
+
+def _spilled_name(stem: Path, k: int) -> Path:
+    return stem.with_name(f"{stem.name}.hessian{k}.npy")
+
 
 def _add_gram(h: np.ndarray, rows: np.ndarray) -> None:
     """h (K, K) float32 += rows^T rows for rows (N, K) float32, in place: one BLAS call with
@@ -262,6 +282,78 @@ def _channel_range(s: TensorStats, rows: np.ndarray) -> None:
     s.channel_hi = hi if s.channel_hi is None else np.maximum(s.channel_hi, hi)
 
 
+@dataclass
+class Segment:
+    """A run of a part's float graph that calibration executes on its own: one decoder layer
+    (its residual input -> its residual output and its KV outputs), the final norm and lm_head,
+    or the whole graph (the embedding part). ``layers`` are the decoder layers whose KV cache
+    it reads and writes."""
+
+    inputs: list[str]
+    outputs: list[str]
+    layers: list[int]
+
+
+def part_segments(model: onnx.ModelProto, part: "PartSpec") -> list[Segment]:
+    """Split a part's float graph (``onnx_graph.build_part_graph``) at the residual stream
+    between its decoder layers: each layer starts at its ``input_layernorm``, whose input is the
+    residual tensor entering the layer (the part's boundary input for the first); the head
+    (final norm, lm_head) is a segment of its own. The tensor names are the part graph's, so the
+    statistics are keyed as the QDQ rewrite expects.
+
+    Raises:
+        ValueError: a layer's input norm is not found (not a graph ``build_part_graph`` made).
+    """
+    if part.embedding or not len(part.layers):
+        return [Segment([i.name for i in model.graph.input], [o.name for o in model.graph.output], [])]
+    norm_input = {n.input[1]: n.input[0] for n in model.graph.node if n.op_type == "SimplifiedLayerNormalization"}
+    starts = []
+    for layer in part.layers:
+        key = f"model.layers.{layer}.input_layernorm.weight"
+        if key not in norm_input:
+            raise ValueError(f"{part.name}: no input_layernorm found for layer {layer}")
+        starts.append(norm_input[key])
+    host = ["attention_mask", "position_ids_cos", "position_ids_sin"]
+    if part.head:
+        ends = starts[1:] + [norm_input["model.norm.weight"]]
+    else:
+        ends = starts[1:] + [part.hidden_out]
+    segments = [Segment([a, *host, f"past_key_{l}_in", f"past_value_{l}_in"], [b, f"past_key_{l}_out", f"past_value_{l}_out"], [l])
+                for l, a, b in zip(part.layers, starts, ends)]
+    if part.head:
+        segments.append(Segment([ends[-1]], ["logits"], []))
+    return segments
+
+
+def segment_model(model: onnx.ModelProto, seg: Segment, extra_outputs: list[str]) -> onnx.ModelProto:
+    """The sub-model computing ``seg.outputs`` (and ``extra_outputs`` produced on the way) from
+    ``seg.inputs``: the nodes they need, in graph order, and only the initializers those read
+    (still pointing at the part's external-data file, so it is loaded from the same folder)."""
+    g = model.graph
+    producer = {o: i for i, n in enumerate(g.node) for o in n.output}
+    need, stack = set(), list(seg.outputs)
+    stop = set(seg.inputs)
+    while stack:
+        t = stack.pop()
+        if t in stop or t not in producer or producer[t] in need:
+            continue
+        need.add(producer[t])
+        stack.extend(g.node[producer[t]].input)
+    nodes = [g.node[i] for i in sorted(need)]
+    made = {o for n in nodes for o in n.output}
+    used = {i for n in nodes for i in n.input}
+    graph_inputs = {i.name: i for i in g.input}
+    inputs = [graph_inputs.get(name) or onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
+              for name in seg.inputs]
+    graph_outputs = {o.name: o for o in g.output}
+    outputs = [graph_outputs.get(name) or onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
+               for name in seg.outputs]
+    outputs += [onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None)
+                for n in extra_outputs if n in made and n not in seg.outputs]
+    sub = onnx.helper.make_graph(nodes, g.name, inputs, outputs, [t for t in g.initializer if t.name in used])
+    return onnx.helper.make_model(sub, opset_imports=model.opset_import, ir_version=model.ir_version)
+
+
 def calibrate_part(
     float_graph: Path,
     kinds: dict[str, set[str]],
@@ -274,63 +366,73 @@ def calibrate_part(
     mask_value: float,
     hessians: bool = False,
     label: str = "",
+    spill: Path | None = None,
 ) -> tuple[PartStats, np.ndarray]:
-    """Run one part's float AR graph over every calibration chunk; returns its statistics and
-    its outputs per chunk (hidden states (n_chunks, AR, H) or, for the last part, nothing useful).
+    """Run one part's float AR graph over every calibration chunk, one :class:`Segment` (decoder
+    layer) at a time; returns its statistics and its outputs per chunk (hidden states
+    (n_chunks, AR, H); for the last part, nothing useful).
 
     ``hidden_in`` is (n_chunks, AR, H) float32 from the previous part, fed as the part's boundary
-    input ``part.hidden_in`` (None for the embedding part, which reads the token ids). ``kv_shape`` is (KVH, D). The part keeps its own float KV
-    cache per sequence, exactly as the engine does.
+    input ``part.hidden_in`` (None for the embedding part, which reads the token ids). ``kv_shape``
+    is (KVH, D). Each layer keeps its own float KV cache per sequence, exactly as the engine does.
+    Memory holds one layer's float weights (ONNX Runtime loads only the segment's initializers),
+    the hidden states of every chunk twice, and, with ``spill`` (a file stem), only one layer's
+    Hessians: they are written to ``<spill>.hessian<k>.npy`` when the layer is done and kept as
+    read-only memory maps. Nothing held grows with the number of layers.
     """
     import onnxruntime as ort
 
-    layers = part.layers
     model = onnx.load(str(float_graph), load_external_data=False)
-    existing = {o.name for o in model.graph.output}
-    for name in kinds:
-        if name not in existing and name not in {i.name for i in model.graph.input}:
-            model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-    aug = float_graph.with_name(float_graph.stem + ".calib.onnx")
-    onnx.save(model, str(aug))
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every tensor
-    sess = ort.InferenceSession(str(aug), sess_options=so, providers=["CPUExecutionProvider"])
-    out_names = [o.name for o in sess.get_outputs()]
     cal = Calibrator(kinds, hessians)
     AR, CL = plan.ar, plan.context_length
     P = CL - AR
     KVH, D = kv_shape
     chunks = plan.chunks
-    outputs = []
-    keys = {l: np.zeros((KVH, 1, D, P), np.float32) for l in layers}
-    values = {l: np.zeros((KVH, 1, P, D), np.float32) for l in layers}
-    for i, (s, c) in enumerate(chunks):
-        if c == 0:
-            for l in layers:
-                keys[l][:] = 0
-                values[l][:] = 0
-        tokens = plan.ids[s, c * AR : (c + 1) * AR]
-        n_past = c * AR
-        if hidden_in is None:
-            feeds = {"input_ids": tokens[None].astype(np.int32)}
-        else:
-            x = make_call_inputs(list(tokens), AR, n_past, CL, cos_table, sin_table, mask_value)
-            feeds = {part.hidden_in: hidden_in[i][None], "attention_mask": x.attention_mask,
-                     "position_ids_cos": x.cos, "position_ids_sin": x.sin}
-            for l in layers:
-                feeds[f"past_key_{l}_in"] = keys[l]
-                feeds[f"past_value_{l}_in"] = values[l]
-        res = dict(zip(out_names, sess.run(out_names, feeds)))
-        for name in kinds:
-            cal.update(name, feeds[name] if name in feeds else res[name])
-        if hidden_in is not None:
-            for l in layers:
+    x_in = hidden_in
+    segments = part_segments(model, part)
+    progress = bar(total=len(chunks) * len(segments), desc=f"[calibrate] {label}", unit="chunk")
+    for seg in segments:
+        aug = float_graph.with_name(float_graph.stem + ".calib.onnx")
+        onnx.save(segment_model(model, seg, list(kinds)), str(aug))
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every tensor
+        sess = ort.InferenceSession(str(aug), sess_options=so, providers=["CPUExecutionProvider"])
+        aug.unlink()
+        out_names = [o.name for o in sess.get_outputs()]
+        # the part's boundary input is counted in the first segment; every other tensor where it is made
+        mine = [n for n in kinds if n in out_names or (n == part.hidden_in and seg is segments[0])]
+        keys = {l: np.zeros((KVH, 1, D, P), np.float32) for l in seg.layers}
+        values = {l: np.zeros((KVH, 1, P, D), np.float32) for l in seg.layers}
+        outputs = []
+        for i, (s, c) in enumerate(chunks):
+            tokens = plan.ids[s, c * AR : (c + 1) * AR]
+            n_past = c * AR
+            if x_in is None:
+                feeds = {"input_ids": tokens[None].astype(np.int32)}
+            else:
+                feeds = {seg.inputs[0]: x_in[i][None]}
+                if seg.layers:
+                    x = make_call_inputs(list(tokens), AR, n_past, CL, cos_table, sin_table, mask_value)
+                    feeds.update({"attention_mask": x.attention_mask, "position_ids_cos": x.cos, "position_ids_sin": x.sin})
+                for l in seg.layers:
+                    if c == 0:
+                        keys[l][:] = 0
+                        values[l][:] = 0
+                    feeds[f"past_key_{l}_in"] = keys[l]
+                    feeds[f"past_value_{l}_in"] = values[l]
+            res = dict(zip(out_names, sess.run(out_names, feeds)))
+            for name in mine:
+                cal.update(name, feeds[name] if name in feeds else res[name])
+            for l in seg.layers:
                 if n_past + AR <= P:
                     keys[l][..., n_past : n_past + AR] = res[f"past_key_{l}_out"]
                     values[l][:, :, n_past : n_past + AR, :] = res[f"past_value_{l}_out"]
-        outputs.append(np.zeros((AR, 0), np.float32) if part.head else res[part.hidden_out][0])
-        if (i + 1) % 8 == 0 or i + 1 == len(chunks):
-            log(f"[calibrate] {label}: chunk {i + 1}/{len(chunks)}")
-    del sess
-    aug.unlink()
-    return PartStats(cal.stats), np.stack(outputs)
+            outputs.append(res[seg.outputs[0]][0] if seg.outputs[0] != "logits" else np.zeros((AR, 0), np.float32))
+            progress.update()
+        del sess
+        x_in = np.stack(outputs)
+        del outputs
+        if spill is not None:
+            cal.spill(mine, spill)
+    progress.close()
+    return PartStats(cal.stats), (np.zeros((len(chunks), AR, 0), np.float32) if part.head else x_in)

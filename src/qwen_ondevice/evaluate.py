@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UserError
-from .progress import log
+from .progress import bar
 
 DEFAULT_EVAL_TOKENS = 16384
 DEFAULT_WINDOW = 1024
@@ -94,12 +94,14 @@ def evaluate_engines(engine, reference, ids: list[int], window: int, text_name: 
     t0 = time.perf_counter()
     nll = nll_ref = kl = 0.0
     top1 = 0
-    for w in range(n_win):
-        chunk = ids[w * window : (w + 1) * window]
-        a, b, c, d = window_metrics(engine.logits_all(chunk), reference.logits_all(chunk), chunk)
-        nll, nll_ref, top1, kl = nll + a, nll_ref + b, top1 + c, kl + d
-        log(f"[evaluate] window {w + 1}/{n_win}: running perplexity {np.exp(nll / ((w + 1) * (window - 1))):.3f} "
-            f"(float {np.exp(nll_ref / ((w + 1) * (window - 1))):.3f})")
+    with bar(total=n_win, desc="[evaluate]", unit="window") as progress:
+        for w in range(n_win):
+            chunk = ids[w * window : (w + 1) * window]
+            a, b, c, d = window_metrics(engine.logits_all(chunk), reference.logits_all(chunk), chunk)
+            nll, nll_ref, top1, kl = nll + a, nll_ref + b, top1 + c, kl + d
+            progress.set_postfix_str(f"perplexity {np.exp(nll / ((w + 1) * (window - 1))):.3f} "
+                                     f"(float {np.exp(nll_ref / ((w + 1) * (window - 1))):.3f})", refresh=False)
+            progress.update()
     n = n_win * (window - 1)
     ppl, ppl_ref = float(np.exp(nll / n)), float(np.exp(nll_ref / n))
     return AccuracyReport(text_name, n, window, n_win, ppl, ppl_ref, ppl / ppl_ref, top1 / n, kl / n,
@@ -107,13 +109,15 @@ def evaluate_engines(engine, reference, ids: list[int], window: int, text_name: 
 
 
 def reference_engine(model: str, window: int):
-    """The float reference: MODEL on the torch backend, one call per window (AR = window)."""
+    """The float reference: MODEL on the torch backend in float32, one call per window
+    (AR = window), streamed layer by layer (``TorchBackend(stream=True)``): a 7B reference never
+    holds the whole model."""
     from .backends.torch_backend import TorchBackend
     from .checkpoint import load_checkpoint
     from .engine import Engine
 
     ckpt = load_checkpoint(model)
-    return Engine(TorchBackend(ckpt, context_length=window + 1), prompt_length=window), ckpt
+    return Engine(TorchBackend(ckpt, context_length=window + 1, stream=True), prompt_length=window), ckpt
 
 
 def evaluate_bundle(bundle: Path, reference: str | None = None, text: str | None = None,

@@ -22,9 +22,10 @@ from .checkpoint import Checkpoint, load_checkpoint
 from .compile import DEFAULT_HTP_OPTIMIZATION, HTP_OPTIMIZATION_LEVELS
 from .demo import sha256_file
 from .errors import UserError
+from .footprint import Footprint, check_fits, estimate_footprint
 from .modeling import MASK_VALUE, PartSpec
 from .plan import check_weights_present, describe_plan, part_bytes, plan_parts
-from .progress import log
+from .progress import format_seconds, log, stage_meter
 
 STATE_DIR = ".export"
 PRECISIONS = ("fp32", "fp16", "w8a16", "w4a16")
@@ -63,6 +64,7 @@ class ExportOptions:
     eval_window: int = 1024
     chipset: str = "snapdragon-8-elite"  # QNN context binaries for this chipset; "none" skips (compile.py)
     htp_optimization: int = DEFAULT_HTP_OPTIMIZATION  # HTP graph finalization level (compile.py): 3 ships, 1 builds fastest
+    keep_intermediates: bool = False  # keep the float graphs and calibration files in BUNDLE/.export
 
     @property
     def ar_lengths(self) -> list[int]:
@@ -73,7 +75,8 @@ class ExportOptions:
 #: finished part and redoes only the stages they decide: the accuracy report (``eval_*``) and
 #: the context binaries of the chipset at the optimization level asked (``chipset``,
 #: ``htp_optimization``); binaries already compiled for another chipset stay in the bundle.
-FINISHING_OPTIONS = {"eval_tokens": ("report",), "eval_window": ("report",), "chipset": (), "htp_optimization": ()}
+FINISHING_OPTIONS = {"eval_tokens": ("report",), "eval_window": ("report",), "chipset": (), "htp_optimization": (),
+                     "keep_intermediates": ()}
 
 
 def _graph_options(options: dict) -> dict:
@@ -178,18 +181,22 @@ def export(options: ExportOptions, out: Path, force: bool = False) -> Path:
     quantized = options.precision in QUANTIZED
     # the calibration text is checked before anything is written: a refusal leaves no folder
     calib_plan = _calibration_plan(ckpt, options) if quantized else None
-    state = prepare_output(out, options, force)
     cfg = ckpt.config
+    # whether this machine holds the plan, before anything is written (a resume has the same plan)
+    check_weights_present(ckpt.weights, cfg)
+    planned = plan_parts(cfg, options.precision, options.num_parts, options.max_part_bytes)
+    fp = export_footprint(cfg, planned, options)
+    log(f"[fit] {fp.describe()}")
+    check_fits(fp, out, cfg, planned)
+    state = prepare_output(out, options, force)
 
     if "files" not in state.done:
-        t0 = time.perf_counter()
-        copy_checkpoint_files(ckpt.path, out)
-        state.mark("files", {"seconds": round(time.perf_counter() - t0, 2)})
+        with stage_meter("files") as rec:
+            copy_checkpoint_files(ckpt.path, out)
+        state.mark("files", _measured(rec))
 
     if "plan" not in state.done:
-        check_weights_present(ckpt.weights, cfg)
-        parts = plan_parts(cfg, options.precision, options.num_parts, options.max_part_bytes)
-        state.mark("plan", {"parts": [p.to_dict() for p in parts]})
+        state.mark("plan", {"parts": [p.to_dict() for p in planned]})
     parts = [PartSpec.from_dict(p, len(state.done["plan"]["parts"])) for p in state.done["plan"]["parts"]]
     log(f"[plan] {len(parts)} parts at {options.precision}:\n" + describe_plan(cfg, options.precision, parts))
 
@@ -199,17 +206,20 @@ def export(options: ExportOptions, out: Path, force: bool = False) -> Path:
         if stage in state.done:
             log(f"[onnx] {part.name}: done earlier, skipped")
             continue
-        t0 = time.perf_counter()
         if quantized:
             info = _quantized_part(ckpt, part, options, out, state, calib_plan)
         else:
-            info = export_part(ckpt, part, options.ar_lengths, options.context_length, options.precision, out / "onnx")
+            with stage_meter(stage) as rec:
+                info = export_part(ckpt, part, options.ar_lengths, options.context_length, options.precision, out / "onnx")
+            info.update(_measured(rec))
         ckpt.weights.release()
-        info["seconds"] = round(time.perf_counter() - t0, 2)
-        info["peak_rss_bytes"] = _peak_rss()
         state.mark(stage, info)
+        if quantized and not options.keep_intermediates:
+            from .quant_export import remove_part_intermediates
+
+            remove_part_intermediates(out / STATE_DIR, part, state.done[f"float:{part.name}"])
         _stage_delay()
-    if quantized:
+    if quantized and not options.keep_intermediates:
         from .quant_export import cleanup
 
         cleanup(out / STATE_DIR)
@@ -221,11 +231,45 @@ def export(options: ExportOptions, out: Path, force: bool = False) -> Path:
         from .report import write_report
 
         manifest = {**build_manifest(out, ckpt, options, parts, state), **extra}
-        summary = write_report(out, manifest, options.eval_tokens, options.eval_window)
-        state.mark("report", summary)
-    write_manifest(out, ckpt, options, parts, state, extra)
-    state.mark("manifest")
+        with stage_meter("report") as rec:
+            summary = write_report(out, manifest, options.eval_tokens, options.eval_window)
+        state.mark("report", {**summary, **_measured(rec)})
+    with stage_meter("manifest") as rec:
+        write_manifest(out, ckpt, options, parts, state, extra)
+    state.mark("manifest", _measured(rec))
+    log(format_stage_table(state.done))
     return out
+
+
+def _measured(rec) -> dict:
+    return {"seconds": rec.seconds, "peak_rss_bytes": rec.peak_rss_bytes}
+
+
+def format_stage_table(done: dict[str, dict]) -> str:
+    """The export's summary: one row per stage stamped with a wall time (this run's and earlier
+    runs' of a resumed export), its peak RSS, and the total."""
+    rows = [(k, v.get("seconds", v.get("compile_seconds")), v.get("peak_rss_bytes")) for k, v in done.items()
+            if isinstance(v, dict) and ("seconds" in v or "compile_seconds" in v)]
+    width = max([len(r[0]) for r in rows] + [5])
+    lines = [f"{'stage':<{width}}  {'wall time':>12}  {'peak RSS':>9}"]
+    for name, sec, rss in rows:
+        lines.append(f"{name:<{width}}  {format_seconds(sec):>12}  {(f'{rss / 1e9:.2f} GB' if rss else '-'):>9}")
+    peak = max((r[2] or 0 for r in rows), default=0)
+    lines.append(f"{'total':<{width}}  {format_seconds(sum(r[1] for r in rows)):>12}  {peak / 1e9:>6.2f} GB")
+    return "\n".join(lines)
+
+
+def export_footprint(cfg, parts: list[PartSpec], options: ExportOptions) -> Footprint:
+    """:func:`qwen_ondevice.footprint.estimate_footprint` of this export's plan and options."""
+    from .compile import check_chipset_option
+
+    quantized = options.precision in QUANTIZED
+    return estimate_footprint(cfg, parts, precision=options.precision, prompt_length=options.prompt_length,
+                              context_length=options.context_length,
+                              calibration_tokens=options.calibration_tokens if quantized else 0,
+                              eval_tokens=options.eval_tokens, eval_window=options.eval_window,
+                              compile=quantized and check_chipset_option(options.chipset, options.precision) is not None,
+                              gptq=quantized and options.weight_method == "gptq")
 
 
 def _calibration_plan(ckpt: Checkpoint, options: ExportOptions):
@@ -237,8 +281,13 @@ def _calibration_plan(ckpt: Checkpoint, options: ExportOptions):
 
 
 def _quantized_part(ckpt: Checkpoint, part: PartSpec, options: ExportOptions, out: Path, state: "ExportState", plan) -> dict:
-    """float graphs -> calibration -> QDQ graphs for one part (each step a stamped stage)."""
-    from .quant_export import QuantSettings, boundary_encoding, calibrate_stage, quantize_part_graphs, remove_float_files
+    """float graphs (+ key equalization) -> calibration -> QDQ graphs for one part.
+
+    Each step is a stage stamped only after its files are complete. Key equalization rewrites
+    the float weights in place, so it is not a stage of its own: the float stage is stamped
+    after it, and an export killed anywhere before that stamp writes the float graphs again.
+    """
+    from .quant_export import QuantSettings, boundary_encoding, calibrate_stage, quantize_part_graphs
     from .calibrate import PartStats
 
     state_dir = out / STATE_DIR
@@ -249,35 +298,37 @@ def _quantized_part(ckpt: Checkpoint, part: PartSpec, options: ExportOptions, ou
                              options.smooth_alpha, options.down_proj_headroom, key_minmax=options.key_center,
                              float_residual=options.residual == "fp16")
     if f"float:{part.name}" not in state.done:
-        info = export_part(ckpt, part, options.ar_lengths, options.context_length, "fp32", float_dir, options.key_center)
+        with stage_meter(f"float:{part.name}") as rec:
+            info = export_part(ckpt, part, options.ar_lengths, options.context_length, "fp32", float_dir, options.key_center)
+        info.update(_measured(rec))
+        if (options.kv_equalize or options.key_center) and len(part.layers):
+            from .quant_export import equalize_stage
+
+            with stage_meter(f"kveq:{part.name}") as rec:
+                report = equalize_stage(part, float_dir, info, plan, ckpt.config, calib_dir, MASK_VALUE,
+                                        scale=options.kv_equalize, center=options.key_center)
+            state.mark(f"kveq:{part.name}", {**_measured(rec), "layers": report})
+            worst = max(report.values(), key=lambda r: r["key_absmax_before"])
+            log(f"[kv-equalize] {part.name}: largest |key| {worst['key_absmax_before']:.3g} -> "
+                f"{max(r['key_absmax_after'] for r in report.values()):.3g}"
+                + (" (per-pair scales" + (", centered)" if options.key_center else ")") if options.kv_equalize else " (centered)"))
         state.mark(f"float:{part.name}", info)
     float_info = state.done[f"float:{part.name}"]
-    if (options.kv_equalize or options.key_center) and len(part.layers) and f"kveq:{part.name}" not in state.done:
-        from .quant_export import equalize_stage
-
-        t0 = time.perf_counter()
-        report = equalize_stage(part, float_dir, float_info, plan, ckpt.config, calib_dir, MASK_VALUE,
-                                scale=options.kv_equalize, center=options.key_center)
-        state.mark(f"kveq:{part.name}", {"seconds": round(time.perf_counter() - t0, 2), "layers": report})
-        worst = max(report.values(), key=lambda r: r["key_absmax_before"])
-        log(f"[kv-equalize] {part.name}: largest |key| {worst['key_absmax_before']:.3g} -> "
-            f"{max(r['key_absmax_after'] for r in report.values()):.3g}"
-            + (" (per-pair scales" + (", centered)" if options.key_center else ")") if options.kv_equalize else " (centered)"))
     if f"calib:{part.name}" not in state.done:
-        t0 = time.perf_counter()
-        calibrate_stage(part, float_dir, float_info, plan, ckpt.config, calib_dir,
-                        hessians=options.weight_method == "gptq", mask_value=MASK_VALUE)
-        state.mark(f"calib:{part.name}", {"seconds": round(time.perf_counter() - t0, 2), "peak_rss_bytes": _peak_rss(),
-                                          "tokens": int(plan.ids.size)})
+        with stage_meter(f"calib:{part.name}") as rec:
+            calibrate_stage(part, float_dir, float_info, plan, ckpt.config, calib_dir,
+                            hessians=options.weight_method == "gptq", mask_value=MASK_VALUE)
+        state.mark(f"calib:{part.name}", {**_measured(rec), "tokens": int(plan.ids.size)})
         _stage_delay()
     log(f"[quantize] {part.name}: {options.precision} ({options.weight_method})")
     stats = PartStats.load(calib_dir / f"part_{part.index}.stats.npz")
     producer = state.done[f"part:{PartSpec(part.index - 1, part.num_parts, range(0)).name}"] if part.hidden_in else None
-    info = quantize_part_graphs(part, float_dir, float_info, stats, settings, out / "onnx", MASK_VALUE,
-                                boundary_encoding(producer, part.hidden_in) if producer else None)
+    with stage_meter(f"part:{part.name}") as rec:
+        info = quantize_part_graphs(part, float_dir, float_info, stats, settings, out / "onnx", MASK_VALUE,
+                                    boundary_encoding(producer, part.hidden_in) if producer else None)
+    info.update(_measured(rec))
     if f"kveq:{part.name}" in state.done:
         info["kv_equalization"] = state.done[f"kveq:{part.name}"]["layers"]
-    remove_float_files(float_dir, float_info)
     return info
 
 
@@ -442,12 +493,6 @@ def _stage_delay() -> None:
         time.sleep(delay)
 
 
-def _peak_rss() -> int:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 def register_cli(sub) -> None:
     """Add ``export`` to the CLI's subparsers."""
     p = sub.add_parser("export", help="export MODEL to an on-device bundle folder")
@@ -494,6 +539,9 @@ def register_cli(sub) -> None:
     p.add_argument("--htp-optimization", type=int, choices=HTP_OPTIMIZATION_LEVELS, default=DEFAULT_HTP_OPTIMIZATION,
                    help="HTP graph finalization optimization of the context binaries: 3 (default) the most optimized "
                         "for the device and the slowest to compile, 1 the fastest compile (development builds)")
+    p.add_argument("--keep-intermediates", action="store_true",
+                   help="keep the float graphs and calibration statistics in OUT/.export (deleted as soon as no "
+                        "stage needs them by default; a part of Qwen2-7B is several GB of each)")
     p.add_argument("--force", action="store_true", help="overwrite the --out folder and start over")
     p.set_defaults(func=_cmd_export)
 
@@ -520,6 +568,7 @@ def _cmd_export(args) -> int:
         eval_window=args.eval_window,
         chipset=args.chipset,
         htp_optimization=args.htp_optimization,
+        keep_intermediates=args.keep_intermediates,
     )
     t0 = time.perf_counter()
     out = export(options, args.out, force=args.force)

@@ -25,7 +25,7 @@ from .calibrate import CalibrationPlan, PartStats, calibrate_part, tracked_tenso
 from .encodings import Encoding
 from .modeling import PartSpec
 from .onnx_graph import ExternalData
-from .progress import log
+from .progress import bar, log
 from .smoothing import smooth_mlp
 from .qdq import activation_encodings, check_quantized_graph, quantize_graph, read_initializer, residual_stream
 from .weight_quant import QuantizedWeight, hessian_factor, quantize_weight
@@ -128,7 +128,7 @@ def quantize_part_graphs(
         return quantize_weight(w, bits, act_sq, factors.get(act) if method == "gptq" else None, method, block_size=block)
 
     projections = [n for n in matmul_inputs if is_projection(n)]
-    for i, wname in enumerate(matmul_inputs):
+    for wname in bar(matmul_inputs, desc=f"[quantize] {part.name}", unit="weight"):
         if is_projection(wname):
             weights[wname] = quantize(wname, settings.projection_bits, settings.weight_method)
             weight_report[wname] = {"bits": settings.projection_bits, "rel_error": weights[wname].rel_error,
@@ -136,8 +136,6 @@ def quantize_part_graphs(
         else:  # lm_head: int8 per output channel
             weights[wname] = quantize(wname, 8, "mse")
             weight_report[wname] = {"bits": 8, "rel_error": weights[wname].rel_error}
-        if (i + 1) % 28 == 0:
-            log(f"[quantize] {part.name}: {i + 1}/{len(matmul_inputs)} weights")
     if settings.projection_bits == 4 and settings.int8_fraction > 0 and projections:
         # Mixed precision by measured sensitivity: the largest relative output errors go to int8.
         size = {n: inits[n].dims[0] * inits[n].dims[1] for n in projections}
@@ -148,7 +146,8 @@ def quantize_part_graphs(
             if used + size[n] <= budget:
                 used += size[n]
                 chosen.add(n)
-        for n in (n for n in projections if n in chosen):  # graph order: k/v of a layer share one factor
+        redo = [n for n in projections if n in chosen]  # graph order: k/v of a layer share one factor
+        for n in bar(redo, desc=f"[quantize] {part.name} int8", unit="weight"):
             int4_err = weights[n].rel_error
             weights[n] = quantize(n, 8, settings.weight_method)
             weight_report[n] = {"bits": 8, "rel_error": weights[n].rel_error, "int4_rel_error": int4_err,
@@ -250,7 +249,8 @@ def calibrate_stage(part: PartSpec, float_dir: Path, float_info: dict, plan: Cal
     hidden_in = None if part.embedding else np.load(prev)
     cos, sin = rope_tables(cfg, torch.arange(plan.context_length))
     stats, outs = calibrate_part(graph, kinds, plan, part, (cfg.num_key_value_heads, cfg.head_dim), hidden_in,
-                                 cos.numpy(), sin.numpy(), mask_value, hessians, label=part.name)
+                                 cos.numpy(), sin.numpy(), mask_value, hessians, label=part.name,
+                                 spill=calib_dir / f"part_{part.index}.stats")
     stats.save(calib_dir / f"part_{part.index}.stats.npz")
     if not part.head:
         tmp = calib_dir / f"part_{part.index}.hidden.partial.npy"
@@ -289,10 +289,17 @@ def equalize_stage(part: PartSpec, float_dir: Path, float_info: dict, plan: Cali
                          key_ranges, scale=scale, center=center)
 
 
-def remove_float_files(float_dir: Path, float_info: dict) -> None:
+def remove_part_intermediates(state_dir: Path, part: PartSpec, float_info: dict) -> None:
+    """Delete what no later stage needs once ``part`` is quantized: its float graphs and data, its
+    statistics and Hessians, and the hidden states of the part before it (its own stay: the next
+    part calibrates on them)."""
+    float_dir, calib_dir = state_dir / "float", state_dir / "calib"
     for g in float_info["graphs"].values():
         (float_dir / Path(g["file"]).name).unlink(missing_ok=True)
     (float_dir / Path(float_info["data"]).name).unlink(missing_ok=True)
+    for f in calib_dir.glob(f"part_{part.index}.stats*"):
+        f.unlink()
+    (calib_dir / f"part_{part.index - 1}.hidden.npy").unlink(missing_ok=True)
 
 
 def cleanup(state_dir: Path) -> None:
