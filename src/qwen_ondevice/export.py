@@ -242,7 +242,7 @@ def export(options: ExportOptions, out: Path, force: bool = False) -> Path:
 
 
 def _measured(rec) -> dict:
-    return {"seconds": rec.seconds, "peak_rss_bytes": rec.peak_rss_bytes}
+    return {"seconds": rec.seconds, "peak_rss_bytes": rec.peak_rss_bytes, "written_bytes": rec.written_bytes}
 
 
 def format_stage_table(done: dict[str, dict]) -> str:
@@ -453,8 +453,8 @@ def build_manifest(out: Path, ckpt: Checkpoint, options: ExportOptions, parts: l
     part_entries = []
     for p in parts:
         info = dict(state.done[f"part:{p.name}"])
-        info.pop("seconds", None)
-        info.pop("peak_rss_bytes", None)
+        for key in ("seconds", "peak_rss_bytes", "written_bytes"):
+            info.pop(key, None)
         info["planned_weight_bytes"] = part_bytes(cfg, options.precision, p)
         part_entries.append(info)
     kv_per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * {"uint8": 1, "float16": 2, "float32": 4}[kv_dtype]

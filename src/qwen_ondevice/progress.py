@@ -57,6 +57,7 @@ class StageRecord:
     name: str
     seconds: float = 0.0
     peak_rss_bytes: int = 0
+    written_bytes: int = 0  # bytes this process wrote to storage during the stage (Linux /proc/PID/io)
 
 
 class stage_meter:
@@ -77,6 +78,7 @@ class stage_meter:
 
     def __enter__(self) -> StageRecord:
         self.record.peak_rss_bytes = rss_bytes()
+        self._written0 = _written_bytes()
         self._t0 = time.perf_counter()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
@@ -87,11 +89,21 @@ class stage_meter:
         self._thread.join()
         self.record.seconds = round(time.perf_counter() - self._t0, 2)
         self.record.peak_rss_bytes = max(self.record.peak_rss_bytes, rss_bytes())
+        self.record.written_bytes = max(0, _written_bytes() - self._written0)
         if exc_type is None and os.environ.get("QWEN_ONDEVICE_EXPORT_KILL_AFTER") == self.record.name:
             os.kill(os.getpid(), signal.SIGKILL)  # test hook: the stage's work done, its stamp not yet written
         if exc_type is None:
             log(f"[{self.record.name}] done in {format_seconds(self.record.seconds)}, "
                 f"peak RSS {self.record.peak_rss_bytes / 1e9:.2f} GB")
+
+
+def _written_bytes() -> int:
+    import psutil
+
+    try:
+        return psutil.Process().io_counters().write_bytes
+    except (AttributeError, psutil.Error):  # not every platform counts it
+        return 0
 
 
 def format_seconds(s: float) -> str:
