@@ -297,6 +297,31 @@ def test_refusals(tiny_bundle, tiny_factory, tmp_path, capsys):
     assert "schema" in msg
 
 
+def test_open_hashes_only_files_changed_since_they_last_matched(tiny_bundle, tmp_path, monkeypatch):
+    import qwen_ondevice.bundle as bundle
+    from qwen_ondevice.errors import UserError
+
+    _, good = tiny_bundle
+    b = tmp_path / "b"
+    subprocess.run(["cp", "-r", str(good), str(b)], check=True)
+    hashed = []
+    real = bundle.sha256_file
+    monkeypatch.setattr(bundle, "sha256_file", lambda p: (hashed.append(Path(p).name), real(p))[1])
+    m = read_manifest(b)
+    assert len(hashed) == len(m.data["files"])
+    hashed.clear()
+    read_manifest(b)
+    assert hashed == []
+    with open(b / "onnx" / "part_2_of_3.data", "r+b") as f:  # same size, other bytes
+        f.seek(100)
+        flipped = bytes(x ^ 0xFF for x in f.read(4))
+        f.seek(100)
+        f.write(flipped)
+    with pytest.raises(UserError, match="part_2_of_3.data"):
+        read_manifest(b)
+    assert hashed == ["part_2_of_3.data"]
+
+
 def test_inspect_reports_parts_ops_and_integrity(tiny_bundle, capsys):
     from qwen_ondevice.inspect_bundle import inspect_bundle
 

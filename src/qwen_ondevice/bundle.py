@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from .config import ModelConfig
-from .demo import sha256_file
+from .demo import cache_dir, sha256_file
 from .errors import UserError
 from .modeling import PartSpec
 
@@ -60,7 +61,8 @@ def read_manifest(root: Path, verify: bool = True) -> Manifest:
 
     Raises:
         UserError: no manifest, invalid JSON, an unknown schema or version, or (``verify``) a
-            file that is missing or whose sha256 no longer matches.
+            file that is missing or whose sha256 no longer matches (files unchanged since their
+            hash last matched are not hashed again, see :func:`verify_files`).
     """
     path = root / MANIFEST
     if not path.is_file():
@@ -76,19 +78,55 @@ def read_manifest(root: Path, verify: bool = True) -> Manifest:
         )
     m = Manifest(root, data)
     if verify:
-        bad = verify_files(m)
+        bad = verify_files(m, trust_cache=True)
         if bad:
             raise UserError(f"{root}: {len(bad)} file(s) fail their sha256 or are missing: {', '.join(bad[:5])}; re-export the bundle")
     return m
 
 
-def verify_files(m: Manifest) -> list[str]:
-    """Relative paths of manifest files that are missing or whose sha256 differs."""
-    bad = []
+#: Files whose sha256 matched, keyed by absolute path: (size, mtime_ns, sha256), in the user's
+#: cache folder. Opening a bundle re-hashes only files changed since (a Qwen2-7B bundle is
+#: several GB); ``inspect`` and ``verify`` always hash everything.
+VERIFIED_FILE = "verified_files.json"
+
+
+def verify_files(m: Manifest, trust_cache: bool = False) -> list[str]:
+    """Relative paths of manifest files that are missing or whose sha256 differs.
+
+    ``trust_cache``: skip hashing a file whose size and modification time (ns) are those of a
+    hash that matched before (:data:`VERIFIED_FILE`); a file written since is hashed again."""
+    record_path = cache_dir() / VERIFIED_FILE
+    try:
+        record = json.loads(record_path.read_text()) if trust_cache else {}
+    except (OSError, json.JSONDecodeError):
+        record = {}
+    bad, fresh = [], {}
     for rel, info in m.data["files"].items():
         p = m.root / rel
-        if not p.is_file() or p.stat().st_size != info["bytes"] or sha256_file(p) != info["sha256"]:
+        if not p.is_file() or p.stat().st_size != info["bytes"]:
             bad.append(rel)
+            continue
+        st = p.stat()
+        key, stamp = str(p.resolve()), [st.st_size, st.st_mtime_ns, info["sha256"]]
+        if trust_cache and record.get(key) == stamp:
+            continue
+        if sha256_file(p) != info["sha256"]:
+            bad.append(rel)
+        else:
+            fresh[key] = stamp
+    if fresh:
+        try:
+            old = json.loads(record_path.read_text()) if record_path.exists() else {}
+        except (OSError, json.JSONDecodeError):
+            old = {}
+        try:
+            record_path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = record_path.with_suffix(f".{os.getpid()}.tmp")
+            kept = {k: v for k, v in old.items() if os.path.exists(k)}  # forget deleted bundles
+            tmp.write_text(json.dumps({**kept, **fresh}))
+            os.replace(tmp, record_path)
+        except OSError:
+            pass  # a read-only cache only costs the next open a re-hash
     return bad
 
 

@@ -77,8 +77,16 @@ class CalibrationPlan:
         return [(s, c) for s in range(S) for c in range(T // self.ar)]
 
     @classmethod
-    def from_tokens(cls, ids: list[int], ar: int, context_length: int, max_seq_len: int = 2048) -> "CalibrationPlan":
-        seq = min(context_length, max_seq_len) // ar * ar
+    def from_tokens(cls, ids: list[int], ar: int, context_length: int, max_seq_len: int | None = None) -> "CalibrationPlan":
+        """Sequences as long as the context (``max_seq_len`` caps them), so that the KV-cache
+        encodings see every position a bundle can fill; each call still attends over the whole
+        CL, so longer sequences cost no more per token. Fewer tokens than one context: one
+        shorter sequence.
+
+        Raises:
+            UserError: fewer tokens than one AR chunk.
+        """
+        seq = min(context_length, max_seq_len or context_length) // ar * ar
         seq = max(seq, ar)
         n = len(ids) // seq
         if n == 0:

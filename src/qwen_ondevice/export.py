@@ -24,7 +24,7 @@ from .demo import sha256_file
 from .errors import UserError
 from .footprint import Footprint, check_fits, estimate_footprint
 from .modeling import MASK_VALUE, PartSpec
-from .plan import check_weights_present, describe_plan, part_bytes, plan_parts
+from .plan import check_weights_present, describe_plan, part_bytes, plan_parts, plan_reason
 from .progress import format_seconds, log, stage_meter
 
 STATE_DIR = ".export"
@@ -198,7 +198,8 @@ def export(options: ExportOptions, out: Path, force: bool = False) -> Path:
     if "plan" not in state.done:
         state.mark("plan", {"parts": [p.to_dict() for p in planned]})
     parts = [PartSpec.from_dict(p, len(state.done["plan"]["parts"])) for p in state.done["plan"]["parts"]]
-    log(f"[plan] {len(parts)} parts at {options.precision}:\n" + describe_plan(cfg, options.precision, parts))
+    reason = plan_reason(cfg, options.precision, parts, options.num_parts, options.max_part_bytes)
+    log(f"[plan] {len(parts)} parts at {options.precision}:\n" + describe_plan(cfg, options.precision, parts) + f"\n[plan] {reason}")
 
     (out / "onnx").mkdir(exist_ok=True)
     for part in parts:
@@ -477,6 +478,7 @@ def build_manifest(out: Path, ckpt: Checkpoint, options: ExportOptions, parts: l
             "bytes_per_token": kv_per_token,
         },
         "parts": part_entries,
+        "plan": {"reason": plan_reason(cfg, options.precision, parts, options.num_parts, options.max_part_bytes)},
         "quantization": _quantization_summary(options, part_entries),
         "export": {"stages": {k: v for k, v in state.done.items() if k.startswith("part:") or k == "files"}},
         "tools": tool_versions(),

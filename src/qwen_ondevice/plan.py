@@ -117,6 +117,26 @@ def _balanced_ranges(sizes: list[int], head: int, k: int) -> list[range]:
     return ranges[::-1]
 
 
+def plan_reason(cfg: ModelConfig, precision: str, parts: list[PartSpec], num_parts: int | None = None,
+                max_part_bytes: int | None = None) -> str:
+    """Why the plan has its number of parts, in one sentence (printed by the export and kept in
+    the manifest's ``plan``)."""
+    if num_parts is not None:
+        return f"{len(parts)} parts as asked (--num-parts)"
+    cap = max_part_bytes or DEFAULT_MAX_PART_BYTES
+    L = cfg.num_hidden_layers
+    largest = max(part_bytes(cfg, precision, p) for p in parts[1:])
+    why = (f"{len(parts)} parts: the fewest whose largest part stays within the cap of {cap / 2**30:.2f} GiB of weights "
+           f"({'--max-part-bytes' if max_part_bytes else 'the default'}; largest part {largest / 1e6:.0f} MB")
+    if len(parts) > 2:
+        sizes = [layer_bytes(cfg, precision)] * L
+        fewer = max(_range_bytes(r, sizes, head_bytes(cfg, precision), L) for r in _balanced_ranges(sizes, head_bytes(cfg, precision), len(parts) - 2))
+        why += f", where {len(parts) - 1} parts would need {fewer / 1e6:.0f} MB"
+    return why + ("). The cap keeps every context binary far below the HTP's limit of about 2 GB of estimated "
+                  "allocation per graph, and the compile's memory, which grows with the part's parameters, within "
+                  "a 24 GB machine")
+
+
 def describe_plan(cfg: ModelConfig, precision: str, parts: list[PartSpec]) -> str:
     """A human-readable table of the plan (one line per part, bytes in MB)."""
     lines = []

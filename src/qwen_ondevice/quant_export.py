@@ -276,8 +276,11 @@ def equalize_stage(part: PartSpec, float_dir: Path, float_info: dict, plan: Cali
     kinds = {n: {"range", "channel_range"} for pair in names.values() for n in pair}
     kinds.update({f"past_key_{l}_out": {"range", "key_channel_range"} for l in part.layers})
     S, T = plan.ids.shape
-    n_seq = min(S, max(1, -(-tokens // T)))
-    sub = CalibrationPlan(plan.ids[:n_seq], plan.ar, plan.context_length)
+    if T >= tokens:  # the first chunks of the first sequence
+        sub = CalibrationPlan(plan.ids[:1, : max(1, -(-tokens // plan.ar)) * plan.ar], plan.ar, plan.context_length)
+    else:  # whole sequences
+        sub = CalibrationPlan(plan.ids[: min(S, -(-tokens // T))], plan.ar, plan.context_length)
+    # chunks are fed sequence by sequence, so the sub-plan's chunks are the first ones of the plan
     hidden_in = np.load(calib_dir / f"part_{part.index - 1}.hidden.npy", mmap_mode="r")[: len(sub.chunks)]
     cos, sin = rope_tables(cfg, torch.arange(plan.context_length))
     stats, _ = calibrate_part(graph, kinds, sub, part, (cfg.num_key_value_heads, cfg.head_dim), np.asarray(hidden_in),
