@@ -243,7 +243,8 @@ def export(options: ExportOptions, out: Path, force: bool = False) -> Path:
 
 
 def _measured(rec) -> dict:
-    return {"seconds": rec.seconds, "peak_rss_bytes": rec.peak_rss_bytes, "written_bytes": rec.written_bytes}
+    return {"seconds": rec.seconds, "peak_rss_bytes": rec.peak_rss_bytes, "start_rss_bytes": rec.start_rss_bytes,
+            "written_bytes": rec.written_bytes}
 
 
 def format_stage_table(done: dict[str, dict]) -> str:
@@ -270,7 +271,7 @@ def export_footprint(cfg, parts: list[PartSpec], options: ExportOptions) -> Foot
                               calibration_tokens=options.calibration_tokens if quantized else 0,
                               eval_tokens=options.eval_tokens, eval_window=options.eval_window,
                               compile=quantized and check_chipset_option(options.chipset, options.precision) is not None,
-                              gptq=quantized and options.weight_method == "gptq")
+                              gptq=quantized and options.weight_method == "gptq", quantized=quantized)
 
 
 def _calibration_plan(ckpt: Checkpoint, options: ExportOptions):
@@ -454,7 +455,7 @@ def build_manifest(out: Path, ckpt: Checkpoint, options: ExportOptions, parts: l
     part_entries = []
     for p in parts:
         info = dict(state.done[f"part:{p.name}"])
-        for key in ("seconds", "peak_rss_bytes", "written_bytes"):
+        for key in ("seconds", "peak_rss_bytes", "start_rss_bytes", "written_bytes"):
             info.pop(key, None)
         info["planned_weight_bytes"] = part_bytes(cfg, options.precision, p)
         part_entries.append(info)

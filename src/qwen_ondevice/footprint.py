@@ -67,8 +67,9 @@ def _layer_hessian_bytes(cfg: ModelConfig) -> int:
 
 def estimate_footprint(cfg: ModelConfig, parts: list[PartSpec], *, precision: str, prompt_length: int,
                        context_length: int, calibration_tokens: int, eval_tokens: int, eval_window: int,
-                       compile: bool, gptq: bool = True) -> Footprint:
-    """Estimate an export's peak memory per stage and its peak disk use.
+                       compile: bool, gptq: bool = True, quantized: bool = True) -> Footprint:
+    """Estimate an export's peak memory per stage and its peak disk use (``quantized`` False: a
+    float export, which has no calibration, quantization or float intermediates).
 
     What each stage holds at its peak (F = float32 bytes; V vocab, H hidden, AR, CL as exported):
     - ``float graphs``: the largest weight converted to float32 and transposed (two float32
@@ -98,7 +99,8 @@ def estimate_footprint(cfg: ModelConfig, parts: list[PartSpec], *, precision: st
     scores = cfg.num_attention_heads * AR * CL * F32 * 3
     layer_calib = layer_f32 + hess + 2 * tokens * H * F32 + 2 * KVH * D * CL * F32 + scores + 3 * AR * F * F32
     head_calib = V * H * F32 + 2 * AR * V * F32 + 2 * tokens * H * F32
-    fp.stages["calibration"] = BASE_BYTES + max(layer_calib, head_calib)
+    if quantized:
+        fp.stages["calibration"] = BASE_BYTES + max(layer_calib, head_calib)
     quant = 0
     for p in parts:
         held = _params(cfg, p)  # int8 storage of every quantized weight of the part
@@ -109,7 +111,8 @@ def estimate_footprint(cfg: ModelConfig, parts: list[PartSpec], *, precision: st
             if p.head:
                 work = max(work, V * H * (F32 + 2) + QUANT_BLOCK_BYTES)
         quant = max(quant, held + work)
-    fp.stages["quantization"] = BASE_BYTES + quant
+    if quantized:
+        fp.stages["quantization"] = BASE_BYTES + quant
     if compile:
         fp.stages["compile"] = BASE_BYTES + max(_params(cfg, p) for p in parts) * COMPILE_BYTES_PER_PARAM
     bundle_weights = sum(part_bytes(cfg, precision, p) for p in parts)
@@ -118,7 +121,7 @@ def estimate_footprint(cfg: ModelConfig, parts: list[PartSpec], *, precision: st
         fp.stages["report"] = BASE_BYTES + bundle_weights + layer_f32 + 4 * W * V * F32
     largest_f32 = max(part_bytes(cfg, "fp32", p) for p in parts)
     largest_layers = max(len(p.layers) for p in parts)
-    fp.disk_bytes = bundle_weights * (2 if compile else 1) + largest_f32 + largest_layers * hess
+    fp.disk_bytes = bundle_weights * (2 if compile else 1) + (largest_f32 + largest_layers * hess if quantized else 0)
     return fp
 
 

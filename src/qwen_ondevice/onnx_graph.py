@@ -50,14 +50,14 @@ class ExternalData:
 
         ``onnx_type``/``dims`` override the array's own (for int4, ``array`` holds packed bytes)."""
         if name not in self.entries:
-            raw = np.ascontiguousarray(array).tobytes()
+            raw = np.ascontiguousarray(array)  # written from its own buffer: no bytes copy of a 2 GB lm_head
             pad = (-self._pos) % ALIGN
             self._f.write(b"\0" * pad)
             self._pos += pad
             t = onnx_type or NP_TO_ONNX[array.dtype]
-            self.entries[name] = (self._pos, len(raw), t, tuple(dims if dims is not None else array.shape))
-            self._f.write(raw)
-            self._pos += len(raw)
+            self.entries[name] = (self._pos, raw.nbytes, t, tuple(dims if dims is not None else array.shape))
+            self._f.write(raw.reshape(-1).view(np.uint8))
+            self._pos += raw.nbytes
         offset, length, t, dims = self.entries[name]
         tensor = TensorProto(name=name, data_type=t, dims=dims)
         tensor.data_location = TensorProto.EXTERNAL
@@ -287,6 +287,7 @@ def build_part_graph(cfg: ModelConfig, weights: WeightStore, part: PartSpec, ar:
         sin = b.input("position_ids_sin", T, (1, 1, ar, D // 2))
         for layer in part.layers:
             hidden = _decoder_layer(b, cfg, ws, layer, hidden, mask, cos, sin, ar, P, key_center)
+            weights.release()  # the layer's pages of the memory map stop counting in RSS
         if part.head:
             x = _rms_norm(b, hidden, "model.norm.weight", ws, cfg.rms_norm_eps)
             b.op("MatMul", [x, b.weight("lm_head.weight", ws.tensor("lm_head.weight", transpose=True))], out="logits")

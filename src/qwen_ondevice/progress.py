@@ -58,6 +58,7 @@ class StageRecord:
     seconds: float = 0.0
     peak_rss_bytes: int = 0
     written_bytes: int = 0  # bytes this process wrote to storage during the stage (Linux /proc/PID/io)
+    start_rss_bytes: int = 0  # RSS when the stage began (after release_memory)
 
 
 class stage_meter:
@@ -77,7 +78,8 @@ class stage_meter:
             self.record.peak_rss_bytes = max(self.record.peak_rss_bytes, rss_bytes())
 
     def __enter__(self) -> StageRecord:
-        self.record.peak_rss_bytes = rss_bytes()
+        release_memory()
+        self.record.peak_rss_bytes = self.record.start_rss_bytes = rss_bytes()
         self._written0 = _written_bytes()
         self._t0 = time.perf_counter()
         self._thread = threading.Thread(target=self._sample, daemon=True)
@@ -95,6 +97,20 @@ class stage_meter:
         if exc_type is None:
             log(f"[{self.record.name}] done in {format_seconds(self.record.seconds)}, "
                 f"peak RSS {self.record.peak_rss_bytes / 1e9:.2f} GB")
+
+
+def release_memory() -> None:
+    """Collect garbage and hand the C heap's free pages back to the OS (glibc ``malloc_trim``;
+    a no-op elsewhere), so that a stage starts from what is really held, not from the high-water
+    mark of the one before."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _written_bytes() -> int:
