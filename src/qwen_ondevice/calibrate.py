@@ -145,6 +145,13 @@ class PartStats:
         np.savez(tmp, **arrays)
         tmp.replace(path)
 
+    def unmap(self, name: str) -> None:
+        """Map the Hessian file of ``name`` afresh, so that the pages read so far leave this
+        process (a memory map keeps every page it has read resident in RSS until it is closed)."""
+        h = self.tensors[name].hessian
+        if isinstance(h, np.memmap):
+            self.tensors[name].hessian = np.load(h.filename, mmap_mode="r")
+
     @classmethod
     def load(cls, path: Path) -> "PartStats":
         """Read :meth:`save`'s files; the Hessians are memory-mapped (read-only), not loaded."""

@@ -107,9 +107,11 @@ def estimate_footprint(cfg: ModelConfig, parts: list[PartSpec], *, precision: st
         if p.embedding:
             work = V * H * (2 + 1) + QUANT_BLOCK_BYTES
         else:
+            # a projection: its float32 weight, GPTQ's working copy and result; the Hessian's
+            # pages and the two K x K arrays of its factor (hessian_factor)
             work = 3 * F * H * F32 + (3 * F * F * F32 if gptq else 0)
-            if p.head:
-                work = max(work, V * H * (F32 + 2) + QUANT_BLOCK_BYTES)
+            if p.head:  # lm_head: its float32 weight, its int8 result, the column-block temporaries
+                work = max(work, V * H * (F32 + 1) + QUANT_BLOCK_BYTES)
         quant = max(quant, held + work)
     if quantized:
         fp.stages["quantization"] = BASE_BYTES + quant

@@ -116,13 +116,16 @@ def quantize_part_graphs(
         enc.notes[part.hidden_in] = "part boundary: the encoding the producing part gave it"
 
     def quantize(wname: str, bits: int, method: str) -> QuantizedWeight:
-        w = smoothed[wname] if wname in smoothed else read_initializer(inits[wname], float_dir).astype(np.float32)
+        w = smoothed[wname] if wname in smoothed else read_initializer(inits[wname], float_dir).astype(np.float32, copy=False)
         act = matmul_inputs[wname]
         s = stats.tensors[act]
         act_sq = s.channel_sumsq / max(s.rows, 1)
         if method == "gptq" and act not in factors:
             factors.clear()
             factors[act] = hessian_factor(s.hessian)
+            stats.unmap(act)  # the Hessian's pages, read once, stop counting in RSS
+        elif method != "gptq":
+            factors.clear()  # lm_head (plain rounding): no factor alive while it is quantized
         # a weight whose input size is not a multiple of the block keeps one scale per channel
         block = settings.block_size if bits == 4 and is_projection(wname) and w.shape[0] % (settings.block_size or 1) == 0 else None
         return quantize_weight(w, bits, act_sq, factors.get(act) if method == "gptq" else None, method, block_size=block)
@@ -153,9 +156,11 @@ def quantize_part_graphs(
             weight_report[n] = {"bits": 8, "rel_error": weights[n].rel_error, "int4_rel_error": int4_err,
                                 "reason": f"among the largest measured int4 relative output errors ({int4_err:.4f}); "
                                           f"int8 budget {settings.int8_fraction:.0%} of the part's projection weights"}
+        factors.clear()
         log(f"[quantize] {part.name}: {sum(1 for w in weight_report.values() if w.get('int4_rel_error') is not None)} "
             f"projections kept at int8 ({used / sum(size.values()):.1%} of projection weights)")
 
+    factors.clear()
     data_name = f"{part.name}.data"
     data = ExternalData(out_dir / (data_name + ".partial"))
     data.location = data_name
