@@ -2,10 +2,11 @@
 
 The float AR-N graph of each part runs on ONNX Runtime with its intermediate tensors exposed as
 extra outputs, so statistics are keyed by the exact tensor names the QDQ rewrite quantizes.
-Calibration goes part by part: part k sees the hidden states part k-1 produced (kept on disk,
-N x H floats) and its own KV cache, filled chunk by chunk as in generation, so later chunks see
-a real cache. Only one part's weights are loaded at a time, which is what lets a 7B model be
-calibrated on a 24 GB machine.
+Calibration goes part by part, and inside a part layer by layer (:func:`part_segments`): each
+decoder layer runs as a sub-model of the part graph over every chunk, fed the hidden states the
+layer before produced (N x H floats), with its own KV cache filled chunk by chunk as in
+generation, so later chunks see a real cache. Only one layer's weights and Hessians are in
+memory at a time, which is what lets a 7B model be calibrated on a 24 GB machine.
 """
 
 from __future__ import annotations

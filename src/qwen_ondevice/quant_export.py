@@ -1,12 +1,14 @@
 """The quantized export stages of one part: float graphs -> calibration -> QDQ graphs.
 
 Per part, in order (each a resumable stage of :mod:`qwen_ondevice.export`):
-1. ``float``: the part's fp32 graphs into ``BUNDLE/.export/float/`` (temporary);
-2. ``calib``: the float AR-128 graph over the calibration chunks (:mod:`calibrate`), with the
-   previous part's hidden states as input; statistics and this part's outputs saved;
-3. ``quant``: weights quantized per output channel (int4/int8, MSE clipping or GPTQ), activation
-   encodings chosen, both AR graphs rewritten to QDQ (:mod:`qdq`) into ``onnx/``, checked, and
-   the float files of the part deleted.
+1. ``float``: the part's fp32 graphs into ``BUNDLE/.export/float/`` (temporary), then key
+   equalization (:func:`equalize_stage`) rewrites their q/k weights in place; one stamp for both;
+2. ``calib``: the float AR-128 graph over the calibration chunks, layer by layer
+   (:mod:`calibrate`), with the previous part's hidden states as input; statistics, Hessians
+   and this part's outputs saved;
+3. ``part``: weights quantized (int4/int8, MSE clipping or GPTQ), activation encodings chosen,
+   both AR graphs rewritten to QDQ (:mod:`qdq`) into ``onnx/`` and checked; then the part's
+   intermediates are deleted (:func:`remove_part_intermediates`).
 """
 
 from __future__ import annotations
