@@ -32,7 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
-#: Host memory (bytes) one AR-1 session may spend on int8 weights dequantized once (float_matmul_weights).
+#: Host memory (bytes) a bundle's AR-1 sessions may spend, all parts together, on int8 weights
+#: dequantized once (float_matmul_weights; the ort-cpu backend shares it across its sessions).
 HOST_FLOAT_BUDGET = 4 << 30
 
 #: Symbolic dimension names given by :func:`symbolic_past`.

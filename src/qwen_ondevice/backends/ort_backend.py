@@ -6,7 +6,7 @@ import numpy as np
 
 from ..encodings import Encoding
 from ..engine import Backend, KVCache
-from .host_graph import host_model
+from .host_graph import HOST_FLOAT_BUDGET, host_model
 
 #: Granularity (tokens) of the past fed to a call when trimming (OrtBackend.past_window): fewer
 #: distinct input shapes for ONNX Runtime, at most PAST_BUCKET - 1 masked slots computed.
@@ -79,6 +79,10 @@ class OrtBackend(Backend):
         self._input_types: dict[tuple[int, int], dict[str, np.dtype]] = {}
         self._host_arrays: dict[tuple[int, int], list] = {}  # OrtValues that must outlive their session
         self._host_names: dict[tuple[int, int], list[str]] = {}
+        # shared by every session (a 7B bundle has 5 parts), with the lm_head's float32 copy, the
+        # one that saves the most per token, reserved until the head part's session takes it
+        self.host_float_left = HOST_FLOAT_BUDGET
+        self.head_reserve = min(HOST_FLOAT_BUDGET, 4 * self.config.vocab_size * self.config.hidden_size)
         # quantized bundles: the encoding of every quantized graph input/output, by name
         self.encodings: dict[str, Encoding] = {}
         self.specs = manifest.part_specs()
@@ -102,7 +106,13 @@ class OrtBackend(Backend):
             if self.providers == ["CPUExecutionProvider"]:
                 # the host rewrites of host_graph (same arithmetic, less work); float int8
                 # weights for exact decode only
-                model_bytes, arrays = host_model(path, float_weights=ar == 1 and not fast, dynamic_past=self.trim_past)
+                head = self.specs[part_index].head
+                budget = self.host_float_left - (0 if head else self.head_reserve)
+                model_bytes, arrays = host_model(path, float_weights=ar == 1 and not fast, dynamic_past=self.trim_past,
+                                                 budget=max(0, budget))
+                self.host_float_left -= sum(a.nbytes for a in arrays.values())
+                if head and ar == 1:
+                    self.head_reserve = 0
                 so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent))
                 if arrays:
                     self._host_arrays[key] = [self.ort.OrtValue.ortvalue_from_numpy(a) for a in arrays.values()]
