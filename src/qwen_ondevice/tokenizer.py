@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from tokenizers.decoders import DecodeStream
+
 from .config import ModelConfig
 from .errors import UserError
 
@@ -69,33 +71,27 @@ class Tokenizer:
 class StreamingDetokenizer:
     """Turns a growing list of token ids into text pieces without splitting UTF-8 characters.
 
-    Decodes a short window of recent tokens each step and emits only the new text once it no
-    longer ends in U+FFFD (the replacement character a byte-level BPE decode yields for an
-    incomplete multi-byte sequence). The approach is vLLM's incremental detokenization. The
-    concatenation of all pieces plus :meth:`flush` equals ``decode(all_ids)``.
+    Built on ``tokenizers``' own incremental decoder (:class:`tokenizers.decoders.DecodeStream`),
+    which holds back a byte-level token until the character it starts is complete. The
+    concatenation of all pieces plus :meth:`flush` equals ``decode(all_ids)`` with special tokens
+    skipped.
     """
 
     def __init__(self, tokenizer: Tokenizer):
         self.tok = tokenizer
         self.ids: list[int] = []
-        self.prefix_offset = 0  # window start
-        self.read_offset = 0  # tokens whose text is already emitted
+        self.emitted = 0  # characters of text already given out
+        self.stream = DecodeStream(skip_special_tokens=True)
 
     def add(self, token: int) -> str:
         """Append one token; return the text that is now complete ('' if none yet)."""
         self.ids.append(token)
-        prefix_text = self.tok.decode(self.ids[self.prefix_offset : self.read_offset])
-        new_text = self.tok.decode(self.ids[self.prefix_offset :])
-        if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd"):
-            piece = new_text[len(prefix_text) :]
-            self.prefix_offset = self.read_offset
-            self.read_offset = len(self.ids)
-            return piece
-        return ""
+        piece = self.stream.step(self.tok.hf.backend_tokenizer, token) or ""
+        self.emitted += len(piece)
+        return piece
 
     def flush(self) -> str:
-        """Whatever text is still held back (an incomplete character at the very end)."""
-        prefix_text = self.tok.decode(self.ids[self.prefix_offset : self.read_offset])
-        new_text = self.tok.decode(self.ids[self.prefix_offset :])
-        self.prefix_offset = self.read_offset = len(self.ids)
-        return new_text[len(prefix_text) :]
+        """Whatever text is still held back (an incomplete character at the very end, as U+FFFD)."""
+        rest = self.tok.decode(self.ids)[self.emitted:]
+        self.emitted += len(rest)
+        return rest
