@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -103,6 +105,23 @@ def test_w4a16_bundle_is_smaller_and_keeps_few_int8_projections(demo_w4a16):
     assert weights < 0.55e9
 
 
+#: Runs model-written code in a child Python: define it, find its Fibonacci function, print fn(2..11).
+_FIB_HARNESS = """
+import json, sys
+scope = {}
+exec(sys.stdin.read(), scope)
+fn = next(v for k, v in scope.items() if callable(v) and "fib" in k.lower())
+print(json.dumps([fn(n) for n in range(2, 12)]))
+"""
+
+
+def _run_fibonacci(code: str, text: str) -> list[int]:
+    """fn(2..11) of the model's function, computed in a subprocess (isolated, 30 s timeout)."""
+    r = subprocess.run([sys.executable, "-I", "-c", _FIB_HARNESS], input=code, capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, (r.stderr[-2000:], text)
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
 def _assert_fibonacci_answer(bundle, capsys, *options: str) -> None:
     prompt = "Write a Python function that returns the n-th Fibonacci number."
     capsys.readouterr()  # drop what the test printed before: only the command's JSON is parsed
@@ -110,10 +129,7 @@ def _assert_fibonacci_answer(bundle, capsys, *options: str) -> None:
     text = json.loads(capsys.readouterr().out)["text"]
     code = re.search(r"```(?:python)?\n(.*?)(```|$)", text, re.S)
     assert code, text
-    scope: dict = {}
-    exec(code.group(1).split("\n# Example")[0].split("\nprint(")[0], scope)  # the function only
-    fn = next(v for k, v in scope.items() if callable(v) and "fib" in k.lower())
-    values = [fn(n) for n in range(2, 12)]
+    values = _run_fibonacci(code.group(1).split("\n# Example")[0].split("\nprint(")[0], text)  # the function only
     assert all(values[i] == values[i - 1] + values[i - 2] for i in range(2, len(values))), (values, text)
     assert values[-1] in (55, 89), (values, text)  # fn(11): F(11) = 89 counting F(0) = 0, or 55 counting fib(1) = 0
 

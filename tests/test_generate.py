@@ -206,3 +206,36 @@ def test_real_engine_runs_to_the_context_end(tiny_factory, text_ids):
         res = generate(engine, tok, text_ids[:20], SamplingParams(), max_new_tokens=100)
         assert res.finish_reason == "length"
         assert len(res.token_ids) == 12  # 20 + 12 = CL
+
+
+def test_chat_command_multi_turn_and_reset(tiny_path, monkeypatch, capsys):
+    """``qwen-ondevice chat`` with piped input: each reply is transformers' greedy continuation of
+    the whole conversation so far (the tokenizer's own template), and ``/reset`` starts over."""
+    import io
+
+    import torch
+    from transformers import AutoTokenizer, Qwen2ForCausalLM
+
+    from qwen_ondevice.cli import main
+
+    hf_tok = AutoTokenizer.from_pretrained(tiny_path)
+    model = Qwen2ForCausalLM.from_pretrained(tiny_path, dtype=torch.float32).eval()
+    stop_ids = [hf_tok.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
+
+    def reply(messages):
+        ids = hf_tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+        out = model.generate(ids, max_new_tokens=6, do_sample=False, eos_token_id=stop_ids, pad_token_id=stop_ids[0])
+        return hf_tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+    first = [{"role": "user", "content": "Hello there"}]
+    r1 = reply(first)
+    r2 = reply(first + [{"role": "assistant", "content": r1}, {"role": "user", "content": "And then?"}])
+    r3 = reply([{"role": "user", "content": "Something else"}])
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hello there\nAnd then?\n\n/reset\nSomething else\n/exit\nnever read\n"))
+    capsys.readouterr()
+    assert main(["chat", str(tiny_path), "--max-new-tokens", "6", "--context-length", "256"]) == 0
+    out, err = capsys.readouterr()
+    assert out == f"{r1}\n{r2}\n{r3}\n"
+    assert "(history cleared)" in err
+    assert r1 and r2 and r3 and len({r1, r2, r3}) > 1  # the replies carry text, and the history changes them

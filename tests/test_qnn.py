@@ -492,3 +492,37 @@ def test_onnx_runtime_runs_a_renamed_binary_bit_identically(compiled, tmp_path):
     assert [g.name for g in read_context_binary(b)] == [info["qnn_graph"]]
     for x, y in zip(before, run()):
         np.testing.assert_array_equal(x, y)
+
+
+def test_default_w4a16_keeps_the_worst_int4_projections_at_int8(compiled):
+    """The default quantization path (GPTQ and the int8 mix) in the fast suite: per part, the
+    projections kept at int8 are those with the largest measured int4 output error, taken
+    greedily while they fit 10% of the part's projection weights, and the graph stores exactly
+    those as int8 (the rest int4)."""
+    out, m = compiled
+    assert m["quantization"]["weights"]["method"] == "gptq"
+    for part in m["parts"][1:]:
+        graph = onnx.load(str(out / part["graphs"][str(AR)]["file"]), load_external_data=False).graph
+        inits = {t.name: t for t in graph.initializer}
+        stored = {}  # projection -> (data type, elements)
+        for node in graph.node:
+            if node.op_type == "DequantizeLinear" and node.input[0].endswith(".q") and node.input[0] in inits:
+                name = node.input[0].removesuffix(".q")
+                if name.startswith("model.layers.") and name.endswith("_proj.weight"):
+                    t = inits[node.input[0]]
+                    stored[name] = (t.data_type, int(np.prod(t.dims)))
+        weights = {n: w for n, w in part["weights"].items() if n.startswith("model.layers.")}
+        assert set(stored) == set(weights)
+        int4_error = {n: w.get("int4_rel_error", w["rel_error"]) for n, w in weights.items()}
+        budget = 0.1 * sum(size for _, size in stored.values())
+        expected, used = set(), 0
+        for n in sorted(weights, key=lambda n: -int4_error[n]):
+            if used + stored[n][1] <= budget:
+                used += stored[n][1]
+                expected.add(n)
+        chosen = {n for n, w in weights.items() if w["bits"] == 8}
+        assert chosen and chosen == expected, (part["name"], sorted(chosen), sorted(expected))
+        for n, (dtype, _) in stored.items():
+            assert dtype == (onnx.TensorProto.INT8 if n in chosen else onnx.TensorProto.INT4), n
+        for n in chosen:  # int8 measured closer to the float output than int4 was
+            assert weights[n]["rel_error"] < weights[n]["int4_rel_error"], n

@@ -18,7 +18,7 @@ import uvicorn
 from qwen_ondevice.generate import generate
 from qwen_ondevice.runtime import open_runtime
 from qwen_ondevice.sampling import SamplingParams
-from qwen_ondevice.server import bind_socket, create_app
+from qwen_ondevice.server import ServerLimits, bind_socket, create_app
 
 CL, AR = 4096, 32  # the main tiny server: long enough that a run to the context end takes seconds
 SMALL_CL, SMALL_AR = 64, 16  # the context-end server
@@ -28,9 +28,9 @@ HELLO = [{"role": "user", "content": "Hello there, how are you?"}]
 class LiveServer:
     """uvicorn serving ``create_app(runtime)`` on 127.0.0.1:<free port> in a background thread."""
 
-    def __init__(self, runtime, setup=None):
+    def __init__(self, runtime, setup=None, limits=None):
         self.runtime = runtime
-        self.app = create_app(runtime)
+        self.app = create_app(runtime, limits)
         if setup:
             setup(self.app)
         sock = bind_socket("127.0.0.1", 0)
@@ -425,6 +425,120 @@ def test_disconnect_mid_stream_frees_the_engine(server, ref):
     want = ref(chat_ids(ref, HELLO), 6, temperature=0.0)
     r = httpx.post(server.url + "/v1/chat/completions", json={"messages": HELLO, "max_tokens": 6, "temperature": 0}, timeout=60)
     assert r.json()["choices"][0]["message"]["content"] == want.text
+
+
+# ----------------------------------------------------------------------------------------------
+# Limits: body size, queue length, stop strings; preparation off the event loop
+
+LIMITS = ServerLimits(max_body_bytes=64 << 10, max_queued=1)
+
+
+@pytest.fixture(scope="module")
+def limited(tiny_path):
+    srv = LiveServer(open_runtime(str(tiny_path), context_length=CL, prompt_length=AR), limits=LIMITS)
+    yield srv
+    srv.close()
+
+
+def assert_openai_error(r, status, code, param=None):
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["code"] == code and err["param"] == param
+    return err
+
+
+def test_body_over_the_limit_is_413(limited):
+    url = limited.url + "/v1/chat/completions"
+    big = [{"role": "user", "content": "x" * LIMITS.max_body_bytes}]
+    r = httpx.post(url, json={"messages": big, "max_tokens": 1}, timeout=60)  # refused on its Content-Length
+    assert "65536 bytes" in assert_openai_error(r, 413, "request_too_large")["message"]
+
+    def chunks():  # no Content-Length: the bytes are counted as they arrive
+        yield b'{"messages": [{"role": "user", "content": "'
+        for _ in range(LIMITS.max_body_bytes // 4096 + 1):
+            yield b"y" * 4096
+        yield b'"}], "max_tokens": 1}'
+
+    r = httpx.post(url, content=chunks(), headers={"Content-Type": "application/json"}, timeout=60)
+    assert_openai_error(r, 413, "request_too_large")
+    # a body of exactly the limit is served (JSON allows the padding whitespace)
+    body = b'{"prompt": "Hello", "max_tokens": 1}'
+    body += b" " * (LIMITS.max_body_bytes - len(body))
+    r = httpx.post(limited.url + "/v1/completions", content=body, headers={"Content-Type": "application/json"}, timeout=60)
+    assert r.status_code == 200, r.text
+    assert_ok_after(limited)
+
+
+def test_full_queue_is_503_with_retry_after(limited):
+    url = limited.url + "/v1/chat/completions"
+    w = limited.worker
+    long_run = {"messages": HELLO, "temperature": 0, "stream": True}  # to the context end: many seconds
+    results = {}
+    with httpx.stream("POST", url, json=long_run, timeout=60) as r:
+        lines = r.iter_lines()
+        assert next(lines).startswith("data: ")
+        assert w.busy
+        waiting = threading.Thread(target=lambda: results.setdefault(
+            "queued", httpx.post(url, json={"messages": HELLO, "max_tokens": 3, "temperature": 0}, timeout=60)))
+        waiting.start()
+        t0 = time.monotonic()
+        while w.queued < 1:
+            assert time.monotonic() - t0 < 10, "the second request was not queued"
+            time.sleep(0.01)
+        r3 = httpx.post(url, json={"messages": HELLO, "max_tokens": 3}, timeout=60)
+        err = assert_openai_error(r3, 503, "server_overloaded")
+        assert err["type"] == "server_error" and "1 requests are already waiting" in err["message"]
+        assert int(r3.headers["Retry-After"]) >= 1
+        r4 = httpx.post(url, json={"messages": HELLO, "max_tokens": 3, "stream": True}, timeout=60)
+        assert_openai_error(r4, 503, "server_overloaded")  # a stream is refused before its first byte
+    waiting.join(60)  # the long stream's client left: the engine moves on to the queued request
+    assert results["queued"].status_code == 200 and results["queued"].json()["usage"]["completion_tokens"] == 3
+    assert_ok_after(limited)
+
+
+@pytest.mark.parametrize("stop, words", [
+    (["a", "b", "c", "d", "e"], "at most 4 stop strings"),
+    ("s" * 257, "at most 256 characters"),
+    ([""], "must not be empty"),
+])
+def test_stop_strings_are_capped(server, stop, words):
+    r = httpx.post(server.url + "/v1/chat/completions", json={"messages": HELLO, "max_tokens": 2, "stop": stop}, timeout=60)
+    assert words in assert_openai_error(r, 400, None, "stop")["message"]
+    ok = httpx.post(server.url + "/v1/chat/completions", json={"messages": HELLO, "max_tokens": 2, "stop": ["a", "b", "c", "s" * 256]},
+                    timeout=60)
+    assert ok.status_code == 200, ok.text
+
+
+def test_health_answers_while_a_prompt_is_prepared(limited):
+    """Preparation (parse, template, tokenize) runs off the event loop: a slow one blocks nobody."""
+    srv = limited.app.state.server
+    original = srv.prepare_completion
+    started, release = threading.Event(), threading.Event()
+
+    def slow_prepare(req):  # stands in for a very long prompt's template and tokenization
+        started.set()
+        assert release.wait(60)
+        return original(req)
+
+    srv.prepare_completion = slow_prepare
+    try:
+        long_prompt = "The quick brown fox jumps over the lazy dog. " * 400  # about 4,000 tokens
+        result = {}
+        t = threading.Thread(target=lambda: result.setdefault("r", httpx.post(
+            limited.url + "/v1/completions", json={"prompt": long_prompt, "max_tokens": 2, "temperature": 0}, timeout=120)))
+        t.start()
+        assert started.wait(30)
+        # preparation on the event loop would hold this answer until the release below: a timeout
+        h = httpx.get(limited.url + "/health", timeout=20)
+        assert h.status_code == 200 and h.json()["status"] == "ok"
+        assert t.is_alive() and not release.is_set()
+        release.set()
+        t.join(120)
+    finally:
+        release.set()
+        del srv.prepare_completion
+    assert result["r"].status_code == 200, result["r"].text
+    assert result["r"].json()["usage"]["prompt_tokens"] > 3000
 
 
 # ----------------------------------------------------------------------------------------------

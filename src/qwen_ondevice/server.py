@@ -12,7 +12,11 @@ after at most one more token step, and a queued request whose client left is ski
 Request bodies are parsed by hand (strict UTF-8, JSON without NaN/Infinity) and validated with
 pydantic; every error is answered in OpenAI's shape
 ``{"error": {"message", "type", "param", "code"}}`` with status 400 for a bad request, 404 for an
-unknown path and 500 for an internal error, and the server keeps serving afterwards.
+unknown path, 413 for a body over the size limit, 503 (with ``Retry-After``) when the queue of
+waiting requests is full, and 500 for an internal error, and the server keeps serving afterwards.
+Parsing, validation and tokenization run on a thread of their own, off the event loop, so
+``/health`` and streams in progress are answered while a long prompt is being prepared.
+:class:`ServerLimits` holds the limits.
 
 Sampling defaults follow OpenAI (``temperature`` 1, ``top_p`` 1); ``top_k`` and
 ``repetition_penalty`` are extensions (vLLM spells them the same). Without ``max_tokens`` (or
@@ -26,10 +30,12 @@ import argparse
 import asyncio
 import json
 import logging
+import math
 import queue
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -47,6 +53,32 @@ if TYPE_CHECKING:
 logger = logging.getLogger("qwen_ondevice.server")
 
 
+@dataclass
+class ServerLimits:
+    """What one server accepts, so that a client cannot exhaust it.
+
+    max_body_bytes: a request body larger than this is refused with 413 before it is parsed
+    (Content-Length checked first, the bytes counted as they arrive for a chunked body).
+    max_queued: requests waiting for the engine (the running one not counted); one more is
+    refused with 503 and a ``Retry-After`` (seconds) estimated from the recent requests' times.
+    max_stops / max_stop_chars: the number of ``stop`` strings (OpenAI's own limit is 4) and the
+    length of each in characters; the stop filter holds back up to the longest stop's length of
+    text, so a long one would delay every streamed piece.
+    """
+
+    max_body_bytes: int = 4 << 20
+    max_queued: int = 16
+    max_stops: int = 4
+    max_stop_chars: int = 256
+
+    def __post_init__(self):
+        for name in ("max_body_bytes", "max_stops", "max_stop_chars"):
+            if getattr(self, name) < 1:
+                raise UserError(f"{name.replace('_', ' ')} must be >= 1, got {getattr(self, name)}")
+        if self.max_queued < 0:
+            raise UserError(f"max queued must be >= 0, got {self.max_queued}")
+
+
 # ----------------------------------------------------------------------------------------------
 # Errors
 
@@ -55,13 +87,14 @@ class OpenAIError(Exception):
     """An error answered as ``{"error": {"message", "type", "param", "code"}}`` with ``status``."""
 
     def __init__(self, message: str, status: int = 400, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None):
+                 param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.message = message
         self.status = status
         self.type = type
         self.param = param
         self.code = code
+        self.headers = headers or {}
 
     def body(self) -> dict:
         """The JSON error body."""
@@ -272,6 +305,10 @@ def parse_body(raw: bytes, model: type[BaseModel]) -> BaseModel:
 _END = object()
 
 
+class QueueFull(Exception):
+    """The worker's queue holds its maximum of waiting jobs."""
+
+
 class ClientGone(Exception):
     """The client disconnected before its reply was complete."""
 
@@ -325,8 +362,9 @@ class GenerationWorker:
     and ``cancelled`` (job counts), ``last_job`` (the most recent job it finished or abandoned).
     """
 
-    def __init__(self, runtime: Runtime):
+    def __init__(self, runtime: Runtime, max_queued: int | None = None):
         self.runtime = runtime
+        self.max_queued = max_queued
         self._jobs: queue.Queue[Job | None] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -334,6 +372,7 @@ class GenerationWorker:
         self.completed = 0
         self.cancelled = 0
         self.last_job: Job | None = None
+        self.mean_job_seconds: float | None = None  # moving average over the finished jobs
 
     @property
     def queued(self) -> int:
@@ -366,8 +405,18 @@ class GenerationWorker:
             self._thread.join(timeout)
             self._thread = None
 
+    def retry_after(self) -> int:
+        """Seconds until a place in the queue is likely free: the mean job time so far (at least 1)."""
+        return max(1, math.ceil(self.mean_job_seconds or 1.0))
+
     def submit(self, prompt_ids: list[int], sampling: SamplingParams, max_tokens: int, stop: list[str]) -> Job:
-        """Queue a generation; must be called from the event loop that will read the job."""
+        """Queue a generation; must be called from the event loop that will read the job.
+
+        Raises:
+            QueueFull: ``max_queued`` jobs are already waiting.
+        """
+        if self.max_queued is not None and self.queued >= self.max_queued:
+            raise QueueFull(self.queued)
         self.start()
         job = Job(list(prompt_ids), sampling, max_tokens, stop, asyncio.get_running_loop())
         self._jobs.put(job)
@@ -386,6 +435,7 @@ class GenerationWorker:
                 continue
             self.busy = True
             self.last_job = job
+            started = time.monotonic()
             gen = stream_generate(rt.engine, rt.tokenizer, job.prompt_ids, job.sampling, job.max_tokens, job.stop)
             try:
                 for chunk in gen:
@@ -407,6 +457,8 @@ class GenerationWorker:
                     self.cancelled += 1
                 else:
                     self.completed += 1
+                    took = time.monotonic() - started
+                    self.mean_job_seconds = took if self.mean_job_seconds is None else 0.8 * self.mean_job_seconds + 0.2 * took
                 self.busy = False
                 job._deliver(_END)
 
@@ -439,9 +491,12 @@ class _Prepared:
 class _App:
     """Request handling around a :class:`GenerationWorker` (the routes call these methods)."""
 
-    def __init__(self, runtime: Runtime):
+    def __init__(self, runtime: Runtime, limits: ServerLimits):
         self.runtime = runtime
-        self.worker = GenerationWorker(runtime)
+        self.limits = limits
+        self.worker = GenerationWorker(runtime, limits.max_queued)
+        # one thread prepares requests (parse, validate, tokenize) in arrival order, off the event loop
+        self.preparer = ThreadPoolExecutor(1, thread_name_prefix="qwen-ondevice-prepare")
         self.created = int(time.time())
         self.fingerprint = f"qwen-ondevice-{__version__}-{runtime.engine.backend.name}"
 
@@ -464,6 +519,42 @@ class _App:
                 code="context_length_exceeded",
             )
 
+    def _check_stops(self, stops: list[str]) -> list[str]:
+        lim = self.limits
+        if len(stops) > lim.max_stops:
+            raise OpenAIError(f"at most {lim.max_stops} stop strings are allowed, got {len(stops)}", param="stop")
+        for s in stops:
+            if not s:
+                raise OpenAIError("a stop string must not be empty", param="stop")
+            if len(s) > lim.max_stop_chars:
+                raise OpenAIError(f"a stop string may have at most {lim.max_stop_chars} characters, got {len(s)}", param="stop")
+        return stops
+
+    async def read_body(self, request) -> bytes:
+        """The request body, refused with 413 past ``limits.max_body_bytes`` without reading it all."""
+        limit = self.limits.max_body_bytes
+        too_large = OpenAIError(f"the request body is larger than this server's limit of {limit} bytes",
+                                status=413, code="request_too_large")
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise too_large
+        body = bytearray()
+        async for piece in request.stream():
+            body += piece
+            if len(body) > limit:
+                raise too_large
+        return bytes(body)
+
+    def submit(self, p: _Prepared) -> Job:
+        """Queue a prepared request; 503 with ``Retry-After`` when the queue is full."""
+        try:
+            return self.worker.submit(p.prompt_ids, p.sampling, p.max_tokens, p.stop)
+        except QueueFull as e:
+            wait = self.worker.retry_after()
+            raise OpenAIError(f"the server is busy: {e.args[0]} requests are already waiting for the engine; "
+                              f"retry in about {wait} s", status=503, type="server_error", code="server_overloaded",
+                              headers={"Retry-After": str(wait)}) from None
+
     def prepare_chat(self, req: ChatCompletionRequest) -> _Prepared:
         """Validate and tokenize a chat request (the tokenizer's own chat template); 400 on error."""
         req.check_supported()
@@ -476,7 +567,8 @@ class _App:
         except Exception as e:  # the template's own checks (jinja2 raise_exception) and render errors
             raise OpenAIError(f"the chat template cannot render these messages: {e}", param="messages") from None
         self._check_prompt(ids, "messages")
-        return _Prepared("chat", ids, sampling, req.limit() or self.context_length, req.stops(), bool(req.stream), req.include_usage)
+        return _Prepared("chat", ids, sampling, req.limit() or self.context_length, self._check_stops(req.stops()),
+                         bool(req.stream), req.include_usage)
 
     def prepare_completion(self, req: CompletionRequest) -> _Prepared:
         """Validate and tokenize a completion request (raw text or token ids, no template); 400 on error."""
@@ -496,7 +588,8 @@ class _App:
             if bad:
                 raise OpenAIError(f"token id {bad[0]} is outside the vocabulary [0, {vocab})", param="prompt")
         self._check_prompt(ids, "prompt")
-        return _Prepared("completion", ids, sampling, req.limit() or self.context_length, req.stops(), bool(req.stream), req.include_usage)
+        return _Prepared("completion", ids, sampling, req.limit() or self.context_length, self._check_stops(req.stops()),
+                         bool(req.stream), req.include_usage)
 
     async def _next(self, job: Job, request) -> GenerationChunk | None:
         """Next chunk of ``job`` (``None`` at its end).
@@ -517,14 +610,13 @@ class _App:
             except asyncio.TimeoutError:
                 continue
 
-    async def complete(self, p: _Prepared, request) -> dict:
-        """Run a request to the end; the non-streaming response body.
+    async def complete(self, p: _Prepared, job: Job, request) -> dict:
+        """Run a queued request to the end; the non-streaming response body.
 
         Raises:
             OpenAIError: generation refused the request (400).
             ClientGone: the client disconnected (the job is cancelled).
         """
-        job = self.worker.submit(p.prompt_ids, p.sampling, p.max_tokens, p.stop)
         pieces, n, last = [], 0, None
         try:
             while (chunk := await self._next(job, request)) is not None:
@@ -546,8 +638,8 @@ class _App:
         return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", **base, "choices": [choice],
                 "usage": _usage(len(p.prompt_ids), n)}
 
-    async def stream(self, p: _Prepared, request):
-        """Async iterator of SSE bytes: chunks, the final chunk, the usage chunk, ``[DONE]``."""
+    async def stream(self, p: _Prepared, job: Job, request):
+        """Async iterator of SSE bytes of a queued request: chunks, the final chunk, the usage chunk, ``[DONE]``."""
         chat = p.kind == "chat"
         base = {
             "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
@@ -568,7 +660,6 @@ class _App:
                 obj["usage"] = None
             return _sse(obj)
 
-        job = self.worker.submit(p.prompt_ids, p.sampling, p.max_tokens, p.stop)
         try:
             if chat:
                 yield event(None, None, role=True)
@@ -594,8 +685,9 @@ class _App:
             job.cancel()  # no-op when finished; frees the engine when the stream is abandoned
 
 
-def create_app(runtime: Runtime) -> "FastAPI":
-    """The FastAPI application serving ``runtime`` (one engine, requests run one at a time).
+def create_app(runtime: Runtime, limits: ServerLimits | None = None) -> "FastAPI":
+    """The FastAPI application serving ``runtime`` (one engine, requests run one at a time) within
+    ``limits`` (default :class:`ServerLimits`).
 
     The engine's worker thread starts with the app's lifespan (or at the first request) and stops
     at shutdown. ``app.state.server.worker`` is the :class:`GenerationWorker`.
@@ -607,7 +699,7 @@ def create_app(runtime: Runtime) -> "FastAPI":
     from fastapi.responses import JSONResponse, Response, StreamingResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
-    srv = _App(runtime)
+    srv = _App(runtime, limits or ServerLimits())
 
     @asynccontextmanager
     async def lifespan(app):
@@ -616,12 +708,13 @@ def create_app(runtime: Runtime) -> "FastAPI":
             yield
         finally:
             srv.worker.stop()
+            srv.preparer.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="qwen-ondevice", version=__version__, lifespan=lifespan)
     app.state.server = srv
 
     def error_response(e: OpenAIError) -> JSONResponse:
-        return JSONResponse(e.body(), status_code=e.status)
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
     @app.exception_handler(OpenAIError)
     async def _openai_error(request, exc: OpenAIError):
@@ -642,23 +735,26 @@ def create_app(runtime: Runtime) -> "FastAPI":
         logger.exception("internal error")
         return error_response(OpenAIError(f"internal error: {type(exc).__name__}: {exc}", status=500, type="server_error"))
 
-    async def handle(request: Request, model: type[BaseModel], prepare):
-        p = prepare(parse_body(await request.body(), model))
+    async def handle(request: Request, model: type[BaseModel], kind: str):
+        raw = await srv.read_body(request)
+        prepare = srv.prepare_chat if kind == "chat" else srv.prepare_completion
+        p = await asyncio.get_running_loop().run_in_executor(srv.preparer, lambda: prepare(parse_body(raw, model)))
+        job = srv.submit(p)  # before any response byte: a full queue is a 503, not a broken stream
         if p.stream:
             headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-            return StreamingResponse(srv.stream(p, request), media_type="text/event-stream", headers=headers)
+            return StreamingResponse(srv.stream(p, job, request), media_type="text/event-stream", headers=headers)
         try:
-            return JSONResponse(await srv.complete(p, request))
+            return JSONResponse(await srv.complete(p, job, request))
         except ClientGone:
             return Response(status_code=499)  # nobody reads this; the engine is already free
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        return await handle(request, ChatCompletionRequest, srv.prepare_chat)
+        return await handle(request, ChatCompletionRequest, "chat")
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        return await handle(request, CompletionRequest, srv.prepare_completion)
+        return await handle(request, CompletionRequest, "completion")
 
     def model_card() -> dict:
         return {"id": runtime.model_name, "object": "model", "created": srv.created, "owned_by": "qwen-ondevice"}
@@ -716,7 +812,7 @@ def cmd_serve(args) -> int:
 
     sock = bind_socket(args.host, args.port)
     rt = open_runtime(args.model, args.backend, args.context_length, args.prompt_length, args.host_numerics)
-    app = create_app(rt)
+    app = create_app(rt, ServerLimits(max_body_bytes=args.max_body_bytes, max_queued=args.max_queued))
     host, port = sock.getsockname()[:2]
     log(f"serving {rt.model_name} ({rt.engine.backend.name}, context {rt.engine.context_length}) on http://{host}:{port}/v1")
     config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=5)
@@ -735,4 +831,8 @@ def register_cli(subparsers) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--max-queued", type=int, default=ServerLimits.max_queued,
+                   help=f"requests that may wait for the engine; one more gets 503 with Retry-After (default {ServerLimits.max_queued})")
+    p.add_argument("--max-body-bytes", type=int, default=ServerLimits.max_body_bytes,
+                   help=f"largest request body accepted; a larger one gets 413 (default {ServerLimits.max_body_bytes})")
     p.set_defaults(func=cmd_serve)
