@@ -1,4 +1,4 @@
-"""The real demo model at w4a16 and w8a16: accuracy targets of DESIGN.md section 4 and a coherent
+"""The real demo model at w4a16 and w8a16: accuracy targets of docs/numerics.md and a coherent
 chat answer. The perplexities come from the export's own report.json, computed on held-out
 WikiText-2 test text (never the calibration text) against the float model in transformers-equal
 fp32 (the torch backend, which the modeling tests hold to transformers' logits)."""

@@ -1,4 +1,4 @@
-"""The engine: chunked prefill equals one unchunked pass (DESIGN.md section 3), the KV cache it
+"""The engine: chunked prefill equals one unchunked pass (docs/graph-contract.md), the KV cache it
 fills gives the right next-token logits, and KV-cached greedy decoding equals a full recompute
 (rung 5 of the verification ladder). References are transformers' Qwen2ForCausalLM in fp32."""
 

@@ -1,4 +1,4 @@
-"""The bundle folder (DESIGN.md section 6): manifest schema, integrity check, opening it to run."""
+"""The bundle folder (docs/bundle-format.md): manifest schema, integrity check, opening it to run."""
 
 from __future__ import annotations
 

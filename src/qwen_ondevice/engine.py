@@ -1,7 +1,7 @@
 """The generation engine: host-owned KV cache, positions and mask; chunked prefill; AR-1 decode.
 
 One engine, several backends (``torch``, ``ort-cpu``, ``qnn-htp``) behind :class:`Backend`. The
-engine never looks inside a backend's graphs: it hands each call the inputs of DESIGN.md section 3
+engine never looks inside a backend's graphs: it hands each call the inputs of docs/graph-contract.md
 (``input_ids`` (1, AR), ``attention_mask`` (1, 1, AR, CL), cos/sin (1, 1, AR, D/2), the past KV)
 and writes the AR new KV entries a call returns into its cache.
 
@@ -93,7 +93,7 @@ class Backend(ABC):
 
 @dataclass
 class CallInputs:
-    """The host-made inputs of one call (DESIGN.md section 3)."""
+    """The host-made inputs of one call (docs/graph-contract.md)."""
 
     input_ids: np.ndarray  # (1, AR) int32, padded with 0
     attention_mask: np.ndarray  # (1, 1, AR, CL) float32

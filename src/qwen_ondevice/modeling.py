@@ -1,4 +1,4 @@
-"""The on-device Qwen2 graph (DESIGN.md section 3) in PyTorch: static AR and CL, split into parts.
+"""The on-device Qwen2 graph (docs/graph-contract.md) in PyTorch: static AR and CL, split into parts.
 
 Letters: AR tokens per call, CL context length, P = CL - AR past length, H hidden, D head_dim,
 NH attention heads, KVH KV heads, G = NH / KVH, V vocab, I FFN size.
@@ -97,7 +97,7 @@ def layer_weight_names(layer: int) -> dict[str, str]:
 
 
 class DecoderLayer(nn.Module):
-    """One Qwen2 decoder layer with the host-owned KV cache of DESIGN.md section 3."""
+    """One Qwen2 decoder layer with the host-owned KV cache (docs/graph-contract.md)."""
 
     def __init__(self, cfg: ModelConfig, weights: WeightStore, layer: int, dtype: torch.dtype = torch.float32):
         super().__init__()

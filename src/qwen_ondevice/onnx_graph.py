@@ -1,4 +1,4 @@
-"""ONNX graphs of the parts (DESIGN.md section 3), written node by node with ``onnx.helper``.
+"""ONNX graphs of the parts (docs/graph-contract.md), written node by node with ``onnx.helper``.
 
 Each part is built twice, for AR-128 (prompt processor) and AR-1 (token generator); both graphs
 point their initializers at one external-data file, written once (:class:`ExternalData`). The
@@ -190,11 +190,10 @@ def shift_by_row_max(b: GraphBuilder, scores: str) -> str:
     made explicit so that the softmax input is <= 0 with its maximum at exactly 0.
 
     Softmax is invariant to it, so the float graph is unchanged. It is there for the NPU: Qwen2's
-    attention scores reach about 1400 (demo model, rows attending to the first token), and the
-    HTP's uint16 Softmax loses the differences between such large inputs (measured on the HTP
-    simulator, layer 0 of the demo: softmax output cosine 0.945 against ONNX Runtime on
-    identical inputs, while its input agreed to 1.000). On shifted inputs it only has to resolve
-    [-MASK_MARGIN, 0] (see :data:`qwen_ondevice.qdq.MASK_MARGIN`).
+    attention scores get large (rows attending to the first token), and the HTP's uint16 Softmax
+    loses the differences between such large inputs (measured on the HTP simulator, see
+    docs/numerics.md). On shifted inputs it only has to resolve [-MASK_MARGIN, 0] (see
+    :data:`qwen_ondevice.qdq.MASK_MARGIN`).
     """
     row_max = b.op("ReduceMax", [scores, b.const("axes", np.array([-1], np.int64))], keepdims=1)  # (KVH, G, AR, 1)
     return b.op("Sub", [scores, row_max])
@@ -215,7 +214,7 @@ def _decoder_layer(b: GraphBuilder, cfg: ModelConfig, ws: WeightSource, layer: i
     attention: q . (k - c) = q . k - q . c, and q . c is the same for every key of a query's row,
     which softmax ignores. The graph adds the offset -c (:func:`key_offset_name`) rather than
     subtracting c: the HTP truncates where it requantizes a Sub's output, and rounds an Add's
-    (HTP simulator: the stored keys came out 0.5 uint8 steps low on average with Sub)."""
+    (with Sub the stored keys came out low on the HTP simulator; docs/numerics.md)."""
     H, D, KVH, G = cfg.hidden_size, cfg.head_dim, cfg.num_key_value_heads, cfg.num_key_value_groups
     n = layer_weight_names(layer)
     pk = b.input(f"past_key_{layer}_in", b.T, (KVH, 1, D, P))
@@ -262,7 +261,7 @@ def build_part_graph(cfg: ModelConfig, weights: WeightStore, part: PartSpec, ar:
                      key_center: bool = False) -> tuple[onnx.ModelProto, list[IOSpec], list[IOSpec]]:
     """The ONNX model of ``part`` at AR ``ar`` and CL ``cl``, with its I/O signature.
 
-    I/O (DESIGN.md section 3): part 1 ``input_ids`` (1, AR) int32 -> ``hidden_states_0``
+    I/O (docs/graph-contract.md): part 1 ``input_ids`` (1, AR) int32 -> ``hidden_states_0``
     (1, AR, H); a decoder part with layers [a, b) ``hidden_states_{a}``, ``attention_mask`` (1, 1, AR, CL),
     ``position_ids_cos``/``_sin`` (1, 1, AR, D/2), ``past_key_{l}_in`` (KVH, 1, D, P),
     ``past_value_{l}_in`` (KVH, 1, P, D) -> ``hidden_states_{b}`` or ``logits`` (1, AR, V),

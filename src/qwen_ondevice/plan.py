@@ -1,4 +1,4 @@
-"""Part planning: split the model into parts by weight bytes (DESIGN.md section 3).
+"""Part planning: split the model into parts by weight bytes (docs/graph-contract.md).
 
 Part 1 holds the embedding table alone; the decoder layers are cut into contiguous ranges whose
 byte sizes are balanced (the last range also carries the final norm and the lm_head).
@@ -21,7 +21,7 @@ PRECISION_BYTES = {
 }
 
 #: Default cap on a part's weight bytes: keeps each compiled context binary well under the
-#: HTP's ~2 GB graph limit (DESIGN.md section 3); Qwen2-7B at w4a16 then splits into 5 parts.
+#: HTP's ~2 GB graph limit (docs/graph-contract.md); Qwen2-7B at w4a16 then splits into 5 parts.
 DEFAULT_MAX_PART_BYTES = 1 << 30
 
 

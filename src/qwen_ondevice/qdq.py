@@ -1,14 +1,15 @@
-"""The QDQ rewrite: a float part graph -> the quantized graph of DESIGN.md section 4.
+"""The QDQ rewrite: a float part graph -> the quantized graph of docs/numerics.md.
 
 Every float activation gets a QuantizeLinear/DequantizeLinear pair with its encoding (uint16;
-uint8 for the KV cache); the graph's own inputs and outputs become the quantized tensors
-themselves (uint16 hidden states, mask, cos, sin, logits; uint8 KV), named as in section 3.
-Decoder projection weights become ``DequantizeLinear(int4 or int8 weight (K, N), scale (N,),
-explicit zero point (N,) of the same type, axis=1)`` feeding the MatMul: one scale per output
-channel, and the explicit INT4 zero point the HTP needs to decode negative int4 values
-(DESIGN.md section 4). The embedding table is int8 with one scale per row (the rows and their uint16
-scales are gathered separately and multiplied, a form the HTP takes); norm weights
-and biases are uint16 per tensor.
+uint8 for the KV cache), except the float residual stream; the graph's own inputs and outputs
+become the quantized tensors themselves (uint16 hidden states, mask, cos, sin, logits; uint8 KV),
+named as in docs/graph-contract.md. Decoder projection weights become ``DequantizeLinear(int4 or
+int8 weight (K, N), scale (N,), explicit zero point (N,) of the same type, axis=1)`` feeding the
+MatMul: one scale per output channel (or, for int4 blocks of B input rows, ``axis=0``,
+``block_size`` B and scale and zero point (K / B, N)), and the explicit INT4 zero point the HTP
+needs to decode negative int4 values. The embedding table is int8 with one scale per row (the rows
+and their uint16 scales are gathered separately and multiplied, a form the HTP takes); norm
+weights and biases are uint16 per tensor.
 """
 
 from __future__ import annotations
@@ -76,16 +77,15 @@ def activation_encodings(model: onnx.ModelProto, stats: PartStats, mask_value: f
       uint16's 65536 levels keep Qwen2's massive activations and the ordinary ones both);
     - the MLP down_proj input ``SiLU(gate) * up``: the observed range widened ``down_proj_headroom``
       times about its centre. It is a product of two activations and heavy-tailed, so min/max over
-      the calibration tokens underestimates what later text reaches (on the demo model, held-out
-      maxima exceed 4096-token calibration maxima by up to 1.4x), and clipping it costs more than
-      the resolution a wider uint16 range gives up;
+      the calibration tokens underestimates what later text reaches (measured on the demo model,
+      docs/numerics.md), and clipping it costs more than the resolution a wider uint16 range
+      gives up;
     - KV cache (``past_*``): uint8 per layer, the range clipped to minimise MSE on a sample of
       the cache values; ``past_*_in`` and ``past_*_out`` of a layer share it. With ``key_minmax``
       (centered keys, :mod:`qwen_ondevice.kv_equalize`) the keys take their observed min/max
       instead: centered, their range is already narrow, and MSE clipping on a random sample
-      clips the rare tokens with extreme keys, the attention-sink first token among them (on the
-      demo w8a16: mean KL 0.0084 with MSE-clipped centered keys, 0.0053 with min/max, 0.0075
-      uncentered);
+      clips the rare tokens with extreme keys, the attention-sink first token among them (the
+      demo's mean KL with each choice: docs/numerics.md);
     - mask: [mask_value, 0]; cos/sin: [-1, 1]; Softmax output: [0, 1];
     - scores + mask: [min score - MASK_MARGIN, max score] (masked entries clipped on purpose);
       their row max takes the same encoding, and scores minus row max (the Softmax input, see
@@ -96,9 +96,8 @@ def activation_encodings(model: onnx.ModelProto, stats: PartStats, mask_value: f
     - the op that computes a key or value (the key offset Add, the v_proj bias Add) and the
       Reshape/Transpose between it and ``past_*_out`` take the cache's uint8 encoding: the
       data movement then moves uint8 as it is. With a uint16 tensor there, the HTP requantizes
-      to uint8 by truncation where ONNX Runtime rounds (HTP simulator, demo model: every stored
-      key and value 0.5 steps low on average, AR-1 value outputs down to cosine 0.9967 against
-      the CPU run; >= 0.9991 with this rule).
+      to uint8 by truncation where ONNX Runtime rounds, so the stored keys and values come out
+      low against the CPU run (HTP simulator measurements: docs/numerics.md).
     """
     enc: dict[str, Encoding] = {}
     notes: dict[str, str] = {}

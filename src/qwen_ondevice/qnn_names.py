@@ -1,11 +1,12 @@
 """The QNN graph names of a bundle's context binaries, in the form Genie reads.
 
-Genie (DESIGN.md section 5) orders the parts of a model by the ``<prefix>_<i>_of_<N>`` ending of
-their graph names, and for a graph without ``input_ids``/``attention_mask``/KV tensors (the
-embedding part) it reads AR and CL from the name: the first ``ar<digits>`` and ``cl<digits>``,
-after which it calls ``std::stoi`` on every all-digit ``_``-separated piece. Qualcomm AI Hub
-names the graphs of its bundles ``prompt_ar128_cl4096_1_of_4`` (prompt processor) and
-``token_ar1_cl4096_1_of_4`` (token generator); :func:`graph_name` gives those names.
+Genie orders the parts of a model by the ``<prefix>_<i>_of_<N>`` ending of their graph names,
+and for a graph without ``input_ids``/``attention_mask``/KV tensors (the embedding part) it reads
+AR and CL from the name: the first ``ar<digits>`` and ``cl<digits>``, after which it calls
+``std::stoi`` on every all-digit ``_``-separated piece (docs/graph-contract.md, "Names for QNN
+and Genie"). Qualcomm AI Hub names the graphs of its bundles ``prompt_ar128_cl4096_1_of_4``
+(prompt processor) and ``token_ar1_cl4096_1_of_4`` (token generator); :func:`graph_name` gives
+those names.
 
 ONNX Runtime cannot be told the QNN graph name: the QNN EP names each graph after ONNX Runtime's
 fused node, ``QNNExecutionProvider_QNNExecutionProvider_<hash>_1_0`` (the hash, up to 20 digits,

@@ -42,7 +42,7 @@ class QuantSettings:
     precision: ``w4a16`` (int4 projections) or ``w8a16`` (int8 projections); lm_head int8 and
     activations uint16 in both. weight_method: ``mse`` or ``gptq``. int8_fraction (w4a16): the
     share of a part's projection weights kept at int8, given to the projections with the largest
-    measured relative output error at int4 (the mixed precision of DESIGN.md section 4; 0 keeps
+    measured relative output error at int4 (the mixed precision of docs/numerics.md; 0 keeps
     every projection at int4). smooth_alpha: when > 0, the down_proj input's range is migrated
     into the weights (:mod:`qwen_ondevice.smoothing`) before quantization. down_proj_headroom:
     see :func:`qwen_ondevice.qdq.activation_encodings`.

@@ -1,6 +1,6 @@
 """``qwen-ondevice verify BUNDLE``: do the QNN context binaries compute what the QDQ parts compute?
 
-Rung 4 of the verification ladder (DESIGN.md section 8). A short real chat prompt goes through
+Rung 4 of the verification ladder (docs/verification.md). A short real chat prompt goes through
 the ``ort-cpu`` engine (the QDQ ONNX parts on ONNX Runtime's CPU EP); the inputs each part got in
 its last AR-128 call (the prompt processor) and in one AR-1 call (the token generator) are
 captured with the outputs it returned. Each part's context binary then runs on the HTP (the
