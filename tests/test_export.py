@@ -295,6 +295,22 @@ def test_refusals(tiny_bundle, tiny_factory, tmp_path, capsys):
     (bad2 / "manifest.json").write_text(json.dumps(m))
     msg = _one_line_error(capsys, ["--quiet", "inspect", str(bad2)])
     assert "schema" in msg
+    # a missing or mistyped field is named at open, not met as a KeyError inside a backend
+    breakages = [
+        (lambda d: d.pop("context_length"), "field context_length: field required"),
+        (lambda d: d.__setitem__("context_length", "64"), "field context_length: input should be a valid integer"),
+        (lambda d: d["parts"][1]["graphs"][str(AR)].pop("file"), f"field parts[1].graphs.{AR}.file: field required"),
+        (lambda d: d["kv_cache"].__setitem__("dtype", "int3"), "field kv_cache.dtype: input should be"),
+        (lambda d: d["parts"][2].__setitem__("layers", [1]), "field parts[2].layers"),
+    ]
+    for i, (breaking, words) in enumerate(breakages):
+        m = json.loads((good / "manifest.json").read_text())
+        breaking(m)
+        broken = tmp_path / f"broken{i}"
+        subprocess.run(["cp", "-r", str(good), str(broken)], check=True)
+        (broken / "manifest.json").write_text(json.dumps(m))
+        msg = _one_line_error(capsys, ["--quiet", "generate", str(broken), "--prompt", "hi"])
+        assert words in msg and "manifest.json" in msg, msg
 
 
 def test_open_hashes_only_files_changed_since_they_last_matched(tiny_bundle, tmp_path, monkeypatch):

@@ -6,6 +6,9 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .config import ModelConfig
 from .demo import cache_dir, sha256_file
@@ -21,12 +24,125 @@ CHECKPOINT_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "g
                     "chat_template.jinja", "special_tokens_map.json")
 
 
+class _Entry(BaseModel):
+    """A manifest object: the fields the runtime reads are typed and required (strict types: a
+    number written as a string is an error); other fields are kept as they are."""
+
+    model_config = ConfigDict(extra="allow", strict=True, populate_by_name=True)
+
+
+class EncodingEntry(_Entry):
+    scale: float = Field(gt=0)
+    zero_point: int
+    dtype: Literal["uint8", "uint16", "int8", "int16"]
+
+
+class TensorEntry(_Entry):
+    name: str
+    shape: list[int]
+    dtype: str
+    encoding: EncodingEntry | None = None
+
+
+class GraphEntry(_Entry):
+    file: str
+    inputs: list[TensorEntry]
+    outputs: list[TensorEntry]
+
+
+class PartEntry(_Entry):
+    index: int = Field(ge=1)
+    name: str
+    layers: list[int] = Field(min_length=2, max_length=2)
+    embedding: bool
+    head: bool
+    data: str
+    weight_bytes: int = Field(ge=0)
+    graphs: dict[str, GraphEntry] = Field(min_length=1)
+
+
+class KvCacheEntry(_Entry):
+    dtype: Literal["uint8", "float16", "float32"]
+    bytes_per_token: int = Field(gt=0)
+
+
+class FileEntry(_Entry):
+    bytes: int = Field(ge=0)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
+class QnnGraphEntry(_Entry):
+    qnn_graph: str
+    wrapper: str
+
+
+class QnnPartEntry(_Entry):
+    name: str
+    bin: str
+    bin_bytes: int = Field(ge=0)
+    graphs: dict[str, QnnGraphEntry] = Field(min_length=1)
+
+
+class QnnEntry(_Entry):
+    chipset: str
+    soc_model: int
+    dsp_arch: str
+    folder: str
+    weight_sharing: bool
+    parts: list[QnnPartEntry]
+
+
+class ModelEntry(_Entry):
+    source: str
+    config_json: dict
+
+
+class ManifestModel(_Entry):
+    """``manifest.json`` as the runtime reads it (docs/bundle-format.md), validated at open."""
+
+    schema_name: str = Field(alias="schema")
+    schema_version: int
+    model: ModelEntry
+    precision: Literal["fp32", "fp16", "w8a16", "w4a16"]
+    ar: list[int] = Field(min_length=1)
+    context_length: int = Field(gt=0)
+    mask_value: float
+    kv_cache: KvCacheEntry
+    parts: list[PartEntry] = Field(min_length=1)
+    files: dict[str, FileEntry]
+    qnn: QnnEntry | None = None
+
+
+def _field_path(loc: tuple) -> str:
+    """('parts', 1, 'graphs', '128', 'file') -> 'parts[1].graphs.128.file'."""
+    out = ""
+    for x in loc:
+        out += f"[{x}]" if isinstance(x, int) else (f".{x}" if out else str(x))
+    return out
+
+
+def validate_manifest(data: dict, source: str) -> ManifestModel:
+    """The typed manifest; a missing or mistyped field is one line naming it.
+
+    Raises:
+        UserError: the first field that is missing or has the wrong type or value.
+    """
+    try:
+        return ManifestModel.model_validate(data)
+    except ValidationError as e:
+        err = e.errors(include_url=False)[0]
+        where = _field_path(tuple(x for x in err["loc"] if x not in ("str", "int", "QnnEntry")))
+        got = "" if err["type"] == "missing" else f" (got {json.dumps(err.get('input'))[:60]})"
+        raise UserError(f"{source}: field {where}: {err['msg'].lower()}{got}; re-export the bundle") from None
+
+
 @dataclass
 class Manifest:
-    """A parsed ``manifest.json`` (the raw dict is kept in ``data``)."""
+    """A parsed ``manifest.json``: the raw dict in ``data``, its validated form in ``typed``."""
 
     root: Path
     data: dict
+    typed: ManifestModel | None = None
 
     @property
     def config(self) -> ModelConfig:
@@ -60,7 +176,8 @@ def read_manifest(root: Path, verify: bool = True) -> Manifest:
     """Read and check ``root/manifest.json``.
 
     Raises:
-        UserError: no manifest, invalid JSON, an unknown schema or version, or (``verify``) a
+        UserError: no manifest, invalid JSON, an unknown schema or version, a field that is
+            missing or mistyped (:func:`validate_manifest`), or (``verify``) a
             file that is missing or whose sha256 no longer matches (files unchanged since their
             hash last matched are not hashed again, see :func:`verify_files`).
     """
@@ -76,7 +193,7 @@ def read_manifest(root: Path, verify: bool = True) -> Manifest:
             f"{path}: unknown manifest schema {data.get('schema')!r} version {data.get('schema_version')!r} "
             f"(this qwen-ondevice reads {SCHEMA} version {SCHEMA_VERSION}); re-export the bundle"
         )
-    m = Manifest(root, data)
+    m = Manifest(root, data, validate_manifest(data, str(path)))
     if verify:
         bad = verify_files(m, trust_cache=True)
         if bad:
