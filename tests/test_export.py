@@ -407,3 +407,36 @@ def test_ort_trimmed_past_matches_transformers_logits(tiny_bundle):
     np.testing.assert_allclose(logits.reshape(-1), ref, atol=1e-4, rtol=0)
     assert {w for _, w in fed} >= {8, 16, 24, 32} and all(w % 8 == 0 for _, w in fed), sorted(set(fed))
     assert max(w for ar, w in fed if ar == 1) < CL - 1 and max(w for ar, w in fed if ar == AR) < CL - AR
+
+
+TORCH_ENTRIES = ("torch", "functorch", "torchgen")
+
+
+def test_running_a_bundle_needs_no_torch(tiny_bundle, tmp_path, capsys):
+    """``generate`` on a bundle in an environment where torch is not installed (every installed
+    package but torch, seen through a folder of links, Python started without site-packages):
+    the same tokens as with torch installed, and torch never imported."""
+    import sysconfig
+
+    _, bundle = tiny_bundle
+    argv = ["--quiet", "generate", str(bundle), "--prompt", "Hello", "--max-new-tokens", "6", "--json"]
+    capsys.readouterr()
+    assert main(argv) == 0
+    want = json.loads(capsys.readouterr().out)["token_ids"]
+
+    packages = Path(sysconfig.get_paths()["purelib"])
+    overlay = tmp_path / "site-packages-without-torch"
+    overlay.mkdir()
+    for entry in packages.iterdir():
+        name = entry.name.lower()
+        if name.endswith(".pth") or any(name == t or name.startswith(t + "-") for t in TORCH_ENTRIES):
+            continue
+        (overlay / entry.name).symlink_to(entry)
+    src = Path(__file__).resolve().parents[1] / "src"
+    child = ("import sys, json\nfrom qwen_ondevice.cli import main\ncode = main(sys.argv[1:])\n"
+             "print(json.dumps({'torch_imported': 'torch' in sys.modules}), file=sys.stderr)\nsys.exit(code)")
+    env = {**os.environ, "PYTHONPATH": f"{src}{os.pathsep}{overlay}"}
+    r = subprocess.run([sys.executable, "-S", "-c", child, *argv], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads(r.stderr.strip().splitlines()[-1]) == {"torch_imported": False}
+    assert json.loads(r.stdout)["token_ids"] == want

@@ -27,7 +27,8 @@ from qwen_ondevice.encodings import Encoding
 from qwen_ondevice.engine import make_call_inputs
 from qwen_ondevice.evaluate import evaluate_engines, reference_engine
 from qwen_ondevice.export import ExportOptions, export
-from qwen_ondevice.modeling import MASK_VALUE, rope_tables
+from qwen_ondevice.modeling import rope_tables
+from qwen_ondevice.parts import MASK_VALUE
 from qwen_ondevice.onnx_graph import ExternalData
 from qwen_ondevice.quant_export import PROJECTIONS, is_projection
 from qwen_ondevice.runtime import open_runtime
@@ -304,7 +305,7 @@ def test_key_centering_is_exact_in_float_and_narrows_the_key_cache(bundles, tiny
     from qwen_ondevice.engine import make_call_inputs
     from qwen_ondevice.export import export_part
     from qwen_ondevice.kv_equalize import equalize_part
-    from qwen_ondevice.modeling import PartSpec
+    from qwen_ondevice.parts import PartSpec
     from qwen_ondevice.onnx_graph import key_offset_name
 
     ckpt = load_checkpoint(tiny)

@@ -13,7 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from .config import ModelConfig
 from .demo import cache_dir, sha256_file
 from .errors import UserError
-from .modeling import PartSpec
+from .jsonio import write_json
+from .parts import PartSpec
 
 SCHEMA = "qwen-ondevice.bundle"
 SCHEMA_VERSION = 2  # 2: part boundaries named hidden_states_{layer}, AI Hub graph names
@@ -172,6 +173,24 @@ class Manifest:
         return self.root / part["graphs"][str(ar)]["file"]
 
 
+def bytes_per_token(manifest: dict) -> dict:
+    """Bytes a generated token moves (bytes): every decoder weight once (the embedding part
+    reads one row), plus the KV cache at full context."""
+    cfg = manifest["model"]["config_json"]
+    parts = manifest["parts"]
+    weights = sum(p["weight_bytes"] for p in parts)
+    emb = sum(p["weight_bytes"] for p in parts if p["embedding"])
+    kv_token = manifest["kv_cache"]["bytes_per_token"]
+    read = weights - emb + emb // cfg["vocab_size"]
+    return {
+        "weight_bytes": weights,
+        "weight_bytes_read_per_token": read,
+        "kv_cache_bytes_per_token": kv_token,
+        "kv_cache_bytes_full_context": kv_token * manifest["context_length"],
+        "bytes_per_token_full_context": read + kv_token * manifest["context_length"],
+    }
+
+
 def read_manifest(root: Path, verify: bool = True) -> Manifest:
     """Read and check ``root/manifest.json``.
 
@@ -238,10 +257,8 @@ def verify_files(m: Manifest, trust_cache: bool = False) -> list[str]:
             old = {}
         try:
             record_path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = record_path.with_suffix(f".{os.getpid()}.tmp")
             kept = {k: v for k, v in old.items() if os.path.exists(k)}  # forget deleted bundles
-            tmp.write_text(json.dumps({**kept, **fresh}))
-            os.replace(tmp, record_path)
+            write_json(record_path, {**kept, **fresh})
         except OSError:
             pass  # a read-only cache only costs the next open a re-hash
     return bad

@@ -21,14 +21,13 @@ import numpy as np
 import onnx
 
 from .engine import make_call_inputs
+from .encodings import DATA_MOVEMENT
 from .errors import UserError
 from .progress import bar
 
 if TYPE_CHECKING:
-    from .modeling import PartSpec
+    from .parts import PartSpec
 
-#: Ops whose output is a rearrangement of their input: they inherit its encoding, no statistics.
-DATA_MOVEMENT = {"Reshape", "Transpose", "Split", "Identity", "Squeeze", "Unsqueeze"}
 
 
 def default_calibration_text() -> Path:

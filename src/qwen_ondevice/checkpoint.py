@@ -14,13 +14,15 @@ import shutil
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from .config import ModelConfig
 from .demo import cache_dir, demo_gguf
 from .errors import UserError
 from .progress import log
+
+if TYPE_CHECKING:  # torch is imported where tensors are made: opening a bundle needs none of this
+    import torch
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 OPTIONAL_FILES = ("generation_config.json", "special_tokens_map.json", "vocab.json", "merges.txt")
@@ -74,8 +76,11 @@ class WeightStore:
     def __contains__(self, name: str) -> bool:
         return self._resolve(name) in self._where
 
-    def get(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The tensor ``name`` as ``dtype``. Raises UserError when the checkpoint lacks it."""
+    def get(self, name: str, dtype: "torch.dtype | None" = None) -> "torch.Tensor":
+        """The tensor ``name`` as ``dtype`` (default float32). Raises UserError when the checkpoint lacks it."""
+        import torch
+
+        dtype = torch.float32 if dtype is None else dtype
         key = self._resolve(name)
         if key not in self._where:
             raise UserError(f"checkpoint has no tensor {name!r}; is this a complete Qwen2 checkpoint?")
@@ -158,6 +163,7 @@ class Checkpoint:
 
     def load_transformers_model(self):
         """The independent reference: ``transformers``' ``Qwen2ForCausalLM`` in fp32, eval mode."""
+        import torch
         from transformers import Qwen2ForCausalLM
 
         return Qwen2ForCausalLM.from_pretrained(self.path, dtype=torch.float32).eval()
@@ -218,6 +224,7 @@ def _gguf_to_folder(gguf: Path, key: str | None = None) -> Path:
         return out
     _check_gguf_architecture(gguf)
     log(f"converting {gguf.name} to a Hugging Face folder in {out} (once; dequantizes to fp32)")
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tmp = out.with_name(out.name + ".partial")

@@ -20,13 +20,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .child import leave, read_spec, run_child
 from .errors import UserError
 from .progress import log
 
@@ -219,7 +218,7 @@ def _compile_worker() -> None:
     """Child process: compile one part's graphs into one shared context (spec JSON on stdin),
     write the result JSON to ``spec['result']`` and leave with ``os._exit`` (skipping the QNN
     libraries' exit-time destructors)."""
-    spec = json.loads(sys.stdin.read())
+    spec = read_spec()
     try:
         sessions = prepare_part(spec["graphs"], CHIPSETS[spec["chipset"]], spec.get("share", True),
                                 spec.get("optimization", DEFAULT_HTP_OPTIMIZATION))
@@ -231,9 +230,7 @@ def _compile_worker() -> None:
         result = {"ok": False, "failed_ar": None, "error": f"{type(e).__name__}: {e}"}
     result["peak_rss_bytes"] = _own_peak_rss()
     Path(spec["result"]).write_text(json.dumps(result))
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    leave()
 
 
 def _own_peak_rss() -> int:
@@ -255,22 +252,14 @@ def compile_in_child(spec: dict) -> tuple[dict, int, str]:
     (a :data:`CHIPSETS` name), ``graphs`` (``[[ar, source onnx, wrapper path], ...]``) and
     optionally ``share`` (default True: one weight-shared context) and ``optimization`` (the HTP
     level). Returns (result ``{"ok", "failed_ar", "error"}``, the child's peak RSS bytes, its stderr)."""
-    src_root = str(Path(__file__).resolve().parents[1])
-    env = dict(os.environ)
-    env["PYTHONPATH"] = src_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     with tempfile.TemporaryDirectory() as tmp:
         spec = {**spec, "result": str(Path(tmp) / "result.json")}
-        err_path = Path(tmp) / "stderr.txt"
-        with open(err_path, "w") as err:
-            proc = subprocess.Popen([sys.executable, "-c", "from qwen_ondevice.compile import _compile_worker; _compile_worker()"],
-                                    stdin=subprocess.PIPE, stdout=err, stderr=err, env=env)
-            proc.stdin.write(json.dumps(spec).encode())
-            proc.stdin.close()
-            proc.wait()
-        stderr = err_path.read_text(errors="replace")
+        out: list[str] = []
+        run = run_child("qwen_ondevice.compile:_compile_worker", spec, on_line=out.append, stderr_chars=None)
+        stderr = "\n".join(out + [run.stderr])
         rpath = Path(spec["result"])
         if not rpath.exists():
-            return {"ok": False, "failed_ar": None, "error": f"the compiler process died (exit status {proc.returncode})"}, 0, stderr
+            return {"ok": False, "failed_ar": None, "error": f"the compiler process died (exit status {run.status})"}, 0, stderr
         result = json.loads(rpath.read_text())
         return result, int(result.get("peak_rss_bytes", 0)), stderr
 

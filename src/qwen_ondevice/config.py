@@ -41,6 +41,11 @@ class ModelConfig:
     def num_key_value_groups(self) -> int:
         return self.num_attention_heads // self.num_key_value_heads
 
+    def kv_cache_bytes_per_token(self, itemsize: int) -> int:
+        """Bytes one token adds to the KV cache: a key and a value of (KVH, D) per layer, each
+        element ``itemsize`` bytes (1 for the quantized bundles' uint8 cache)."""
+        return 2 * self.num_hidden_layers * self.num_key_value_heads * self.head_dim * itemsize
+
     @classmethod
     def from_dict(cls, d: dict, source: str = "config.json") -> "ModelConfig":
         """Build from a ``config.json`` dict.

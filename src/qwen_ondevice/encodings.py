@@ -11,6 +11,10 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 QMAX = {"uint8": 255, "uint16": 65535}
+
+#: Ops that only rearrange their input's elements: their output carries the input's encoding (it
+#: gets no statistics of its own) and, on the host, they can run on the quantized integers.
+DATA_MOVEMENT = frozenset({"Reshape", "Transpose", "Split", "Identity", "Squeeze", "Unsqueeze"})
 NP = {"uint8": np.uint8, "uint16": np.uint16}
 
 
@@ -72,3 +76,23 @@ def mse_range(values: np.ndarray, lo: float, hi: float, dtype: str, steps: int =
         if best_err is None or err < best_err:
             best, best_err = (lo * r, hi * r), err
     return best
+
+
+#: The KV cache's dtype in the quantized bundles (w4a16, w8a16): one encoding per layer and
+#: tensor, shared by ``past_*_in`` and ``past_*_out`` (docs/numerics.md).
+KV_CACHE_DTYPE = "uint8"
+
+
+def kv_cache_encoding(sample: np.ndarray, lo: float, hi: float, minmax: bool) -> tuple[Encoding, str]:
+    """The :data:`KV_CACHE_DTYPE` encoding of one layer's keys or values, and a note saying why.
+
+    ``sample``: cache values seen in calibration (any shape); ``lo``/``hi``: their observed range.
+    ``minmax`` takes the observed range as it is (centered keys, whose range is narrow already,
+    keep the rare tokens with extreme keys, the attention sink among them); otherwise the range is
+    clipped to minimise the MSE on the sample (:func:`mse_range`).
+    """
+    if minmax:
+        return encoding_for_range(lo, hi, KV_CACHE_DTYPE), f"{KV_CACHE_DTYPE} centered keys, observed min/max [{lo:.3g}, {hi:.3g}]"
+    clo, chi = mse_range(sample, lo, hi, KV_CACHE_DTYPE)
+    return (encoding_for_range(clo, chi, KV_CACHE_DTYPE),
+            f"{KV_CACHE_DTYPE} KV, MSE-clipped from [{lo:.3g}, {hi:.3g}] to [{clo:.3g}, {chi:.3g}]")

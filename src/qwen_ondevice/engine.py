@@ -20,6 +20,7 @@ import numpy as np
 
 from .config import ModelConfig
 from .errors import UserError
+from .rope import rope_tables
 
 
 class KVCache:
@@ -146,11 +147,7 @@ class Engine:
         self.tokens: list[int] = []
         self.exact = 0  # leading cached tokens whose KV a fresh prefill would compute bit for bit
         self.reused = 0  # cached prompt tokens the last prefill kept
-        from .modeling import rope_tables
-        import torch
-
-        cos, sin = rope_tables(self.config, torch.arange(self.context_length))
-        self.cos_table, self.sin_table = cos.numpy(), sin.numpy()  # (CL, D/2)
+        self.cos_table, self.sin_table = rope_tables(self.config, np.arange(self.context_length))  # (CL, D/2)
 
     def reset(self) -> None:
         """Forget the cached sequence (the buffers are reused)."""

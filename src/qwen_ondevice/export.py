@@ -21,9 +21,11 @@ from .bundle import CHECKPOINT_FILES, MANIFEST, SCHEMA, SCHEMA_VERSION
 from .checkpoint import Checkpoint, load_checkpoint
 from .compile import DEFAULT_HTP_OPTIMIZATION, HTP_OPTIMIZATION_LEVELS
 from .demo import sha256_file
+from .encodings import KV_CACHE_DTYPE
 from .errors import UserError
 from .footprint import Footprint, check_fits, estimate_footprint
-from .modeling import MASK_VALUE, PartSpec
+from .jsonio import write_json
+from .parts import MASK_VALUE, PartSpec
 from .plan import check_weights_present, describe_plan, part_bytes, plan_parts, plan_reason
 from .progress import format_seconds, log, stage_meter
 
@@ -122,9 +124,7 @@ class ExportState:
 
     def _write(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"options": self.options, "done": self.done}, indent=1))
-        os.replace(tmp, self.path)
+        write_json(self.path, {"options": self.options, "done": self.done}, indent=1)
 
 
 def prepare_output(out: Path, options: ExportOptions, force: bool) -> ExportState:
@@ -407,7 +407,7 @@ def _quantization_summary(options: ExportOptions, parts: list[dict]) -> dict | N
                     "norms_and_biases": "uint16 per tensor", "method": options.weight_method},
         "activations": "uint16 asymmetric per tensor"
         + ("; the residual stream float (fp16 on the HTP), see float_islands" if options.residual == "fp16" else "")
-        + (f"; MLP down_proj input range widened {options.down_proj_headroom:g}x" if options.down_proj_headroom != 1 else ""), "kv_cache": "uint8 per layer, in/out share one encoding",
+        + (f"; MLP down_proj input range widened {options.down_proj_headroom:g}x" if options.down_proj_headroom != 1 else ""), "kv_cache": f"{KV_CACHE_DTYPE} per layer, in/out share one encoding",
         "calibration": {"text": options.calibration_text or "wikitext2_valid.txt (shipped)", "tokens": options.calibration_tokens},
         "mixed_precision": summarize_weights(parts),
         "smoothing": {"down_proj_input": "SmoothQuant, folded into up_proj/down_proj", "alpha": options.smooth_alpha}
@@ -440,9 +440,7 @@ def write_manifest(out: Path, ckpt: Checkpoint, options: ExportOptions, parts: l
         if path.is_file() and not rel.startswith(STATE_DIR) and rel != MANIFEST:
             files[rel] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
     manifest["files"] = files
-    tmp = out / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1))
-    os.replace(tmp, out / MANIFEST)
+    write_json(out / MANIFEST, manifest, indent=1)
     log(f"[manifest] {out / MANIFEST}: {len(files)} files, {sum(f['bytes'] for f in files.values()) / 1e6:.1f} MB")
 
 
@@ -451,7 +449,7 @@ def build_manifest(out: Path, ckpt: Checkpoint, options: ExportOptions, parts: l
     signatures (and encodings), quantization summary, tool versions."""
     cfg = ckpt.config
     float_dtype = "float16" if options.precision == "fp16" else "float32"
-    kv_dtype = "uint8" if options.precision in QUANTIZED else float_dtype
+    kv_dtype = KV_CACHE_DTYPE if options.precision in QUANTIZED else float_dtype
     part_entries = []
     for p in parts:
         info = dict(state.done[f"part:{p.name}"])
@@ -459,7 +457,7 @@ def build_manifest(out: Path, ckpt: Checkpoint, options: ExportOptions, parts: l
             info.pop(key, None)
         info["planned_weight_bytes"] = part_bytes(cfg, options.precision, p)
         part_entries.append(info)
-    kv_per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * {"uint8": 1, "float16": 2, "float32": 4}[kv_dtype]
+    kv_per_token = cfg.kv_cache_bytes_per_token({KV_CACHE_DTYPE: 1, "float16": 2, "float32": 4}[kv_dtype])
     manifest = {
         "schema": SCHEMA,
         "schema_version": SCHEMA_VERSION,

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .config import ModelConfig
 from .errors import UserError
-from .modeling import PartSpec
+from .parts import PartSpec
 from .plan import layer_bytes, part_bytes
 
 F32 = 4

@@ -16,10 +16,10 @@ Genie itself runs on this host through :mod:`qwen_ondevice.genie_run`, and ``ver
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from .config import ModelConfig
+from .jsonio import write_json
 
 GENIE_CONFIG = "genie_config.json"
 HTP_EXT_CONFIG = "htp_backend_ext_config.json"
@@ -134,6 +134,4 @@ def write_genie_files(root: Path, manifest: dict) -> None:
     cfg = ModelConfig.from_dict({**manifest["model"]["config"], "model_type": "qwen2"})
     doc = genie_config(manifest, token_ids(root, cfg), _generation_config(root))
     for name, obj in ((GENIE_CONFIG, doc), (HTP_EXT_CONFIG, htp_backend_ext_config(manifest["qnn"]))):
-        tmp = root / (name + ".tmp")
-        tmp.write_text(json.dumps(obj, indent=2) + "\n")
-        os.replace(tmp, root / name)
+        write_json(root / name, obj, indent=2, newline=True)

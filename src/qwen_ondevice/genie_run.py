@@ -19,14 +19,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
-import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .child import leave, read_spec, run_child
 from .progress import log
 
 #: Genie's verbose log level (GenieLog.h).
@@ -95,47 +93,32 @@ def run_genie(config: dict, cwd: Path, queries: list[dict] = (), max_new_tokens:
     lib = genie_library()
     if lib is None:
         raise FileNotFoundError("libGenie.so not found: Genie on the host needs the onnxruntime-qnn wheel (Linux x86_64)")
-    env = dict(os.environ)
     libdirs = [str(lib.parent), str(lib.parent.parent / "onnxruntime_qnn.libs")]
-    env["LD_LIBRARY_PATH"] = os.pathsep.join(libdirs + ([env["LD_LIBRARY_PATH"]] if env.get("LD_LIBRARY_PATH") else []))
-    env["ADSP_LIBRARY_PATH"] = str(lib.parent)
-    src = str(Path(__file__).resolve().parents[1])
-    env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env = {"LD_LIBRARY_PATH": os.pathsep.join(libdirs + ([os.environ["LD_LIBRARY_PATH"]] if os.environ.get("LD_LIBRARY_PATH") else [])),
+           "ADSP_LIBRARY_PATH": str(lib.parent)}
     spec = {"lib": str(lib), "config": json.dumps(config), "queries": list(queries), "max_new_tokens": int(max_new_tokens),
             "create": bool(create_dialog or queries)}
     run = GenieRun()
-    with tempfile.TemporaryFile() as err:
-        proc = subprocess.Popen([sys.executable, "-c", "from qwen_ondevice.genie_run import _child; _child()"],
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, cwd=str(cwd), env=env)
-        watchdog = threading.Timer(timeout, proc.kill)
-        watchdog.start()
-        try:
-            proc.stdin.write(json.dumps(spec).encode())
-            proc.stdin.close()
-            t0, tokens = time.perf_counter(), 0
-            for raw in proc.stdout:  # as the child writes it: progress for long runs on the simulator
-                line = raw.decode(errors="replace").rstrip("\n")
-                if line.startswith("GENIE_LOG "):
-                    level, _, msg = line[len("GENIE_LOG "):].partition(" ")
-                    run.log.append((LOG_LEVELS.get(int(level), level), json.loads(msg)))
-                elif line.startswith("GENIE_TOKEN "):
-                    tokens += 1
-                    log(f"[genie] query {len(run.queries) + 1}: token {tokens} after {time.perf_counter() - t0:.1f} s")
-                elif line.startswith("GENIE_RESULT "):
-                    res = json.loads(line[len("GENIE_RESULT "):])
-                    if "query" in res:
-                        run.queries.append(GenieQuery(res["status"], res["tokens"], res["text"]))
-                        t0, tokens = time.perf_counter(), 0
-                    else:
-                        for k, v in res.items():
-                            setattr(run, k, v)
-            proc.wait()
-        finally:
-            timed_out = not watchdog.is_alive() and proc.returncode is not None and proc.returncode < 0
-            watchdog.cancel()
-        run.exit = "timeout" if timed_out else proc.returncode
-        err.seek(0)
-        run.stderr = err.read().decode(errors="replace")[-4000:]
+    state = {"t0": time.perf_counter(), "tokens": 0}
+
+    def on_line(line: str) -> None:  # as the child writes it: progress for long runs on the simulator
+        if line.startswith("GENIE_LOG "):
+            level, _, msg = line[len("GENIE_LOG "):].partition(" ")
+            run.log.append((LOG_LEVELS.get(int(level), level), json.loads(msg)))
+        elif line.startswith("GENIE_TOKEN "):
+            state["tokens"] += 1
+            log(f"[genie] query {len(run.queries) + 1}: token {state['tokens']} after {time.perf_counter() - state['t0']:.1f} s")
+        elif line.startswith("GENIE_RESULT "):
+            res = json.loads(line[len("GENIE_RESULT "):])
+            if "query" in res:
+                run.queries.append(GenieQuery(res["status"], res["tokens"], res["text"]))
+                state["t0"], state["tokens"] = time.perf_counter(), 0
+            else:
+                for k, v in res.items():
+                    setattr(run, k, v)
+
+    child = run_child("qwen_ondevice.genie_run:_child", spec, timeout=timeout, cwd=cwd, env=env, on_line=on_line)
+    run.exit, run.stderr = child.status, child.stderr
     return run
 
 
@@ -145,7 +128,7 @@ def _child() -> None:
     ``os._exit`` (skipping the QNN libraries' exit-time destructors)."""
     import ctypes
 
-    spec = json.loads(sys.stdin.read())
+    spec = read_spec()
     lib = ctypes.CDLL(spec["lib"], mode=ctypes.RTLD_GLOBAL)
     libc = ctypes.CDLL(None)
     libc.vsnprintf.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p, ctypes.c_void_p]
@@ -213,6 +196,4 @@ def _child() -> None:
                 report(query=k, status=int(qs), tokens=tokens, text=b"".join(pieces).decode("utf-8", "replace"))
             lib.GenieDialog_free.argtypes = [ctypes.c_void_p]
             lib.GenieDialog_free(dialog)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    leave()

@@ -6,7 +6,7 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from .bundle import read_manifest, verify_files
+from .bundle import bytes_per_token, read_manifest, verify_files
 
 
 def op_histogram(path: Path) -> dict[str, int]:
@@ -44,11 +44,7 @@ def inspect_bundle(root: Path) -> dict:
             "weight_bytes": part["weight_bytes"],
             "graphs": graphs,
         })
-    kv_token = int(m.data["kv_cache"]["bytes_per_token"])
-    weight_bytes = sum(p["weight_bytes"] for p in parts)
-    # Decoding reads every decoder weight once per token; the embedding part reads one row.
-    emb = next((p["weight_bytes"] for p in parts if p["embedding"]), 0)
-    read_per_token = weight_bytes - emb + emb // cfg.vocab_size
+    sizes = bytes_per_token(m.data)
     return {
         "bundle": str(root),
         "precision": m.precision,
@@ -56,10 +52,10 @@ def inspect_bundle(root: Path) -> dict:
         "context_length": m.context_length,
         "model": {"source": m.data["model"]["source"], **cfg.to_dict()},
         "parts": parts,
-        "weight_bytes": weight_bytes,
-        "kv_cache_bytes_per_token": kv_token,
-        "kv_cache_bytes_full_context": kv_token * m.context_length,
-        "bytes_read_per_token_full_context": read_per_token + kv_token * m.context_length,
+        "weight_bytes": sizes["weight_bytes"],
+        "kv_cache_bytes_per_token": sizes["kv_cache_bytes_per_token"],
+        "kv_cache_bytes_full_context": sizes["kv_cache_bytes_full_context"],
+        "bytes_read_per_token_full_context": sizes["bytes_per_token_full_context"],
         "qnn": _qnn_report(root, m.data.get("qnn")),
         "files": len(m.data["files"]),
         "bad_files": verify_files(m),

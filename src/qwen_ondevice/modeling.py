@@ -14,33 +14,21 @@ into q_proj's weight and bias at load time, so the graph multiplies by nothing e
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import rope
 from .checkpoint import WeightStore
 from .config import ModelConfig
-
-#: Additive mask value for positions a query must not see. Finite (so a uint16 encoding of the
-#: mask stays fine-grained) and far below any attention score seen on Qwen2.
-MASK_VALUE = -1.0e4
-
-
-def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
-    """RoPE inverse frequencies (D/2,) float32: ``1 / theta^(2i/D)`` (Su et al. 2021, RoFormer).
-
-    Computed as ``transformers``' default RoPE init does, so cos/sin match it bit for bit.
-    """
-    D = cfg.head_dim
-    return 1.0 / (cfg.rope_theta ** (torch.arange(0, D, 2, dtype=torch.int64).to(torch.float32) / D))
-
+from .parts import PartSpec, layer_weight_names
 
 def rope_tables(cfg: ModelConfig, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin for integer ``positions`` (N,): each (N, D/2) float32."""
-    freqs = positions.to(torch.float32)[:, None] * rope_inv_freq(cfg)[None, :]  # (N, D/2)
-    return freqs.cos(), freqs.sin()
+    """cos and sin for integer ``positions`` (N,): each (N, D/2) float32, the host's own tables
+    (:func:`qwen_ondevice.rope.rope_tables`), so the float reference and every backend agree."""
+    cos, sin = rope.rope_tables(cfg, positions.numpy())
+    return torch.from_numpy(cos), torch.from_numpy(sin)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -75,25 +63,6 @@ class Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
-
-
-def layer_weight_names(layer: int) -> dict[str, str]:
-    """Checkpoint tensor names of decoder layer ``layer``, keyed by their short role."""
-    p = f"model.layers.{layer}."
-    return {
-        "input_layernorm": p + "input_layernorm.weight",
-        "q_proj.weight": p + "self_attn.q_proj.weight",
-        "q_proj.bias": p + "self_attn.q_proj.bias",
-        "k_proj.weight": p + "self_attn.k_proj.weight",
-        "k_proj.bias": p + "self_attn.k_proj.bias",
-        "v_proj.weight": p + "self_attn.v_proj.weight",
-        "v_proj.bias": p + "self_attn.v_proj.bias",
-        "o_proj.weight": p + "self_attn.o_proj.weight",
-        "post_attention_layernorm": p + "post_attention_layernorm.weight",
-        "gate_proj.weight": p + "mlp.gate_proj.weight",
-        "up_proj.weight": p + "mlp.up_proj.weight",
-        "down_proj.weight": p + "mlp.down_proj.weight",
-    }
 
 
 class DecoderLayer(nn.Module):
@@ -197,57 +166,6 @@ class DecoderPart(nn.Module):
     def forward(self, hidden, attention_mask, cos, sin, past_keys, past_values):
         hidden, new_keys, new_values = self.layers_forward(hidden, attention_mask, cos, sin, past_keys, past_values)
         return self.head_forward(hidden), new_keys, new_values
-
-
-def hidden_state_name(layer: int) -> str:
-    """The name of the part-boundary tensor that enters decoder layer ``layer`` (1, AR, H):
-    ``hidden_states_{layer}``, numbered as transformers' ``output_hidden_states`` (0 is the
-    embedding output). The producing part's output and the consuming part's input carry this one
-    name and one encoding: Genie joins the parts of a bundle by identical tensor names and
-    zero-fills an input no other graph produces."""
-    return f"hidden_states_{layer}"
-
-
-@dataclass(frozen=True)
-class PartSpec:
-    """What one part of the split model holds.
-
-    index is 1-based (``part_{index}_of_{num_parts}``); ``layers`` is a range of decoder layers;
-    ``embedding``/``head`` say whether the part holds the embedding table / final norm + lm_head.
-    """
-
-    index: int
-    num_parts: int
-    layers: range
-    embedding: bool = False
-    head: bool = False
-
-    @property
-    def name(self) -> str:
-        return f"part_{self.index}_of_{self.num_parts}"
-
-    @property
-    def hidden_in(self) -> str | None:
-        """The boundary tensor this part reads (None for the embedding part)."""
-        return None if self.embedding else hidden_state_name(self.layers.start)
-
-    @property
-    def hidden_out(self) -> str | None:
-        """The boundary tensor this part writes (None for the part with the lm_head)."""
-        return None if self.head else hidden_state_name(self.layers.stop)
-
-    def to_dict(self) -> dict:
-        return {
-            "index": self.index,
-            "name": self.name,
-            "layers": [self.layers.start, self.layers.stop],
-            "embedding": self.embedding,
-            "head": self.head,
-        }
-
-    @classmethod
-    def from_dict(cls, d: dict, num_parts: int) -> "PartSpec":
-        return cls(d["index"], num_parts, range(*d["layers"]), d["embedding"], d["head"])
 
 
 def build_part(cfg: ModelConfig, weights: WeightStore, spec: PartSpec, dtype=torch.float32) -> nn.Module:

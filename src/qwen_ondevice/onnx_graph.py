@@ -20,7 +20,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from .checkpoint import WeightStore
 from .config import ModelConfig
-from .modeling import PartSpec, layer_weight_names
+from .parts import PartSpec, layer_weight_names
 
 OPSET = 21
 IR_VERSION = 10

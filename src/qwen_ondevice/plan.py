@@ -9,7 +9,7 @@ from __future__ import annotations
 from .checkpoint import WeightStore
 from .config import ModelConfig
 from .errors import UserError
-from .modeling import PartSpec, layer_weight_names
+from .parts import PartSpec, layer_weight_names
 
 #: Bytes per weight element of each precision: (decoder projections, embedding and lm_head).
 #: Norms and biases stay 32-bit float in the quantized precisions (tiny).

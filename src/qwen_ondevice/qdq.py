@@ -21,8 +21,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .calibrate import DATA_MOVEMENT, PartStats, is_row_max_shift
-from .encodings import Encoding, encoding_for_range, mse_range
+from .calibrate import PartStats, is_row_max_shift
+from .encodings import DATA_MOVEMENT, Encoding, encoding_for_range, kv_cache_encoding
+from .onnx_data import read_initializer
 from .onnx_graph import IR_VERSION, OPSET, ExternalData, IOSpec, _signature
 from .weight_quant import QuantizedWeight
 
@@ -31,17 +32,6 @@ SOFTMAX_ENCODING = Encoding(1.0 / 65535, 0, "uint16")
 #: clipped: exp(-20) ~ 2e-9 of weight per masked slot, so even 4096 masked slots add < 1e-5.
 MASK_MARGIN = 20.0
 ONNX_U = {"uint8": TensorProto.UINT8, "uint16": TensorProto.UINT16}
-
-
-def read_initializer(t: TensorProto, base: Path) -> np.ndarray:
-    """An initializer's values (float, int8, uint8, uint16), from its external-data file when it has one."""
-    if t.data_location != TensorProto.EXTERNAL:
-        return numpy_helper.to_array(t)
-    info = {e.key: e.value for e in t.external_data}
-    dtype = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16, TensorProto.INT8: np.int8,
-             TensorProto.UINT8: np.uint8, TensorProto.UINT16: np.uint16}[t.data_type]
-    arr = np.fromfile(base / info["location"], dtype=np.uint8, count=int(info["length"]), offset=int(info["offset"]))
-    return arr.view(dtype).reshape(tuple(t.dims))
 
 
 def pack_int4(q: np.ndarray) -> np.ndarray:
@@ -106,13 +96,7 @@ def activation_encodings(model: onnx.ModelProto, stats: PartStats, mask_value: f
     for name, s in st.items():
         if name.startswith("past_"):
             sample = np.concatenate(s.sample) if s.sample else np.array([s.lo, s.hi])
-            if key_minmax and name.startswith("past_key"):
-                enc[name] = encoding_for_range(s.lo, s.hi, "uint8")
-                notes[name] = f"uint8 centered keys, observed min/max [{s.lo:.3g}, {s.hi:.3g}]"
-                continue
-            lo, hi = mse_range(sample, s.lo, s.hi, "uint8")
-            enc[name] = encoding_for_range(lo, hi, "uint8")
-            notes[name] = f"uint8 KV, MSE-clipped from [{s.lo:.3g}, {s.hi:.3g}] to [{lo:.3g}, {hi:.3g}]"
+            enc[name], notes[name] = kv_cache_encoding(sample, s.lo, s.hi, key_minmax and name.startswith("past_key"))
         else:
             enc[name] = encoding_for_range(s.lo, s.hi, "uint16")
     if down_proj_headroom != 1.0:
@@ -165,7 +149,7 @@ def activation_encodings(model: onnx.ModelProto, stats: PartStats, mask_value: f
         if chain and node is not None and node.op_type not in DATA_MOVEMENT and node.op_type != "Concat":
             for t in chain:
                 enc[t] = enc[o.name]
-                notes[t] = f"the uint8 encoding of {o.name} (computed straight into the cache's encoding)"
+                notes[t] = f"the {enc[o.name].dtype} encoding of {o.name} (computed straight into the cache's encoding)"
     return ActivationEncodings(enc, notes)
 
 

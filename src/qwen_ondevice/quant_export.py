@@ -25,11 +25,13 @@ import onnx
 
 from .calibrate import CalibrationPlan, PartStats, calibrate_part, tracked_tensors
 from .encodings import Encoding
-from .modeling import PartSpec
+from .parts import PartSpec
+from .rope import rope_tables
 from .onnx_graph import ExternalData
 from .progress import bar, log
 from .smoothing import smooth_mlp
-from .qdq import activation_encodings, check_quantized_graph, quantize_graph, read_initializer, residual_stream
+from .onnx_data import read_initializer
+from .qdq import activation_encodings, check_quantized_graph, quantize_graph, residual_stream
 from .weight_quant import QuantizedWeight, hessian_factor, quantize_weight
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -245,18 +247,14 @@ def _top_channels(m: np.ndarray | None, k: int = 4) -> list[list[float]]:
 def calibrate_stage(part: PartSpec, float_dir: Path, float_info: dict, plan: CalibrationPlan, cfg, calib_dir: Path,
                     hessians: bool, mask_value: float) -> None:
     """Run calibration for ``part`` (reads the previous part's saved hidden states)."""
-    import torch
-
-    from .modeling import rope_tables
-
     ar = str(plan.ar)
     graph = float_dir / Path(float_info["graphs"][ar]["file"]).name
     kinds = tracked_tensors(onnx.load(str(graph), load_external_data=False), part.hidden_in)
     prev = calib_dir / f"part_{part.index - 1}.hidden.npy"
     hidden_in = None if part.embedding else np.load(prev)
-    cos, sin = rope_tables(cfg, torch.arange(plan.context_length))
+    cos, sin = rope_tables(cfg, np.arange(plan.context_length))
     stats, outs = calibrate_part(graph, kinds, plan, part, (cfg.num_key_value_heads, cfg.head_dim), hidden_in,
-                                 cos.numpy(), sin.numpy(), mask_value, hessians, label=part.name,
+                                 cos, sin, mask_value, hessians, label=part.name,
                                  spill=calib_dir / f"part_{part.index}.stats")
     stats.save(calib_dir / f"part_{part.index}.stats.npz")
     if not part.head:
@@ -272,10 +270,7 @@ def equalize_stage(part: PartSpec, float_dir: Path, float_info: dict, plan: Cali
     range of the keys after RoPE over the first ``tokens`` calibration tokens, then fold the
     scales into the part's float weights and write the key centers, in place. Returns the
     per-layer report."""
-    import torch
-
     from .kv_equalize import equalize_part, qk_output_names
-    from .modeling import rope_tables
 
     ar = str(plan.ar)
     graph = float_dir / Path(float_info["graphs"][ar]["file"]).name
@@ -289,9 +284,9 @@ def equalize_stage(part: PartSpec, float_dir: Path, float_info: dict, plan: Cali
         sub = CalibrationPlan(plan.ids[: min(S, -(-tokens // T))], plan.ar, plan.context_length)
     # chunks are fed sequence by sequence, so the sub-plan's chunks are the first ones of the plan
     hidden_in = np.load(calib_dir / f"part_{part.index - 1}.hidden.npy", mmap_mode="r")[: len(sub.chunks)]
-    cos, sin = rope_tables(cfg, torch.arange(plan.context_length))
+    cos, sin = rope_tables(cfg, np.arange(plan.context_length))
     stats, _ = calibrate_part(graph, kinds, sub, part, (cfg.num_key_value_heads, cfg.head_dim), np.asarray(hidden_in),
-                              cos.numpy(), sin.numpy(), mask_value, label=f"{part.name} (key equalization)")
+                              cos, sin, mask_value, label=f"{part.name} (key equalization)")
     absmax = {n: np.maximum(np.abs(st.channel_lo), np.abs(st.channel_hi)) for n, st in stats.tensors.items()}
     key_ranges = {l: (stats.tensors[f"past_key_{l}_out"].channel_lo, stats.tensors[f"past_key_{l}_out"].channel_hi)
                   for l in part.layers}
@@ -324,7 +319,4 @@ def summarize_weights(parts: list[dict]) -> dict:
     return {"int8_projections": int8, "count": len(int8)}
 
 
-def save_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj))
-    os.replace(tmp, path)
+

@@ -5,26 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .bundle import Manifest
+from .bundle import Manifest, bytes_per_token
+from .jsonio import write_json
 from .progress import log
-
-
-def bytes_per_token(manifest: dict) -> dict:
-    """Bytes a generated token moves (bytes): every decoder weight once (the embedding part
-    reads one row), plus the KV cache at full context."""
-    cfg = manifest["model"]["config"]
-    parts = manifest["parts"]
-    weights = sum(p["weight_bytes"] for p in parts)
-    emb = sum(p["weight_bytes"] for p in parts if p["embedding"])
-    kv_token = manifest["kv_cache"]["bytes_per_token"]
-    read = weights - emb + emb // cfg["vocab_size"]
-    return {
-        "weight_bytes": weights,
-        "weight_bytes_read_per_token": read,
-        "kv_cache_bytes_per_token": kv_token,
-        "kv_cache_bytes_full_context": kv_token * manifest["context_length"],
-        "bytes_per_token_full_context": read + kv_token * manifest["context_length"],
-    }
 
 
 def write_report(out: Path, manifest: dict, eval_tokens: int, window: int) -> dict:
@@ -58,6 +41,6 @@ def write_report(out: Path, manifest: dict, eval_tokens: int, window: int) -> di
         "sizes": bytes_per_token(manifest),
         "mixed_precision": (manifest.get("quantization") or {}).get("mixed_precision"),
     }
-    (out / "report.json").write_text(json.dumps(report, indent=1))
+    write_json(out / "report.json", report, indent=1)
     log(f"[report] {acc.format()}")
     return {"perplexity_ratio": acc.perplexity_ratio, "top1_agreement": acc.top1_agreement, "seconds": acc.seconds}

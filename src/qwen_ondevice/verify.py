@@ -19,15 +19,13 @@ byte-identical, or the same size with a few hundred bytes of graph description d
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
+from .child import leave, read_spec, run_child
 from .errors import UserError
 from .progress import log
 
@@ -173,24 +171,19 @@ def verify_bundle(root: Path, chipset: str | None = None, prompt: str = DEFAULT_
 
 
 def _run_child(spec: dict, timeout: float | None) -> dict:
-    env = dict(os.environ)
-    src = str(Path(__file__).resolve().parents[1])
-    env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    try:
-        proc = subprocess.run([sys.executable, "-c", "from qwen_ondevice.verify import _child; _child()"],
-                              input=json.dumps(spec).encode(), capture_output=True, env=env, timeout=timeout)
-    except subprocess.TimeoutExpired:
+    run = run_child("qwen_ondevice.verify:_child", spec, timeout=timeout)
+    if run.status == "timeout":
         return {"ok": False, "error": f"timed out after {timeout} s"}
     rpath = Path(spec["tmp"]) / "result.json"
     if not rpath.exists():
-        tail = proc.stderr.decode(errors="replace").strip().splitlines()[-3:]
-        return {"ok": False, "error": f"the HTP process died (exit status {proc.returncode}): {' | '.join(tail)}"}
+        tail = run.stderr.strip().splitlines()[-3:]
+        return {"ok": False, "error": f"the HTP process died (exit status {run.status}): {' | '.join(tail)}"}
     return json.loads(rpath.read_text())
 
 
 def _child() -> None:
     """Child process: run one part's context binary on the captured feeds (spec JSON on stdin)."""
-    spec = json.loads(sys.stdin.read())
+    spec = read_spec()
     tmp = Path(spec["tmp"])
     try:
         from .backends.ort_backend import DTYPES
@@ -221,9 +214,7 @@ def _child() -> None:
     except BaseException as e:
         result = {"ok": False, "error": f"{type(e).__name__}: {str(e)[:800]}"}
     (tmp / "result.json").write_text(json.dumps(result))
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    leave()
 
 
 def format_report(r: dict) -> str:

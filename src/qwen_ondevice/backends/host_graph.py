@@ -32,6 +32,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ..encodings import DATA_MOVEMENT
+from ..onnx_data import read_initializer
+
 #: Host memory (bytes) a bundle's AR-1 sessions may spend, all parts together, on int8 weights
 #: dequantized once (float_matmul_weights; the ort-cpu backend shares it across its sessions).
 HOST_FLOAT_BUDGET = 4 << 30
@@ -124,8 +127,6 @@ def float_matmul_weights(model, base: Path, budget: int = HOST_FLOAT_BUDGET) -> 
     """
     from onnx import TensorProto
 
-    from ..qdq import read_initializer
-
     g = model.graph
     inits = {t.name: t for t in g.initializer}
     users = _users(g)
@@ -162,14 +163,10 @@ def float_matmul_weights(model, base: Path, budget: int = HOST_FLOAT_BUDGET) -> 
     return arrays
 
 
-#: Ops that only move elements, so their quantized input can be moved as integers.
-DATA_MOVEMENT = ("Transpose", "Reshape", "Split", "Squeeze", "Unsqueeze")
 
 
 def _values(inits: dict, base: Path, names) -> list | None:
     """The values of initializers ``names`` (None when one of them is not an initializer)."""
-    from ..qdq import read_initializer
-
     if not all(n in inits for n in names):
         return None
     return [read_initializer(inits[n], base) for n in names]
