@@ -58,7 +58,8 @@ def _accuracy(bundle) -> dict:
 # tiny tests (test_qnn, test_quantization), not by a demo export of its own.
 def test_w8a16_perplexity_ratio(demo_w8a16):
     acc = _accuracy(demo_w8a16)
-    assert acc["perplexity_ratio"] <= 1.015, acc
+    assert acc["perplexity_ratio"] <= 1.015, acc  # the target
+    # no target for these two: a measured level (97.2%, 0.0024) held as a regression guard
     assert acc["top1_agreement"] >= 0.965, acc
     assert acc["mean_kl"] <= 0.004, acc
 

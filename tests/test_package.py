@@ -51,3 +51,76 @@ def test_declared_dependencies_match_the_imports():
     assert not unused, f"declared in pyproject.toml but never imported: {sorted(unused)}"
     for name in NOT_IMPORTED:
         assert name in declared, f"{name} is listed as needed but not declared"
+
+
+def module_imports() -> dict[str, set[str]]:
+    """Package module -> the package modules it imports, function-level imports included."""
+    graph = {}
+    for path in SRC.rglob("*.py"):
+        rel = path.relative_to(SRC.parent).with_suffix("")
+        name = ".".join(rel.parts[:-1] if rel.name == "__init__" else rel.parts)
+        package = name if rel.name == "__init__" else name.rpartition(".")[0]
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                    mod = f"{base}.{node.module}" if node.module else base
+                else:
+                    mod = node.module or ""
+                if mod.startswith("qwen_ondevice"):
+                    found.add(mod)
+                    found.update(f"{mod}.{a.name}" for a in node.names)  # `from . import x` imports a module
+            elif isinstance(node, ast.Import):
+                found.update(a.name for a in node.names if a.name.startswith("qwen_ondevice"))
+        graph[name] = found
+    return {m: {d for d in deps if d in graph and d != m} for m, deps in graph.items()}
+
+
+def test_no_import_cycles():
+    graph = module_imports()
+    assert len(graph) > 30  # the walk really found the package
+    cycles, state = [], {}
+
+    def visit(m, stack):
+        state[m] = "open"
+        for d in sorted(graph[m]):
+            if d == "qwen_ondevice" or d.endswith("__init__"):
+                continue
+            if state.get(d) == "open":
+                cycles.append(stack[stack.index(d):] + [d])
+            elif d not in state:
+                visit(d, stack + [d])
+        state[m] = "done"
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m, [m])
+    assert not cycles, "import cycles: " + "; ".join(" -> ".join(c) for c in cycles)
+
+
+def test_no_module_imports_a_private_name_of_another():
+    offenders = []
+    for path in SRC.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("qwen_ondevice")):
+                offenders += [f"{path.name}: {a.name}" for a in node.names if a.name.startswith("_") and a.name != "__version__"]
+    assert not offenders, offenders
+
+
+#: The export's own modules: running a bundle must not need any of them.
+EXPORT_MODULES = {"export", "quant_export", "calibrate", "qdq", "onnx_graph", "plan", "footprint", "kv_equalize",
+                  "smoothing", "weight_quant", "report"}
+
+
+def test_the_runtime_does_not_import_the_export():
+    graph = module_imports()
+    for start in ("qwen_ondevice.runtime", "qwen_ondevice.server", "qwen_ondevice.generate"):
+        seen, todo = set(), [start]
+        while todo:
+            for d in graph[todo.pop()]:
+                if d not in seen:
+                    seen.add(d)
+                    todo.append(d)
+        reached = {m.removeprefix("qwen_ondevice.") for m in seen} & EXPORT_MODULES
+        assert not reached, f"{start} imports export modules: {sorted(reached)}"

@@ -782,7 +782,8 @@ def test_ort_equals_numpy_qdq_reference(bundles, tiny, variant):
                 hidden, hidden_enc = got[h_out], enc[h_out]
     print(f"\nfree run: {free['exact'] / free['total']:.4%} exact, max LSB by output {free['max']}; "
           f"forced: {forced['points']} Q points, {forced['exact'] / forced['total']:.4%} exact")
-    # measured 92.6% (per channel) and 96.3% (block-wise); each point alone is held to 1 LSB below
+    # a measured level, no target (92.6% per channel, 96.3% block-wise): a regression guard on
+    # the free run, where one differing rounding propagates; each point alone is held to 1 LSB below
     assert free["exact"] / free["total"] > 0.9, free
     assert forced["exact"] / forced["total"] > 0.995, forced
 
@@ -893,8 +894,11 @@ def test_w8a16_closer_to_float_than_w4a16(bundles, tiny):
     e4 = float(np.abs(rt4.engine.logits_all(ids[:window]) - f).mean())
     e8 = float(np.abs(rt8.engine.logits_all(ids[:window]) - f).mean())
     print(f"\nw4a16: {r4.format()}, mean |logits error| {e4:.5f}\nw8a16: {r8.format()}, mean |logits error| {e8:.5f}")
-    # measured here: KL 0.0458 vs 0.0009 nats, top-1 36.5% vs 92.1%, logits error 0.204 vs 0.027
-    # (a random tiny model: its perplexity means nothing, so only relative comparisons)
+    # derived: int8 weights have 16x finer steps than int4, so their weight error is ~1/16 and its
+    # share of KL (quadratic in the error) ~1/256; the uint16 activation error both share keeps the
+    # bounds looser: KL at most 1/10, the mean logits error at most 0.4x (measured here: KL 0.0458
+    # vs 0.0009 nats, top-1 36.5% vs 92.1%, logits error 0.204 vs 0.027; a random tiny model: its
+    # perplexity means nothing, so only relative comparisons)
     assert r8.mean_kl < 0.1 * r4.mean_kl
     assert r8.top1_agreement > r4.top1_agreement + 0.25
     assert r8.top1_agreement >= 0.8
@@ -971,8 +975,9 @@ def test_host_rewrites_keep_the_quantized_arithmetic(bundles):
     diff_steps = np.abs(static - trimmed) / step
     agree = float((static.argmax(-1) == trimmed.argmax(-1)).mean())
     print(f"\ntrimmed vs static past: max {diff_steps.max():.1f} logits steps, mean {diff_steps.mean():.3f}, top-1 agreement {agree:.3f}")
-    # measured: max 0 steps (bitwise equal) on this tiny model; the demo model (24 layers) over
-    # 4092 tokens: perplexity +5.01% trimmed vs +5.17% static, top-1 87.98% vs 87.85%
+    # the same arithmetic over fewer masked columns, so equal up to summation order; the bound is a
+    # measured level, no derived one (max 0 steps, bitwise equal, on this tiny model; the demo model
+    # over 4092 tokens: perplexity +5.01% trimmed vs +5.17% static, top-1 87.98% vs 87.85%)
     assert diff_steps.max() <= 4 and diff_steps.mean() < 0.1 and agree >= 0.98
 
 
@@ -993,7 +998,9 @@ def test_fast_host_numerics_stay_as_close_to_float(bundles, tiny):
     print(f"\nexact: {r['exact'].format()}, |logits error| {err['exact']:.4f}\nfast: {r['fast'].format()}, "
           f"|logits error| {err['fast']:.4f}; fast vs exact {moved:.4f}")
     assert moved > 0.01 * err["exact"]  # the fast kernels ran
-    assert err["fast"] < 1.1 * err["exact"]  # measured 1.007x
+    # the README's claim is "no further from float"; 10% is the allowance for a random tiny model
+    # (measured 1.007x), not a derived bound
+    assert err["fast"] < 1.1 * err["exact"]
     assert r["fast"].mean_kl < 1.1 * r["exact"].mean_kl
     assert r["fast"].top1_agreement > r["exact"].top1_agreement - 0.03
 

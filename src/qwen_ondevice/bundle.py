@@ -1,4 +1,4 @@
-"""The bundle folder (docs/bundle-format.md): manifest schema, integrity check, opening it to run."""
+"""The bundle folder (docs/bundle-format.md): manifest schema and validation, integrity check, bytes per token."""
 
 from __future__ import annotations
 
@@ -262,34 +262,3 @@ def verify_files(m: Manifest, trust_cache: bool = False) -> list[str]:
         except OSError:
             pass  # a read-only cache only costs the next open a re-hash
     return bad
-
-
-def open_bundle_runtime(root: Path, backend: str, host_numerics: str = "exact"):
-    """A :class:`~qwen_ondevice.runtime.Runtime` over a bundle on ``ort-cpu`` (with
-    ``host_numerics``, see ``backends.ort_backend.HOST_NUMERICS``) or ``qnn-htp``.
-
-    Raises:
-        UserError: a bad bundle (see :func:`read_manifest`), or a backend it cannot run.
-    """
-    from .engine import Engine
-    from .runtime import Runtime
-    from .tokenizer import Tokenizer
-
-    m = read_manifest(root)
-    if backend == "torch":
-        raise UserError("the torch backend runs a checkpoint, not a bundle; pass the checkpoint folder or use --backend ort-cpu")
-    if backend == "ort-cpu":
-        from .backends.ort_backend import OrtBackend
-
-        be = OrtBackend(m, numerics=host_numerics)
-    elif backend == "qnn-htp":
-        from .backends.qnn_backend import QnnBackend
-
-        be = QnnBackend(m)
-    else:
-        raise UserError(f"backend {backend!r} is not available for this bundle yet")
-    cfg = m.config
-    gen = json.loads((root / "generation_config.json").read_text()) if (root / "generation_config.json").exists() else {}
-    tok = Tokenizer.from_folder(root, cfg, gen)
-    engine = Engine(be, prompt_length=max(m.ar_lengths), mask_value=float(m.data["mask_value"]))
-    return Runtime(engine=engine, tokenizer=tok, model_name=root.name)

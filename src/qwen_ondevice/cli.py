@@ -6,33 +6,8 @@ import argparse
 import json
 import sys
 
+from .cli_args import add_model_args, add_sampling_args
 from .errors import UserError
-
-
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", metavar="MODEL", help="bundle folder, checkpoint folder, .gguf file, 'demo' or a Hub id")
-    p.add_argument("--backend", choices=["torch", "ort-cpu", "qnn-htp"], help="default: ort-cpu for a bundle, torch for a checkpoint")
-    p.add_argument("--context-length", type=int, default=4096, help="CL for a checkpoint on the torch backend (default 4096)")
-    p.add_argument("--prompt-length", type=int, default=None,
-                   help="AR of the prompt processor for a checkpoint (default 128, or CL/2 when CL is below 256)")
-    add_host_numerics_arg(p)
-
-
-def add_host_numerics_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--host-numerics", choices=["exact", "fast"], default="exact",
-                   help="a bundle on ort-cpu: 'exact' runs the QDQ graphs' own arithmetic (the host simulation of the "
-                        "device, default); 'fast' lets the int4/int8 weight products quantize their activations to "
-                        "int8 blocks, as llama.cpp does (about 1.7x decode and 2x prefill on the demo model)")
-
-
-def _add_sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
 
 
 def _sampling(args):
@@ -154,18 +129,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("generate", help="answer one prompt (chat template applied unless --raw)")
-    _add_model_args(p)
+    add_model_args(p)
     p.add_argument("--prompt", required=True)
     p.add_argument("--system", default=None, help="system message (default: the template's own)")
     p.add_argument("--raw", action="store_true", help="feed the prompt as plain text, no chat template")
     p.add_argument("--json", action="store_true", help="print one JSON object with ids, text, finish reason and timings")
-    _add_sampling_args(p)
+    add_sampling_args(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("chat", help="interactive multi-turn chat (reads piped stdin too)")
-    _add_model_args(p)
+    add_model_args(p)
     p.add_argument("--system", default=None)
-    _add_sampling_args(p)
+    add_sampling_args(p)
     p.set_defaults(func=cmd_chat)
 
     for register in _extra_commands():

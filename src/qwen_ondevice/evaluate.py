@@ -161,7 +161,7 @@ def register_cli(sub) -> None:
     p.add_argument("--tokens", type=int, default=DEFAULT_EVAL_TOKENS)
     p.add_argument("--window", type=int, default=DEFAULT_WINDOW)
     p.add_argument("--backend", choices=["ort-cpu", "qnn-htp"], default="ort-cpu")
-    from .cli import add_host_numerics_arg
+    from .cli_args import add_host_numerics_arg
 
     add_host_numerics_arg(p)
     p.add_argument("--json", action="store_true")

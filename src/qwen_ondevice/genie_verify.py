@@ -112,7 +112,7 @@ def verify_genie(root: Path, prompt: str, new_tokens: int = DEFAULT_NEW_TOKENS, 
     Raises:
         UserError: the bundle has no context binaries, or libGenie.so is not installed.
     """
-    from .bundle import open_bundle_runtime
+    from .runtime import open_bundle_runtime
     from .genie import GENIE_CONFIG
     from .genie_run import genie_library, run_genie
 

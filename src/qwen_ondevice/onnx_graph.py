@@ -297,7 +297,7 @@ def build_part_graph(cfg: ModelConfig, weights: WeightStore, part: PartSpec, ar:
     # Order the outputs: hidden/logits first, then the KV outputs by layer.
     b.outputs.sort(key=lambda vi: (vi.name.startswith("past_"), _kv_order(vi.name)))
     model = b.model()
-    return model, _signature(b.inputs), _signature(b.outputs)
+    return model, io_signature(b.inputs), io_signature(b.outputs)
 
 
 def _kv_order(name: str) -> tuple[int, int]:
@@ -307,7 +307,7 @@ def _kv_order(name: str) -> tuple[int, int]:
     return (int(parts[2]), 0 if parts[1] == "key" else 1)
 
 
-def _signature(values: list[onnx.ValueInfoProto]) -> list[IOSpec]:
+def io_signature(values: list[onnx.ValueInfoProto]) -> list[IOSpec]:
     out = []
     for vi in values:
         t = vi.type.tensor_type

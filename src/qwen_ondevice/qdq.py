@@ -24,7 +24,7 @@ from onnx import TensorProto, helper, numpy_helper
 from .calibrate import PartStats, is_row_max_shift
 from .encodings import DATA_MOVEMENT, Encoding, encoding_for_range, kv_cache_encoding
 from .onnx_data import read_initializer
-from .onnx_graph import IR_VERSION, OPSET, ExternalData, IOSpec, _signature
+from .onnx_graph import IR_VERSION, OPSET, ExternalData, IOSpec, io_signature
 from .weight_quant import QuantizedWeight
 
 SOFTMAX_ENCODING = Encoding(1.0 / 65535, 0, "uint16")
@@ -290,7 +290,7 @@ def quantize_graph(
     graph = helper.make_graph(_prune_unused(nodes, new_outputs), g.name, new_inputs, new_outputs, new_inits)
     out = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="qwen-ondevice")
     out.ir_version = IR_VERSION
-    return out, _signature(list(graph.input)), _signature(list(graph.output))
+    return out, io_signature(list(graph.input)), io_signature(list(graph.output))
 
 
 def int8_rows(w: np.ndarray, rows_per_block: int = 8192) -> tuple[np.ndarray, np.ndarray]:

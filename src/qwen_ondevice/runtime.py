@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from .bundle import read_manifest
 from .engine import Engine
 from .errors import UserError
 from .tokenizer import Tokenizer
@@ -44,8 +46,6 @@ def open_runtime(model: str, backend: str | None = None, context_length: int = 4
         raise UserError(f"--host-numerics {host_numerics} applies to a bundle on the ort-cpu backend; "
                         f"{model} runs on {backend or 'torch'} with its own numerics")
     if is_bundle(model):
-        from .bundle import open_bundle_runtime
-
         return open_bundle_runtime(Path(model), backend or "ort-cpu", host_numerics)
     if backend not in (None, "torch"):
         raise UserError(f"backend {backend!r} runs an exported bundle; {model} is a checkpoint (use --backend torch or export it first)")
@@ -62,3 +62,30 @@ def open_runtime(model: str, backend: str | None = None, context_length: int = 4
         prompt_length = min(128, max(1, context_length // 2))
     engine = Engine(TorchBackend(ckpt, context_length=context_length), prompt_length=prompt_length)
     return Runtime(engine=engine, tokenizer=tok, model_name=Path(str(model)).name or str(model))
+
+
+def open_bundle_runtime(root: Path, backend: str, host_numerics: str = "exact") -> Runtime:
+    """A :class:`~qwen_ondevice.runtime.Runtime` over a bundle on ``ort-cpu`` (with
+    ``host_numerics``, see ``backends.ort_backend.HOST_NUMERICS``) or ``qnn-htp``.
+
+    Raises:
+        UserError: a bad bundle (see :func:`read_manifest`), or a backend it cannot run.
+    """
+    m = read_manifest(root)
+    if backend == "torch":
+        raise UserError("the torch backend runs a checkpoint, not a bundle; pass the checkpoint folder or use --backend ort-cpu")
+    if backend == "ort-cpu":
+        from .backends.ort_backend import OrtBackend
+
+        be = OrtBackend(m, numerics=host_numerics)
+    elif backend == "qnn-htp":
+        from .backends.qnn_backend import QnnBackend
+
+        be = QnnBackend(m)
+    else:
+        raise UserError(f"backend {backend!r} is not available for this bundle yet")
+    cfg = m.config
+    gen = json.loads((root / "generation_config.json").read_text()) if (root / "generation_config.json").exists() else {}
+    tok = Tokenizer.from_folder(root, cfg, gen)
+    engine = Engine(be, prompt_length=max(m.ar_lengths), mask_value=float(m.data["mask_value"]))
+    return Runtime(engine=engine, tokenizer=tok, model_name=root.name)

@@ -822,12 +822,12 @@ def cmd_serve(args) -> int:
 
 def register_cli(subparsers) -> None:
     """Add the ``serve`` subcommand to the ``qwen-ondevice`` parser's subparsers."""
-    from .cli import _add_model_args
+    from .cli_args import add_model_args
 
     p: argparse.ArgumentParser = subparsers.add_parser(
         "serve", help="OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions, streaming)"
     )
-    _add_model_args(p)
+    add_model_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])

@@ -40,7 +40,7 @@ def capture_inputs(root: Path, prompt: str = DEFAULT_PROMPT) -> tuple[dict, list
     part and AR the last call is kept (for AR-128 the one that saw the longest past).
     """
     from .backends.ort_backend import OrtBackend
-    from .bundle import open_bundle_runtime
+    from .runtime import open_bundle_runtime
 
     rt = open_bundle_runtime(root, "ort-cpu")
     backend: OrtBackend = rt.engine.backend
