@@ -36,8 +36,25 @@ from ..encodings import DATA_MOVEMENT
 from ..onnx_data import read_initializer
 
 #: Host memory (bytes) a bundle's AR-1 sessions may spend, all parts together, on int8 weights
-#: dequantized once (float_matmul_weights; the ort-cpu backend shares it across its sessions).
+#: dequantized once (float_matmul_weights; the ort-cpu backend shares it across its sessions), at
+#: most: see :func:`host_float_budget`.
 HOST_FLOAT_BUDGET = 4 << 30
+
+#: The share of the machine's memory the float copies may take. ONNX Runtime prepacks each float
+#: MatMul weight into a layout of its own, so a copy costs about twice its size while the sessions
+#: live; 1/16 keeps a Qwen2-7B bundle's runtime (five parts, AR-128 and AR-1 sessions) within 20 GB
+#: on a 24 GB machine.
+HOST_FLOAT_SHARE = 1 / 16
+
+
+def host_float_budget(machine_bytes: int | None = None) -> int:
+    """The float-copy budget for this machine (bytes): :data:`HOST_FLOAT_SHARE` of its memory
+    (``machine_bytes``, default the total RAM psutil reports), at most :data:`HOST_FLOAT_BUDGET`."""
+    if machine_bytes is None:
+        import psutil
+
+        machine_bytes = psutil.virtual_memory().total
+    return int(min(HOST_FLOAT_BUDGET, machine_bytes * HOST_FLOAT_SHARE))
 
 #: Symbolic dimension names given by :func:`symbolic_past`.
 PAST_DIM, KEYS_DIM = "past_length", "key_length"

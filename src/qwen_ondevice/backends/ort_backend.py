@@ -6,7 +6,7 @@ import numpy as np
 
 from ..encodings import Encoding
 from ..engine import Backend, KVCache
-from .host_graph import HOST_FLOAT_BUDGET, host_model
+from .host_graph import host_float_budget, host_model
 
 #: Granularity (tokens) of the past fed to a call when trimming (OrtBackend.past_window): fewer
 #: distinct input shapes for ONNX Runtime, at most PAST_BUCKET - 1 masked slots computed.
@@ -81,8 +81,8 @@ class OrtBackend(Backend):
         self._host_names: dict[tuple[int, int], list[str]] = {}
         # shared by every session (a 7B bundle has 5 parts), with the lm_head's float32 copy, the
         # one that saves the most per token, reserved until the head part's session takes it
-        self.host_float_left = HOST_FLOAT_BUDGET
-        self.head_reserve = min(HOST_FLOAT_BUDGET, 4 * self.config.vocab_size * self.config.hidden_size)
+        self.host_float_left = host_float_budget()
+        self.head_reserve = min(self.host_float_left, 4 * self.config.vocab_size * self.config.hidden_size)
         # quantized bundles: the encoding of every quantized graph input/output, by name
         self.encodings: dict[str, Encoding] = {}
         self.specs = manifest.part_specs()
