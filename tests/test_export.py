@@ -19,7 +19,6 @@ from conftest import one_line_error as _one_line_error
 from qwen_ondevice.bundle import read_manifest
 from qwen_ondevice.checkpoint import load_checkpoint
 from qwen_ondevice.cli import main
-from qwen_ondevice.engine import Engine
 from qwen_ondevice.export import ExportOptions, export
 from qwen_ondevice.modeling import build_part
 from qwen_ondevice.runtime import open_runtime

@@ -22,7 +22,6 @@ from qwen_ondevice import qdq
 from qwen_ondevice.backends.ort_backend import qdq_session_options
 from qwen_ondevice.bundle import read_manifest
 from qwen_ondevice.checkpoint import load_checkpoint
-from qwen_ondevice.cli import main
 from qwen_ondevice.encodings import Encoding
 from qwen_ondevice.engine import make_call_inputs
 from qwen_ondevice.evaluate import evaluate_engines, reference_engine
