@@ -75,7 +75,7 @@ def main() -> int:
             return 1
         print(f"checkpoint {ckpt} written in {sec:.0f} s")
     bundle = args.work / "bundle"
-    cmd = [sys.executable, "-m", "qwen_ondevice.cli", "export", str(ckpt), "--out", str(bundle),
+    cmd = [sys.executable, "-m", "qwen_ondevice.cli.main", "export", str(ckpt), "--out", str(bundle),
            "--context-length", str(args.context_length), "--chipset", args.chipset]
     if args.num_parts:
         cmd += ["--num-parts", str(args.num_parts)]
@@ -123,7 +123,7 @@ def main() -> int:
           f"{_gb(per_token)} ({per_token / AI_HUB_BYTES_PER_TOKEN:.2f}x AI Hub's ~3.9 GB)")
 
     if not args.skip_generate:
-        gen = [sys.executable, "-m", "qwen_ondevice.cli", "--quiet", "generate", str(bundle), "--prompt", "Tell me about the sea.",
+        gen = [sys.executable, "-m", "qwen_ondevice.cli.main", "--quiet", "generate", str(bundle), "--prompt", "Tell me about the sea.",
                "--max-new-tokens", "16", "--temperature", "0", "--json"]
         code, sec, gpeak = _run(gen, args.work / "generate.log")
         if code:

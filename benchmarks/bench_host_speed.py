@@ -24,7 +24,7 @@ DECODE_TOKENS = 128
 
 
 def _prompt_ids(tokenizer) -> list[int]:
-    from qwen_ondevice.calibrate import default_evaluation_text, text_token_ids
+    from qwen_ondevice.core.texts import default_evaluation_text, text_token_ids
 
     return text_token_ids(tokenizer, default_evaluation_text(), PROMPT_TOKENS, "benchmark")
 
@@ -88,9 +88,9 @@ def main() -> None:
     args = ap.parse_args()
     import torch
 
-    from qwen_ondevice.checkpoint import load_checkpoint
-    from qwen_ondevice.demo import demo_gguf
-    from qwen_ondevice.runtime import open_runtime
+    from qwen_ondevice.core.checkpoint import load_checkpoint
+    from qwen_ondevice.core.demo import demo_gguf
+    from qwen_ondevice.runtime.open_model import open_runtime
 
     torch.set_num_threads(args.threads)
     ckpt = load_checkpoint("demo")

@@ -25,9 +25,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from qwen_ondevice.bundle import read_manifest  # noqa: E402
-from qwen_ondevice.config import ModelConfig  # noqa: E402
-from qwen_ondevice.plan import PRECISION_BYTES, head_bytes, layer_bytes  # noqa: E402
+from qwen_ondevice.core.bundle import read_manifest  # noqa: E402
+from qwen_ondevice.core.config import ModelConfig  # noqa: E402
+from qwen_ondevice.export.plan import PRECISION_BYTES, head_bytes, layer_bytes  # noqa: E402
 
 QWEN2_7B = ModelConfig(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
                        num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=32768,
@@ -44,7 +44,7 @@ def bytes_per_token(cfg: ModelConfig, precision: str, cl: int, kv_bytes_per_elem
 
 
 def bundle_bytes_per_token(root: Path) -> dict:
-    from qwen_ondevice.inspect_bundle import inspect_bundle
+    from qwen_ondevice.eval.inspect_bundle import inspect_bundle
 
     r = inspect_bundle(root)
     kv = r["kv_cache_bytes_full_context"]
@@ -52,7 +52,7 @@ def bundle_bytes_per_token(root: Path) -> dict:
 
 
 def recompile(root: Path, level: int) -> list[dict]:
-    from qwen_ondevice.compile import compile_in_child, wrapper_name
+    from qwen_ondevice.qnn.compile import compile_in_child, wrapper_name
 
     m = read_manifest(root, verify=False)
     rows = []
@@ -80,7 +80,7 @@ def main() -> int:
     ap.add_argument("--levels", default=None,
                     help="comma-separated HTP graph optimization levels to compile at (0-3; default: the bundle's own)")
     args = ap.parse_args()
-    from qwen_ondevice.progress import set_quiet
+    from qwen_ondevice.core.progress import set_quiet
 
     set_quiet(True)
     m = read_manifest(args.bundle)
@@ -106,7 +106,7 @@ def main() -> int:
     out["compile"] = rows
 
     if not args.skip_simulator:
-        from qwen_ondevice.verify import verify_bundle
+        from qwen_ondevice.qnn.verify import verify_bundle
 
         t0 = time.perf_counter()
         v = verify_bundle(args.bundle)

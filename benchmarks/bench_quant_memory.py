@@ -26,8 +26,8 @@ import numpy as np
 sys.path.insert(0, sys.argv[1])
 spec = json.loads(sys.argv[2])
 V, H = spec["vocab"], spec["hidden"]
-from qwen_ondevice.qdq import int8_rows
-from qwen_ondevice.weight_quant import quantize_weight
+from qwen_ondevice.quantize.qdq import int8_rows
+from qwen_ondevice.quantize.weight_quant import quantize_weight
 w = np.random.default_rng(0).standard_normal((V, H), dtype=np.float32)
 w *= 0.02  # (V, H) as stored
 if spec["what"] == "lm_head":

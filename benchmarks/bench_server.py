@@ -137,7 +137,7 @@ def free_port() -> int:
 
 
 def start_server(args, port: int, log_path: Path) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "qwen_ondevice.cli", "serve", args.model, "--host", "127.0.0.1", "--port", str(port),
+    cmd = [sys.executable, "-m", "qwen_ondevice.cli.main", "serve", args.model, "--host", "127.0.0.1", "--port", str(port),
            "--context-length", str(args.context_length), "--log-level", "warning"]
     if args.backend:
         cmd += ["--backend", args.backend]

@@ -56,9 +56,9 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from qwen_ondevice.backends.torch_backend import TorchBackend
-    from qwen_ondevice.checkpoint import load_checkpoint
-    from qwen_ondevice.engine import Engine
+    from qwen_ondevice.core.checkpoint import load_checkpoint
+    from qwen_ondevice.runtime.backends.torch_backend import TorchBackend
+    from qwen_ondevice.runtime.engine import Engine
 
     ckpt = load_checkpoint(args.model)
     tok = ckpt.load_tokenizer()

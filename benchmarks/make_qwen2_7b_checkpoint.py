@@ -116,7 +116,7 @@ def write_checkpoint(out: Path, layers: int = 28, seed: int = 0, tokenizer: Path
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
     (out / "generation_config.json").write_text(json.dumps(GENERATION_CONFIG, indent=2))
     if tokenizer is None:
-        from qwen_ondevice.checkpoint import load_checkpoint
+        from qwen_ondevice.core.checkpoint import load_checkpoint
 
         tokenizer = load_checkpoint("demo").path
     for f in TOKENIZER_FILES:

@@ -32,7 +32,7 @@ def real_text(chars: int = 20000, offset: int = 0) -> str:
 @pytest.fixture(scope="session")
 def demo_checkpoint():
     """The real demo model (Qwen2.5-Coder-0.5B-Instruct), assembled and converted once."""
-    from qwen_ondevice.checkpoint import load_checkpoint
+    from qwen_ondevice.core.checkpoint import load_checkpoint
 
     return load_checkpoint("demo")
 
@@ -121,7 +121,7 @@ def tiny_path(tiny_factory):
 
 def one_line_error(capsys, argv) -> str:
     """Run the CLI; assert exit 2 and a single ``error:`` line on stderr; return that line."""
-    from qwen_ondevice.cli import main
+    from qwen_ondevice.cli.main import main
 
     code = main(argv)
     err = capsys.readouterr().err.strip().splitlines()

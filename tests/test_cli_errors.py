@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from qwen_ondevice.cli import main
+from qwen_ondevice.cli.main import main
 
 
 def run_cli(capsys, argv):

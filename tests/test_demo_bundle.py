@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from qwen_ondevice.cli import main
-from qwen_ondevice.export import ExportOptions, export
-from qwen_ondevice.runtime import open_runtime
+from qwen_ondevice.cli.main import main
+from qwen_ondevice.export.options import ExportOptions
+from qwen_ondevice.export.pipeline import export
+from qwen_ondevice.runtime.open_model import open_runtime
 
 PROMPT = "Write a Python function that returns the n-th Fibonacci number."
 

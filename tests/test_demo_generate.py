@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from qwen_ondevice.cli import main
+from qwen_ondevice.cli.main import main
 
 MAX_NEW = 32
 STOP_IDS = (151645, 151643)

@@ -12,8 +12,9 @@ import sys
 
 import pytest
 
-from qwen_ondevice.cli import main
-from qwen_ondevice.export import ExportOptions, export
+from qwen_ondevice.cli.main import main
+from qwen_ondevice.export.options import ExportOptions
+from qwen_ondevice.export.pipeline import export
 
 pytestmark = pytest.mark.demo
 CL = 1024  # short context: the graphs' attention is over CL, and CI time matters
@@ -142,7 +143,7 @@ def test_w4a16_chat_writes_a_correct_fibonacci_function(demo_w4a16, capsys):
 def test_w4a16_fast_host_numerics_keep_the_accuracy(demo_w4a16, capsys):
     """``--host-numerics fast`` (int8 activation blocks inside the weight products) on the same
     held-out tokens as the export's exact report, against the same float model."""
-    from qwen_ondevice.evaluate import evaluate_bundle
+    from qwen_ondevice.eval.evaluate import evaluate_bundle
 
     exact = _accuracy(demo_w4a16)
     fast = evaluate_bundle(demo_w4a16, tokens=EVAL_TOKENS, window=1024, host_numerics="fast")

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from qwen_ondevice.backends.torch_backend import TorchBackend
-from qwen_ondevice.checkpoint import load_checkpoint
-from qwen_ondevice.engine import Engine
-from qwen_ondevice.errors import UserError
-from qwen_ondevice.generate import generate
-from qwen_ondevice.sampling import SamplingParams
+from qwen_ondevice.core.checkpoint import load_checkpoint
+from qwen_ondevice.core.errors import UserError
+from qwen_ondevice.runtime.backends.torch_backend import TorchBackend
+from qwen_ondevice.runtime.engine import Engine
+from qwen_ondevice.runtime.generate import generate
+from qwen_ondevice.runtime.sampling import SamplingParams
 
 TINY_TOL = 1e-4
 DEMO_TOL = 1e-3

@@ -14,14 +14,15 @@ import numpy as np
 import onnx
 import pytest
 import torch
-
 from conftest import one_line_error as _one_line_error
-from qwen_ondevice.bundle import read_manifest
-from qwen_ondevice.checkpoint import load_checkpoint
-from qwen_ondevice.cli import main
-from qwen_ondevice.export import ExportOptions, export
-from qwen_ondevice.modeling import build_part
-from qwen_ondevice.runtime import open_runtime
+
+from qwen_ondevice.cli.main import main
+from qwen_ondevice.core.bundle import read_manifest
+from qwen_ondevice.core.checkpoint import load_checkpoint
+from qwen_ondevice.core.modeling import build_part
+from qwen_ondevice.export.options import ExportOptions
+from qwen_ondevice.export.pipeline import export
+from qwen_ondevice.runtime.open_model import open_runtime
 
 AR, CL = 8, 64
 
@@ -201,7 +202,7 @@ def test_resume_after_sigkill_gives_same_files(tiny_factory, tmp_path):
     assert main(["--quiet", "export", *args, "--out", str(ref)]) == 0
     out = tmp_path / "killed"
     env = dict(os.environ, QWEN_ONDEVICE_EXPORT_STAGE_DELAY="1.5")
-    proc = subprocess.Popen([sys.executable, "-m", "qwen_ondevice.cli", "export", *args, "--out", str(out)],
+    proc = subprocess.Popen([sys.executable, "-m", "qwen_ondevice.cli.main", "export", *args, "--out", str(out)],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     state = out / ".export" / "state.json"
     deadline = time.time() + 120
@@ -232,7 +233,7 @@ def test_quantized_export_killed_in_each_stage_resumes_to_the_same_files(tiny_fa
     stages = ["float:part_2_of_3", "kveq:part_2_of_3", "calib:part_2_of_3", "part:part_2_of_3", "report", "manifest"]
     for stage in stages:
         env = dict(os.environ, QWEN_ONDEVICE_EXPORT_KILL_AFTER=stage)
-        r = subprocess.run([sys.executable, "-m", "qwen_ondevice.cli", "--quiet", "export", *args, "--out", str(out)],
+        r = subprocess.run([sys.executable, "-m", "qwen_ondevice.cli.main", "--quiet", "export", *args, "--out", str(out)],
                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=300)
         assert r.returncode == -signal.SIGKILL, (stage, r.returncode, r.stderr[-2000:])
     assert main(["--quiet", "export", *args, "--out", str(out)]) == 0
@@ -242,7 +243,7 @@ def test_quantized_export_killed_in_each_stage_resumes_to_the_same_files(tiny_fa
 
 def test_export_refuses_a_plan_the_machine_cannot_hold(tiny_factory, tmp_path, capsys, monkeypatch):
     """The estimate is checked before anything is written; the message names the stage and a way out."""
-    import qwen_ondevice.footprint as footprint
+    import qwen_ondevice.export.footprint as footprint
 
     ckpt = str(tiny_factory(layers=3))
     args = ["--quiet", "export", ckpt, "--precision", "w4a16", "--prompt-length", str(AR), "--context-length", str(CL),
@@ -313,8 +314,8 @@ def test_refusals(tiny_bundle, tiny_factory, tmp_path, capsys):
 
 
 def test_open_hashes_only_files_changed_since_they_last_matched(tiny_bundle, tmp_path, monkeypatch):
-    import qwen_ondevice.bundle as bundle
-    from qwen_ondevice.errors import UserError
+    import qwen_ondevice.core.bundle as bundle
+    from qwen_ondevice.core.errors import UserError
 
     _, good = tiny_bundle
     b = tmp_path / "b"
@@ -338,7 +339,7 @@ def test_open_hashes_only_files_changed_since_they_last_matched(tiny_bundle, tmp
 
 
 def test_inspect_reports_parts_ops_and_integrity(tiny_bundle, capsys):
-    from qwen_ondevice.inspect_bundle import inspect_bundle
+    from qwen_ondevice.eval.inspect_bundle import inspect_bundle
 
     _, out = tiny_bundle
     r = inspect_bundle(out)
@@ -432,7 +433,7 @@ def test_running_a_bundle_needs_no_torch(tiny_bundle, tmp_path, capsys):
             continue
         (overlay / entry.name).symlink_to(entry)
     src = Path(__file__).resolve().parents[1] / "src"
-    child = ("import sys, json\nfrom qwen_ondevice.cli import main\ncode = main(sys.argv[1:])\n"
+    child = ("import sys, json\nfrom qwen_ondevice.cli.main import main\ncode = main(sys.argv[1:])\n"
              "print(json.dumps({'torch_imported': 'torch' in sys.modules}), file=sys.stderr)\nsys.exit(code)")
     env = {**os.environ, "PYTHONPATH": f"{src}{os.pathsep}{overlay}"}
     r = subprocess.run([sys.executable, "-S", "-c", child, *argv], capture_output=True, text=True, env=env, timeout=300)

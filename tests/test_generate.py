@@ -11,11 +11,11 @@ import random
 import numpy as np
 import pytest
 
-from qwen_ondevice.backends.torch_backend import TorchBackend
-from qwen_ondevice.checkpoint import load_checkpoint
-from qwen_ondevice.engine import Engine
-from qwen_ondevice.generate import StopStringFilter, generate, stream_generate
-from qwen_ondevice.sampling import SamplingParams
+from qwen_ondevice.core.checkpoint import load_checkpoint
+from qwen_ondevice.runtime.backends.torch_backend import TorchBackend
+from qwen_ondevice.runtime.engine import Engine
+from qwen_ondevice.runtime.generate import StopStringFilter, generate, stream_generate
+from qwen_ondevice.runtime.sampling import SamplingParams
 
 V = 151936
 IM_END, ENDOFTEXT = 151645, 151643
@@ -216,7 +216,7 @@ def test_chat_command_multi_turn_and_reset(tiny_path, monkeypatch, capsys):
     import torch
     from transformers import AutoTokenizer, Qwen2ForCausalLM
 
-    from qwen_ondevice.cli import main
+    from qwen_ondevice.cli.main import main
 
     hf_tok = AutoTokenizer.from_pretrained(tiny_path)
     model = Qwen2ForCausalLM.from_pretrained(tiny_path, dtype=torch.float32).eval()

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from qwen_ondevice.backends.torch_backend import TorchBackend
-from qwen_ondevice.checkpoint import load_checkpoint
-from qwen_ondevice.engine import Engine
+from qwen_ondevice.core.checkpoint import load_checkpoint
+from qwen_ondevice.runtime.backends.torch_backend import TorchBackend
+from qwen_ondevice.runtime.engine import Engine
 
 TINY_TOL = 1e-4  # max abs logit difference, fp32 vs fp32, tiny random models
 DEMO_TOL = 1e-3  # the same on the 24-layer demo model

@@ -108,19 +108,60 @@ def test_no_module_imports_a_private_name_of_another():
     assert not offenders, offenders
 
 
-#: The export's own modules: running a bundle must not need any of them.
-EXPORT_MODULES = {"export", "quant_export", "calibrate", "qdq", "onnx_graph", "plan", "footprint", "kv_equalize",
-                  "smoothing", "weight_quant", "report"}
+#: The export's own subpackages: running a bundle must not need any of them.
+EXPORT_PACKAGES = ("qwen_ondevice.export", "qwen_ondevice.quantize")
+
+
+def reached_from(graph: dict[str, set[str]], start: str) -> set[str]:
+    seen, todo = set(), [start]
+    while todo:
+        for d in graph[todo.pop()]:
+            if d not in seen:
+                seen.add(d)
+                todo.append(d)
+    return seen
 
 
 def test_the_runtime_does_not_import_the_export():
     graph = module_imports()
-    for start in ("qwen_ondevice.runtime", "qwen_ondevice.server", "qwen_ondevice.generate"):
-        seen, todo = set(), [start]
-        while todo:
-            for d in graph[todo.pop()]:
-                if d not in seen:
-                    seen.add(d)
-                    todo.append(d)
-        reached = {m.removeprefix("qwen_ondevice.") for m in seen} & EXPORT_MODULES
+    assert any(m.startswith(EXPORT_PACKAGES) for m in graph)  # the names below are the tree's own
+    for start in ("qwen_ondevice.runtime.open_model", "qwen_ondevice.runtime.generate", "qwen_ondevice.serve.app",
+                  "qwen_ondevice.cli.generate", "qwen_ondevice.cli.chat", "qwen_ondevice.cli.serve"):
+        reached = {m for m in reached_from(graph, start) if m.startswith(EXPORT_PACKAGES)}
         assert not reached, f"{start} imports export modules: {sorted(reached)}"
+
+
+def test_core_imports_no_other_stage():
+    graph = module_imports()
+    core = [m for m in graph if m.startswith("qwen_ondevice.core.")]
+    assert len(core) > 5
+    for m in core:
+        outside = {d for d in graph[m] if d != "qwen_ondevice" and not d.startswith("qwen_ondevice.core")}
+        assert not outside, f"{m} imports {sorted(outside)}"
+
+
+def test_library_modules_register_no_cli_arguments():
+    offenders = []
+    for path in SRC.rglob("*.py"):
+        if path.parent.name == "cli":
+            continue
+        text = path.read_text()
+        if "add_argument(" in text or "add_parser(" in text or "argparse" in text:
+            offenders.append(str(path.relative_to(SRC)))
+    assert not offenders, f"CLI arguments outside qwen_ondevice.cli: {offenders}"
+
+
+def test_the_readme_module_table_matches_the_tree():
+    readme = (ROOT / "README.md").read_text()
+    table = readme[readme.index("| module | job |"):]
+    table = table[:table.index("\n\n")]
+    named = set()
+    for cell in re.findall(r"^\| ([^|]+) \|", table, re.M)[2:]:
+        named.update(re.findall(r"`([\w/<>.]+)`", cell))
+    modules = {str(p.relative_to(SRC)) for p in SRC.rglob("*.py") if p.name != "__init__.py"}
+    folders = {n for n in named if n.endswith("/")}
+    covered = {m for m in modules if m in named or any(m.startswith(f) for f in folders)
+               or (m.startswith("cli/") and "cli/<command>.py" in named)}
+    assert modules - covered == set(), f"modules missing from the README table: {sorted(modules - covered)}"
+    stale = {n for n in named if "<" not in n and not (SRC / n).exists()}
+    assert not stale, f"README names modules that do not exist: {sorted(stale)}"

@@ -19,17 +19,17 @@ from onnx import TensorProto, helper
 
 pytest.importorskip("onnxruntime_qnn")
 
-from qwen_ondevice.bundle import read_manifest  # noqa: E402
-from qwen_ondevice.cli import main  # noqa: E402
-from qwen_ondevice.compile import (  # noqa: E402
-    CHIPSETS,
+from qwen_ondevice.cli.main import main  # noqa: E402
+from qwen_ondevice.core.bundle import read_manifest  # noqa: E402
+from qwen_ondevice.export.options import ExportOptions  # noqa: E402
+from qwen_ondevice.export.pipeline import export  # noqa: E402
+from qwen_ondevice.qnn.chipsets import CHIPSETS, supported_chipsets  # noqa: E402
+from qwen_ondevice.qnn.compile import (  # noqa: E402
     MAX_BIN_TO_WEIGHT_RATIO,
     CompileError,
     compile_in_child,
     compile_part,
-    supported_chipsets,
 )
-from qwen_ondevice.export import ExportOptions, export  # noqa: E402
 
 AR, CL = 8, 64
 CHIP = "snapdragon-8-elite"
@@ -98,7 +98,7 @@ def test_all_compute_nodes_on_the_npu(compiled, capsys):
     assert f"QNN context binaries for {CHIP} (soc_model 69, HTP v79, HTP graph optimization level 3)" in text
     assert text.count("100.0% of nodes on the NPU") == 4
     # inspect reads the binaries themselves: every graph QNN finds in each .bin, with its tensors
-    from qwen_ondevice.qnn_binary import read_context_binary
+    from qwen_ondevice.qnn.context_binary import read_context_binary
 
     for p in m["qnn"]["parts"]:
         for g in read_context_binary(out / p["bin"]):
@@ -192,7 +192,7 @@ def test_verify_refuses_other_chipset_and_uncompiled_bundle(compiled, capsys):
 
 def _generate(bundle: Path, backend: str) -> dict:
     env = dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-m", "qwen_ondevice.cli", "--quiet", "generate", str(bundle), "--backend", backend,
+    proc = subprocess.run([sys.executable, "-m", "qwen_ondevice.cli.main", "--quiet", "generate", str(bundle), "--backend", backend,
                            "--prompt", "Hello", "--max-new-tokens", "4", "--json"], capture_output=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr.decode()[-2000:]
     return json.loads(proc.stdout.decode().strip().splitlines()[-1])
@@ -202,7 +202,7 @@ def test_qnn_htp_backend_generates_the_ort_cpu_tokens(compiled):
     out, _ = compiled
     import numpy as np
 
-    from qwen_ondevice.runtime import open_runtime
+    from qwen_ondevice.runtime.open_model import open_runtime
 
     htp = _generate(out, "qnn-htp")
     cpu = _generate(out, "ort-cpu")
@@ -257,7 +257,7 @@ def test_genie_config_fields_equal_manifest_and_tokenizer(compiled):
 
 def test_genie_accepts_the_config(compiled):
     """libGenie.so from the onnxruntime-qnn wheel parses genie_config.json (child process)."""
-    from qwen_ondevice.genie_run import genie_library, run_genie
+    from qwen_ondevice.qnn.genie_run import genie_library, run_genie
 
     # the pinned onnxruntime-qnn (>= 2.7, Linux x86_64) carries libGenie.so
     assert genie_library() is not None, "no libGenie.so in this onnxruntime-qnn"
@@ -272,7 +272,7 @@ def test_genie_accepts_the_config(compiled):
 def test_binaries_carry_ai_hub_graph_names_read_back_by_qnn(compiled):
     """The graph names inside each .bin (read by QNN itself, not from our manifest) are AI Hub's,
     and Genie's parse of them gives the AR and CL of their own tensors."""
-    from qwen_ondevice.qnn_binary import read_context_binary
+    from qwen_ondevice.qnn.context_binary import read_context_binary
 
     out, m = compiled
     N = len(m["parts"])
@@ -297,7 +297,7 @@ def test_binaries_carry_ai_hub_graph_names_read_back_by_qnn(compiled):
 def test_boundaries_join_with_one_encoding(compiled):
     """Part 2 reads the very tensor part 1 writes: same name, dtype, shape, scale and offset in
     the binaries (as QNN reads them), and the manifest's encoding on both sides."""
-    from qwen_ondevice.qnn_binary import read_context_binary
+    from qwen_ondevice.qnn.context_binary import read_context_binary
 
     out, m = compiled
     first, second = (read_context_binary(out / p["bin"]) for p in m["qnn"]["parts"])
@@ -313,8 +313,8 @@ def test_boundaries_join_with_one_encoding(compiled):
 def test_genie_parses_every_graph_of_the_weight_shared_bundle(compiled):
     """The real (weight-shared) bundle in Genie: it sorts every graph into its (AR, CL) variant
     and split before the x86_64 simulator refuses the shared context."""
-    from qwen_ondevice.genie_run import run_genie
-    from qwen_ondevice.genie_verify import graphs_loaded, log_problems
+    from qwen_ondevice.qnn.genie_run import run_genie
+    from qwen_ondevice.qnn.genie_verify import graphs_loaded, log_problems
 
     out, m = compiled
     r = run_genie(json.loads((out / "genie_config.json").read_text()), out, create_dialog=True, timeout=300)
@@ -335,7 +335,7 @@ def test_genie_runs_a_three_part_bundle_like_the_runtime(compiled_3):
     graph sorted into its (AR, CL) variant and split, no unconnected tensor or naming warning,
     and its greedy tokens equal the qnn-htp runtime's; the text query (Genie's own tokenizer on
     the templated prompt) decodes to the same text; the weight-shared bundle parses too."""
-    from qwen_ondevice.genie_verify import verify_genie
+    from qwen_ondevice.qnn.genie_verify import verify_genie
 
     r = verify_genie(compiled_3, "Hi", new_tokens=4, timeout=900)
     t, s = r["twin"], r["shared"]
@@ -347,7 +347,7 @@ def test_genie_runs_a_three_part_bundle_like_the_runtime(compiled_3):
     assert t["log_problems"] == []
     assert s["config_status"] == 0 and s["graphs_loaded"] == {f"{AR},{CL}": 3, f"1,{CL}": 3}
     assert r["ok"]
-    from qwen_ondevice.genie_verify import format_genie_report
+    from qwen_ondevice.qnn.genie_verify import format_genie_report
 
     assert format_genie_report(r).splitlines()[-1].startswith("PASS")
 
@@ -382,7 +382,7 @@ def test_float_bundle_and_chipset_none_skip_compilation(tiny_ckpt, tmp_path):
     export(ExportOptions(model=str(tiny_ckpt), precision="fp32", prompt_length=AR, context_length=CL, num_parts=2), out)
     assert not (out / "qnn").exists() and "qnn" not in json.loads((out / "manifest.json").read_text())
     assert not (out / "genie_config.json").exists()
-    from qwen_ondevice.compile import check_chipset_option
+    from qwen_ondevice.qnn.chipsets import check_chipset_option
 
     assert check_chipset_option("none", "w4a16") is None
 
@@ -415,8 +415,8 @@ def test_a_graph_qnn_cannot_prepare_is_named_with_the_qnn_message(tmp_path):
 
 
 def test_failed_part_keeps_earlier_parts_and_rerun_resumes(tiny_ckpt, tmp_path, monkeypatch, capsys):
-    import qwen_ondevice.compile as comp
-    from qwen_ondevice.progress import set_quiet
+    import qwen_ondevice.qnn.compile as comp
+    from qwen_ondevice.core.progress import set_quiet
 
     real = comp.compile_part
     calls = []
@@ -469,8 +469,9 @@ def test_onnx_runtime_runs_a_renamed_binary_bit_identically(compiled, tmp_path):
     since the x86_64 simulator cannot load a weight-shared context."""
     import onnxruntime as ort
 
-    from qwen_ondevice.compile import partition_name, name_graphs, qnn_session_options
-    from qwen_ondevice.qnn_binary import read_context_binary
+    from qwen_ondevice.qnn.compile import name_graphs, partition_name
+    from qwen_ondevice.qnn.context_binary import read_context_binary
+    from qwen_ondevice.qnn.ep_options import qnn_session_options
 
     out, m = compiled
     part = m["parts"][1]

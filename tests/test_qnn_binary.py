@@ -1,4 +1,4 @@
-"""qnn_binary: the graphs, tensors and scale/offset encodings of a QNN context binary, read with libQnnSystem.
+"""qnn/context_binary.py: the graphs, tensors and scale/offset encodings of a QNN context binary, read with libQnnSystem.
 
 Tiny QDQ models (a MatMul with an int8 weight, uint16 / float32 inputs, uint16 / uint8 outputs)
 are compiled for snapdragon-8-elite (soc_model 69, HTP v79) by onnxruntime-qnn in a child
@@ -22,8 +22,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 pytest.importorskip("onnxruntime_qnn")
 
-from qwen_ondevice.errors import UserError  # noqa: E402
-from qwen_ondevice.qnn_binary import GraphInfo, QnnBinaryError, TensorInfo, read_context_binary  # noqa: E402
+from qwen_ondevice.core.errors import UserError  # noqa: E402
+from qwen_ondevice.qnn.context_binary import GraphInfo, QnnBinaryError, TensorInfo, read_context_binary  # noqa: E402
 
 GRAPH_NAME = re.compile(r"QNNExecutionProvider_QNNExecutionProvider_\d+_1_0")
 
@@ -187,7 +187,7 @@ def test_a_non_qnn_file_is_refused_naming_it(tmp_path):
 
 
 def test_a_missing_qnn_system_library_is_a_user_error_naming_the_file(tmp_path, monkeypatch):
-    import qwen_ondevice.qnn_binary as qnn_binary
+    import qwen_ondevice.qnn.context_binary as qnn_binary
 
     binary = tmp_path / "some_context.bin"
     binary.write_bytes(b"\0" * 1024)

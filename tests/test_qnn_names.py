@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from qwen_ondevice.qnn_names import RenameError, graph_name, padded_name, parse_graph_name, rename_graph
+from qwen_ondevice.qnn.graph_names import RenameError, graph_name, padded_name, parse_graph_name, rename_graph
 
 ORT_NAME = "QNNExecutionProvider_QNNExecutionProvider_16439428452254065561_1_0"
 

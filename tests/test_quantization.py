@@ -15,25 +15,25 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from conftest import one_line_error as _one_line_error
+from conftest import real_text
 from onnx import TensorProto, helper, numpy_helper
 
-from conftest import one_line_error as _one_line_error
-from qwen_ondevice import qdq
-from qwen_ondevice.backends.ort_backend import qdq_session_options
-from qwen_ondevice.bundle import read_manifest
-from qwen_ondevice.checkpoint import load_checkpoint
-from qwen_ondevice.encodings import Encoding
-from qwen_ondevice.engine import make_call_inputs
-from qwen_ondevice.evaluate import evaluate_engines, reference_engine
-from qwen_ondevice.export import ExportOptions, export
-from qwen_ondevice.modeling import rope_tables
-from qwen_ondevice.parts import MASK_VALUE
-from qwen_ondevice.onnx_graph import ExternalData
-from qwen_ondevice.quant_export import PROJECTIONS, is_projection
-from qwen_ondevice.runtime import open_runtime
-from qwen_ondevice.weight_quant import quantize_weight
-
-from conftest import real_text
+from qwen_ondevice.core.bundle import read_manifest
+from qwen_ondevice.core.checkpoint import load_checkpoint
+from qwen_ondevice.core.encodings import Encoding
+from qwen_ondevice.core.modeling import rope_tables
+from qwen_ondevice.core.parts import MASK_VALUE
+from qwen_ondevice.eval.evaluate import evaluate_engines, reference_engine
+from qwen_ondevice.export.onnx_graph import ExternalData
+from qwen_ondevice.export.options import ExportOptions
+from qwen_ondevice.export.pipeline import export
+from qwen_ondevice.quantize import qdq
+from qwen_ondevice.quantize.stages import PROJECTIONS, is_projection
+from qwen_ondevice.quantize.weight_quant import quantize_weight
+from qwen_ondevice.runtime.backends.ort_backend import qdq_session_options
+from qwen_ondevice.runtime.engine import make_call_inputs
+from qwen_ondevice.runtime.open_model import open_runtime
 
 AR, CL = 8, 64
 CALIB_TOKENS = 256  # 4 sequences of CL tokens: 32 AR-8 calls per part
@@ -301,11 +301,11 @@ def test_key_centering_is_exact_in_float_and_narrows_the_key_cache(bundles, tiny
     quantized bundles carry the measured centers and report a narrower key range."""
     import onnxruntime as ort
 
-    from qwen_ondevice.engine import make_call_inputs
-    from qwen_ondevice.export import export_part
-    from qwen_ondevice.kv_equalize import equalize_part
-    from qwen_ondevice.parts import PartSpec
-    from qwen_ondevice.onnx_graph import key_offset_name
+    from qwen_ondevice.core.parts import PartSpec
+    from qwen_ondevice.export.onnx_graph import key_offset_name
+    from qwen_ondevice.export.pipeline import export_part
+    from qwen_ondevice.quantize.kv_equalize import equalize_part
+    from qwen_ondevice.runtime.engine import make_call_inputs
 
     ckpt = load_checkpoint(tiny)
     cfg = ckpt.config
@@ -364,7 +364,6 @@ def test_weights_per_channel_with_explicit_zero_points(bundles, tiny, precision)
     cfg = ckpt.config
     bits = 4 if precision == "w4a16" else 8
     wtype = TensorProto.INT4 if bits == 4 else TensorProto.INT8
-    qmax = (1 << (bits - 1)) - 1
     projections = set()
     lm_head = embedding = 0
     ratios: dict[str, dict[bool, np.ndarray]] = {}  # layer -> {is_q: per-pair scale (heads, D/2)}
@@ -805,7 +804,7 @@ def _single_projection_graph(K: int, N: int, T: int, rng):
 def test_single_projection_ort_equals_numpy(tmp_path, bits):
     import onnxruntime as ort
 
-    from qwen_ondevice.encodings import encoding_for_range
+    from qwen_ondevice.core.encodings import encoding_for_range
 
     rng = np.random.default_rng(bits)
     K, N, T = 64, 48, 16
@@ -878,7 +877,7 @@ def test_evaluate_refuses_text_shorter_than_a_window(bundles, tmp_path, capsys):
 
 
 def test_w8a16_closer_to_float_than_w4a16(bundles, tiny):
-    from qwen_ondevice.calibrate import default_evaluation_text, text_token_ids
+    from qwen_ondevice.core.texts import default_evaluation_text, text_token_ids
 
     window = CL
     rt4, rt8 = open_runtime(str(bundles["w4a16"])), open_runtime(str(bundles["w8a16"]))
@@ -916,7 +915,7 @@ def test_host_rewrites_keep_the_quantized_arithmetic(bundles):
     """
     import onnxruntime as ort
 
-    from qwen_ondevice.backends import host_graph
+    from qwen_ondevice.runtime.backends import host_graph
 
     bundle = bundles["w4a16_b32"]
     m = read_manifest(bundle)
@@ -1005,7 +1004,7 @@ def test_fast_host_numerics_stay_as_close_to_float(bundles, tiny):
 
 
 def text_token_ids_for(tokenizer, n: int) -> list[int]:
-    from qwen_ondevice.calibrate import default_evaluation_text, text_token_ids
+    from qwen_ondevice.core.texts import default_evaluation_text, text_token_ids
 
     return text_token_ids(tokenizer, default_evaluation_text(), n, "evaluation")
 
@@ -1099,7 +1098,7 @@ def test_column_blocks_and_row_blocks_change_no_result():
     """A wide weight quantized a few output channels at a time (what bounds the lm_head's memory
     at 7B) gives the very q and scales of one pass, for per-channel, block-wise, mse and GPTQ;
     the embedding's int8 rows rounded in row blocks equal the whole-table rounding."""
-    from qwen_ondevice.qdq import int8_rows
+    from qwen_ondevice.quantize.qdq import int8_rows
 
     rng = np.random.default_rng(3)
     K, N = 64, 50
@@ -1129,8 +1128,8 @@ def test_mlp_smoothing_is_exact_in_float_and_rescales_the_statistics():
     """SmoothQuant folded into up_proj/down_proj: the float MLP output is unchanged, the massive
     channel's range moves into the weights, and the rescaled statistics equal statistics measured
     directly on the smoothed activations (an independent computation)."""
-    from qwen_ondevice.calibrate import Calibrator
-    from qwen_ondevice.smoothing import smooth_mlp
+    from qwen_ondevice.quantize.calibrate import Calibrator
+    from qwen_ondevice.quantize.smoothing import smooth_mlp
 
     rng = np.random.default_rng(0)
     H, I, N = 16, 48, 200

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from qwen_ondevice.errors import UserError
-from qwen_ondevice.sampling import Sampler, SamplingParams
+from qwen_ondevice.core.errors import UserError
+from qwen_ondevice.runtime.sampling import Sampler, SamplingParams
 
 P4 = np.array([0.3, 0.1, 0.1, 0.5])
 LOGITS4 = np.log(P4).astype(np.float32)

@@ -15,10 +15,11 @@ import openai
 import pytest
 import uvicorn
 
-from qwen_ondevice.generate import generate
-from qwen_ondevice.runtime import open_runtime
-from qwen_ondevice.sampling import SamplingParams
-from qwen_ondevice.server import ServerLimits, bind_socket, create_app
+from qwen_ondevice.runtime.generate import generate
+from qwen_ondevice.runtime.open_model import open_runtime
+from qwen_ondevice.runtime.sampling import SamplingParams
+from qwen_ondevice.serve.app import bind_socket, create_app
+from qwen_ondevice.serve.protocol import ServerLimits
 
 CL, AR = 4096, 32  # the main tiny server: long enough that a run to the context end takes seconds
 SMALL_CL, SMALL_AR = 64, 16  # the context-end server

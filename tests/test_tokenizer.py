@@ -6,9 +6,9 @@ from __future__ import annotations
 import random
 
 import pytest
-
 from conftest import real_text
-from qwen_ondevice.tokenizer import StreamingDetokenizer
+
+from qwen_ondevice.core.tokenizer import StreamingDetokenizer
 
 QUESTION = [{"role": "user", "content": "What is 2 plus 2?"}]
 

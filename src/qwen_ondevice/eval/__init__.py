@@ -1,0 +1,1 @@
+"""Checking a bundle: ``evaluate`` (perplexity, top-1, KL against the float model) and ``inspect``."""

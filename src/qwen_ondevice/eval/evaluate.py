@@ -1,0 +1,182 @@
+"""Accuracy of a bundle against its float reference: perplexity, top-1 agreement, KL divergence.
+
+Both models read the same held-out text in the same non-overlapping windows of W tokens; each
+window starts from an empty cache, and every position but the last predicts the next token.
+The bundle runs through the engine exactly as in generation (AR-128 chunks with its KV cache,
+on ONNX Runtime CPU: the host simulation of the device numerics); the reference is the float
+checkpoint on the torch backend.
+
+perplexity = exp(mean negative log-likelihood) (Jelinek et al. 1977); KL is KL(reference ||
+bundle) of the next-token distributions, in nats, averaged over positions.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from qwen_ondevice.core.errors import UserError
+from qwen_ondevice.core.progress import bar
+
+DEFAULT_EVAL_TOKENS = 16384
+DEFAULT_WINDOW = 1024
+
+
+@dataclass
+class AccuracyReport:
+    """Accuracy numbers of one evaluation run (``tokens`` scored positions over ``windows``)."""
+
+    text: str
+    tokens: int
+    window: int
+    windows: int
+    perplexity: float
+    reference_perplexity: float
+    perplexity_ratio: float
+    top1_agreement: float
+    mean_kl: float
+    seconds: float
+    host_numerics: str = "exact"  # of the bundle's ort-cpu run (backends.ort_backend.HOST_NUMERICS)
+    #: With ``by_position``: per span of window positions, ``positions`` [start, end), ``tokens``
+    #: and the same metrics over that span.
+    by_position: list[dict] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def format(self) -> str:
+        return (
+            f"perplexity {self.perplexity:.3f} vs float {self.reference_perplexity:.3f} "
+            f"(ratio {self.perplexity_ratio:.4f}, {100 * (self.perplexity_ratio - 1):+.2f}%), "
+            f"top-1 agreement {100 * self.top1_agreement:.2f}%, mean KL {self.mean_kl:.4f} nats "
+            f"[{self.tokens} tokens, {self.windows} windows of {self.window}, {self.text}"
+            + (f", {self.host_numerics} host numerics]" if self.host_numerics != "exact" else "]")
+            + "".join(f"\n  positions {r['positions'][0]}-{r['positions'][1] - 1}: perplexity ratio "
+                      f"{r['perplexity_ratio']:.4f} ({100 * (r['perplexity_ratio'] - 1):+.2f}%), top-1 "
+                      f"{100 * r['top1_agreement']:.2f}%, mean KL {r['mean_kl']:.4f} [{r['tokens']} tokens]"
+                      for r in self.by_position)
+        )
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    """log softmax over the last axis of x (W, V), float32, in two full-size arrays (the result
+    and one scratch): a window of 1024 positions over a 152k vocabulary is 0.6 GB per array."""
+    out = np.subtract(x, x.max(axis=-1, keepdims=True), dtype=np.float32)
+    scratch = np.exp(out)
+    out -= np.log(scratch.sum(axis=-1, keepdims=True, dtype=np.float64)).astype(np.float32)
+    return out
+
+
+def window_metrics(logits: np.ndarray, ref_logits: np.ndarray, ids: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """For one window, per position that predicts a next token (W - 1 of them): the bundle's NLL,
+    the reference's NLL, whether their top-1 tokens agree, and KL(reference || bundle), each
+    (W - 1,) float64 (nats). logits, ref_logits: (W, V) float32; ids: the W token ids."""
+    target = np.asarray(ids[1:])
+    lp = _log_softmax(logits[:-1])
+    lr = _log_softmax(ref_logits[:-1])
+    rows = np.arange(len(target))
+    nll = -lp[rows, target].astype(np.float64)
+    nll_ref = -lr[rows, target].astype(np.float64)
+    top1 = (lp.argmax(-1) == lr.argmax(-1)).astype(np.float64)
+    lp -= lr  # lp - lr, in place: KL(ref || bundle) = sum p_ref (lr - lp)
+    np.exp(lr, out=lr)
+    kl = -np.einsum("ij,ij->i", lr, lp, dtype=np.float64)
+    return nll, nll_ref, top1, kl
+
+
+def evaluate_engines(engine, reference, ids: list[int], window: int, text_name: str = "",
+                     by_position: int | None = None) -> AccuracyReport:
+    """Score ``ids`` in windows of ``window`` with the bundle ``engine`` and the ``reference``.
+
+    ``by_position``: also report the metrics per span of this many positions of the window
+    (:attr:`AccuracyReport.by_position`), e.g. 1024: whether the accuracy holds deep into the
+    context (the position of a scored token is that of the token predicting it, 0-based).
+
+    Raises:
+        UserError: fewer tokens than one window, a window over the bundle's context length, or
+            ``by_position`` below 1.
+    """
+    if window > engine.context_length:
+        raise UserError(f"window {window} exceeds the bundle's context length {engine.context_length}")
+    n_win = len(ids) // window
+    if n_win == 0:
+        raise UserError(f"the evaluation text holds {len(ids)} tokens, shorter than one window of {window}; pass a longer --text or a smaller --window")
+    if by_position is not None and by_position < 1:
+        raise UserError(f"--by-position must be at least 1, got {by_position}")
+    span = by_position or window
+    spans = np.arange(window - 1) // span  # the span of each scored position
+    sums = np.zeros((4, int(spans[-1]) + 1))  # nll, nll_ref, top1, kl per span
+    t0 = time.perf_counter()
+    with bar(total=n_win, desc="[evaluate]", unit="window") as progress:
+        for w in range(n_win):
+            chunk = ids[w * window : (w + 1) * window]
+            for k, values in enumerate(window_metrics(engine.logits_all(chunk), reference.logits_all(chunk), chunk)):
+                sums[k] += np.bincount(spans, weights=values, minlength=sums.shape[1])
+            done = (w + 1) * (window - 1)
+            progress.set_postfix_str(f"perplexity {np.exp(sums[0].sum() / done):.3f} "
+                                     f"(float {np.exp(sums[1].sum() / done):.3f})", refresh=False)
+            progress.update()
+    n = n_win * (window - 1)
+    nll, nll_ref, top1, kl = sums.sum(axis=1)
+    ppl, ppl_ref = float(np.exp(nll / n)), float(np.exp(nll_ref / n))
+    rows = []
+    if by_position:
+        counts = np.bincount(spans) * n_win
+        for s in range(sums.shape[1]):
+            c = int(counts[s])
+            rows.append({"positions": [s * span, min((s + 1) * span, window - 1)], "tokens": c,
+                         "perplexity": float(np.exp(sums[0, s] / c)), "reference_perplexity": float(np.exp(sums[1, s] / c)),
+                         "perplexity_ratio": float(np.exp((sums[0, s] - sums[1, s]) / c)),
+                         "top1_agreement": float(sums[2, s] / c), "mean_kl": float(sums[3, s] / c)})
+    return AccuracyReport(text_name, n, window, n_win, ppl, ppl_ref, ppl / ppl_ref, float(top1 / n), float(kl / n),
+                          round(time.perf_counter() - t0, 1), by_position=rows)
+
+
+def reference_engine(model: str, window: int):
+    """The float reference: MODEL on the torch backend in float32, one call per window
+    (AR = window), streamed layer by layer (``TorchBackend(stream=True)``): a 7B reference never
+    holds the whole model."""
+    from qwen_ondevice.core.checkpoint import load_checkpoint
+    from qwen_ondevice.runtime.backends.torch_backend import TorchBackend
+    from qwen_ondevice.runtime.engine import Engine
+
+    ckpt = load_checkpoint(model)
+    return Engine(TorchBackend(ckpt, context_length=window + 1, stream=True), prompt_length=window), ckpt
+
+
+def evaluate_bundle(bundle: Path, reference: str | None = None, text: str | None = None,
+                    tokens: int = DEFAULT_EVAL_TOKENS, window: int = DEFAULT_WINDOW, backend: str = "ort-cpu",
+                  host_numerics: str = "exact", by_position: int | None = None) -> AccuracyReport:
+    """Evaluate a bundle against its float reference (default: the model it was exported from).
+
+    ``host_numerics``: ``exact`` (the device simulation) or ``fast`` (ort-cpu only; see
+    ``backends.ort_backend.HOST_NUMERICS``), to measure what the fast mode costs.
+    ``by_position``: see :func:`evaluate_engines`.
+
+    Raises:
+        UserError: a bad bundle, a missing reference, or a text shorter than one window.
+    """
+    from qwen_ondevice.core.bundle import read_manifest
+    from qwen_ondevice.core.texts import default_evaluation_text, text_token_ids
+    from qwen_ondevice.runtime.open_model import open_runtime
+
+    m = read_manifest(bundle)
+    rt = open_runtime(str(bundle), backend, host_numerics=host_numerics)
+    path = Path(text) if text else default_evaluation_text()
+    tokens = tokens // window * window
+    if tokens < window:
+        raise UserError(f"--tokens {tokens} is shorter than one window of {window}")
+    try:
+        ids = text_token_ids(rt.tokenizer, path, tokens, "evaluation")
+    except UserError as e:
+        if "fewer than" in str(e):
+            raise UserError(f"{e} (at least one window of {window} tokens is needed)") from None
+        raise
+    ref, _ = reference_engine(reference or m.data["model"]["source"], window)
+    report = evaluate_engines(rt.engine, ref, ids, window, path.name, by_position)
+    report.host_numerics = host_numerics
+    return report
+

@@ -1,0 +1,315 @@
+"""ONNX graphs of the parts (docs/graph-contract.md), written node by node with ``onnx.helper``.
+
+Each part is built twice, for AR-128 (prompt processor) and AR-1 (token generator); both graphs
+point their initializers at one external-data file, written once (:class:`ExternalData`). The
+ops mirror :mod:`qwen_ondevice.core.modeling` one for one (MatMul/Softmax attention, no contrib ops),
+so ONNX Runtime and the QNN HTP both take every node.
+
+Letters: AR, CL, P = CL - AR, H, D, NH, KVH, G = NH / KVH, I, V (see core/modeling.py).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from qwen_ondevice.core.checkpoint import WeightStore
+from qwen_ondevice.core.config import ModelConfig
+from qwen_ondevice.core.parts import PartSpec, layer_weight_names
+
+OPSET = 21
+IR_VERSION = 10
+NP_TO_ONNX = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float16): TensorProto.FLOAT16,
+              np.dtype(np.int32): TensorProto.INT32, np.dtype(np.int64): TensorProto.INT64,
+              np.dtype(np.uint8): TensorProto.UINT8, np.dtype(np.int8): TensorProto.INT8,
+              np.dtype(np.uint16): TensorProto.UINT16}
+ONNX_TO_NAME = {TensorProto.FLOAT: "float32", TensorProto.FLOAT16: "float16", TensorProto.INT32: "int32",
+                TensorProto.INT64: "int64", TensorProto.UINT8: "uint8", TensorProto.INT8: "int8",
+                TensorProto.UINT16: "uint16", TensorProto.INT4: "int4"}
+ALIGN = 64  # byte alignment of each tensor in the external-data file
+
+
+class ExternalData:
+    """One part's external-data file: each named tensor is appended once and referenced by
+    every graph of the part (offset/length in the ``external_data`` fields of the ONNX spec)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.location = path.name
+        self.entries: dict[str, tuple[int, int, int, tuple[int, ...]]] = {}  # name -> (offset, length, type, dims)
+        self._f = open(path, "wb")
+        self._pos = 0
+
+    def add(self, name: str, array: np.ndarray, onnx_type: int | None = None, dims: tuple[int, ...] | None = None) -> TensorProto:
+        """Write ``array`` (once per name) and return an initializer that points at it.
+
+        ``onnx_type``/``dims`` override the array's own (for int4, ``array`` holds packed bytes)."""
+        if name not in self.entries:
+            raw = np.ascontiguousarray(array)  # written from its own buffer: no bytes copy of a 2 GB lm_head
+            pad = (-self._pos) % ALIGN
+            self._f.write(b"\0" * pad)
+            self._pos += pad
+            t = onnx_type or NP_TO_ONNX[array.dtype]
+            self.entries[name] = (self._pos, raw.nbytes, t, tuple(dims if dims is not None else array.shape))
+            self._f.write(raw.reshape(-1).view(np.uint8))
+            self._pos += raw.nbytes
+        offset, length, t, dims = self.entries[name]
+        tensor = TensorProto(name=name, data_type=t, dims=dims)
+        tensor.data_location = TensorProto.EXTERNAL
+        for k, v in (("location", self.location), ("offset", str(offset)), ("length", str(length))):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = k, v
+        return tensor
+
+    @property
+    def nbytes(self) -> int:
+        return sum(length for _, length, _, _ in self.entries.values())
+
+    def close(self) -> None:
+        self._f.close()
+
+
+@dataclass
+class IOSpec:
+    """One graph input/output: name, static shape, dtype name (``float32``, ``uint8``...)."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+
+
+class GraphBuilder:
+    """Accumulates nodes, inputs, outputs and initializers of one graph.
+
+    ``weight()`` stores big tensors in the part's :class:`ExternalData`; ``const()`` embeds small
+    ones in the model. ``op()`` returns the (first) output name of the node it adds.
+    """
+
+    def __init__(self, name: str, data: ExternalData, float_type: int):
+        self.name = name
+        self.data = data
+        self.T = float_type
+        self.nodes: list[onnx.NodeProto] = []
+        self.inputs: list[onnx.ValueInfoProto] = []
+        self.outputs: list[onnx.ValueInfoProto] = []
+        self.initializers: list[TensorProto] = []
+        self._init_names: set[str] = set()
+        self._n = 0
+
+    @property
+    def np_float(self):
+        return np.float16 if self.T == TensorProto.FLOAT16 else np.float32
+
+    def input(self, name: str, elem_type: int, shape) -> str:
+        self.inputs.append(helper.make_tensor_value_info(name, elem_type, list(shape)))
+        return name
+
+    def output(self, name: str, elem_type: int, shape) -> None:
+        self.outputs.append(helper.make_tensor_value_info(name, elem_type, list(shape)))
+
+    def fresh(self, hint: str) -> str:
+        self._n += 1
+        return f"{hint}_{self._n}"
+
+    def weight(self, name: str, array: np.ndarray, onnx_type: int | None = None) -> str:
+        """An initializer stored in the part's external-data file (written once per part)."""
+        if name not in self._init_names:
+            self.initializers.append(self.data.add(name, array, onnx_type))
+            self._init_names.add(name)
+        return name
+
+    def const(self, hint: str, array: np.ndarray) -> str:
+        name = self.fresh(hint)
+        self.initializers.append(numpy_helper.from_array(np.asarray(array), name))
+        return name
+
+    def op(self, op_type: str, inputs: list[str], out: str | None = None, n_out: int = 1, **attrs):
+        outs = [out] if out and n_out == 1 else [self.fresh(op_type.lower()) for _ in range(n_out)]
+        self.nodes.append(helper.make_node(op_type, inputs, outs, name=self.fresh("n_" + op_type), **attrs))
+        return outs[0] if n_out == 1 else outs
+
+    def model(self) -> onnx.ModelProto:
+        graph = helper.make_graph(self.nodes, self.name, self.inputs, self.outputs, self.initializers)
+        m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="qwen-ondevice")
+        m.ir_version = IR_VERSION
+        return m
+
+
+class WeightSource:
+    """Float weights of a part, transposed for MatMul and cast to the graph's float type.
+
+    Projections are stored (in, out) so the graph computes ``x @ W``; q_proj's weight and bias
+    carry the folded 1/sqrt(D) softmax scale, exactly as modeling.DecoderLayer does.
+    """
+
+    def __init__(self, cfg: ModelConfig, weights: WeightStore, np_dtype):
+        self.cfg = cfg
+        self.w = weights
+        self.dtype = np_dtype
+
+    def tensor(self, name: str, transpose: bool = False, scale: float = 1.0) -> np.ndarray:
+        t = self.w.get(name)
+        if scale != 1.0:
+            t = t * scale
+        a = t.numpy()
+        return np.ascontiguousarray(a.T if transpose else a).astype(self.dtype, copy=False)
+
+
+def _rms_norm(b: GraphBuilder, x: str, weight_name: str, ws: WeightSource, eps: float) -> str:
+    """RMSNorm as one ``SimplifiedLayerNormalization`` node (ONNX Runtime's RMSNorm, computed
+    in fp32 internally; the QNN HTP maps it to its fused RmsNorm op). A decomposed
+    Mul/ReduceMean/Sqrt chain would square Qwen2's outlier activations inside 16-bit tensors."""
+    return b.op("SimplifiedLayerNormalization", [x, b.weight(weight_name, ws.tensor(weight_name))], axis=-1, epsilon=eps)
+
+
+def _linear(b: GraphBuilder, x: str, w_name: str, ws: WeightSource, bias_name: str | None = None, scale: float = 1.0) -> str:
+    y = b.op("MatMul", [x, b.weight(w_name, ws.tensor(w_name, transpose=True, scale=scale))])
+    if bias_name:
+        y = b.op("Add", [y, b.weight(bias_name, ws.tensor(bias_name, scale=scale))])
+    return y
+
+
+def _rope(b: GraphBuilder, x: str, cos: str, sin: str, half: int) -> str:
+    """rotate-half RoPE on (..., AR, D) with cos/sin (1, 1, AR, D/2)."""
+    x1, x2 = b.op("Split", [x, b.const("split", np.array([half, half], np.int64))], n_out=2, axis=-1)
+    a = b.op("Sub", [b.op("Mul", [x1, cos]), b.op("Mul", [x2, sin])])
+    c = b.op("Add", [b.op("Mul", [x2, cos]), b.op("Mul", [x1, sin])])
+    return b.op("Concat", [a, c], axis=-1)
+
+
+def shift_by_row_max(b: GraphBuilder, scores: str) -> str:
+    """``scores - max(scores, axis=-1)`` (KVH, G, AR, CL): the shift softmax makes internally,
+    made explicit so that the softmax input is <= 0 with its maximum at exactly 0.
+
+    Softmax is invariant to it, so the float graph is unchanged. It is there for the NPU: Qwen2's
+    attention scores get large (rows attending to the first token), and the HTP's uint16 Softmax
+    loses the differences between such large inputs (measured on the HTP simulator, see
+    docs/numerics.md). On shifted inputs it only has to resolve [-MASK_MARGIN, 0] (see
+    :data:`qwen_ondevice.quantize.qdq.MASK_MARGIN`).
+    """
+    row_max = b.op("ReduceMax", [scores, b.const("axes", np.array([-1], np.int64))], keepdims=1)  # (KVH, G, AR, 1)
+    return b.op("Sub", [scores, row_max])
+
+
+def key_offset_name(layer: int) -> str:
+    """The initializer (KVH, 1, 1, D) added to the layer's keys after RoPE (``key_center``): minus
+    the key center c."""
+    return f"model.layers.{layer}.self_attn.key_offset"
+
+
+def _decoder_layer(b: GraphBuilder, cfg: ModelConfig, ws: WeightSource, layer: int, hidden: str, mask: str,
+                   cos: str, sin: str, AR: int, P: int, key_center: bool = False) -> str:
+    """Add one decoder layer; returns the new hidden (1, AR, H). Adds the layer's KV I/O.
+
+    ``key_center``: the keys are stored minus a constant vector c (KVH, 1, 1, D), zeros here and
+    set by the export's key-centering stage (:mod:`qwen_ondevice.quantize.kv_equalize`). Exact for
+    attention: q . (k - c) = q . k - q . c, and q . c is the same for every key of a query's row,
+    which softmax ignores. The graph adds the offset -c (:func:`key_offset_name`) rather than
+    subtracting c: the HTP truncates where it requantizes a Sub's output, and rounds an Add's
+    (with Sub the stored keys came out low on the HTP simulator; docs/numerics.md)."""
+    H, D, KVH, G = cfg.hidden_size, cfg.head_dim, cfg.num_key_value_heads, cfg.num_key_value_groups
+    n = layer_weight_names(layer)
+    pk = b.input(f"past_key_{layer}_in", b.T, (KVH, 1, D, P))
+    pv = b.input(f"past_value_{layer}_in", b.T, (KVH, 1, P, D))
+    scale = 1.0 / math.sqrt(D)
+
+    x = _rms_norm(b, hidden, n["input_layernorm"], ws, cfg.rms_norm_eps)
+    q = _linear(b, x, n["q_proj.weight"], ws, n["q_proj.bias"], scale=scale)  # (1, AR, NH*D)
+    k = _linear(b, x, n["k_proj.weight"], ws, n["k_proj.bias"])  # (1, AR, KVH*D)
+    v = _linear(b, x, n["v_proj.weight"], ws, n["v_proj.bias"])
+    q = b.op("Transpose", [b.op("Reshape", [q, b.const("shape", np.array([AR, KVH, G, D], np.int64))])], perm=[1, 2, 0, 3])
+    k = b.op("Transpose", [b.op("Reshape", [k, b.const("shape", np.array([AR, KVH, 1, D], np.int64))])], perm=[1, 2, 0, 3])
+    b.op("Transpose", [b.op("Reshape", [v, b.const("shape", np.array([AR, KVH, 1, D], np.int64))])],
+         out=f"past_value_{layer}_out", perm=[1, 2, 0, 3])  # (KVH, 1, AR, D)
+    b.output(f"past_value_{layer}_out", b.T, (KVH, 1, AR, D))
+    q = _rope(b, q, cos, sin, D // 2)  # (KVH, G, AR, D)
+    k = _rope(b, k, cos, sin, D // 2)  # (KVH, 1, AR, D)
+    if key_center:
+        k = b.op("Add", [k, b.weight(key_offset_name(layer), np.zeros((KVH, 1, 1, D), b.np_float))])
+    b.op("Transpose", [k], out=f"past_key_{layer}_out", perm=[0, 1, 3, 2])  # (KVH, 1, D, AR)
+    b.output(f"past_key_{layer}_out", b.T, (KVH, 1, D, AR))
+
+    keys = b.op("Concat", [pk, f"past_key_{layer}_out"], axis=3)  # (KVH, 1, D, CL)
+    values = b.op("Concat", [pv, f"past_value_{layer}_out"], axis=2)  # (KVH, 1, CL, D)
+    scores = b.op("Add", [b.op("MatMul", [q, keys]), mask])  # (KVH, G, AR, CL)
+    if b.T != TensorProto.FLOAT:
+        scores = b.op("Cast", [scores], to=TensorProto.FLOAT)
+    probs = b.op("Softmax", [shift_by_row_max(b, scores)], axis=-1)
+    if b.T != TensorProto.FLOAT:
+        probs = b.op("Cast", [probs], to=b.T)
+    attn = b.op("MatMul", [probs, values])  # (KVH, G, AR, D)
+    attn = b.op("Reshape", [b.op("Transpose", [attn], perm=[2, 0, 1, 3]), b.const("shape", np.array([1, AR, H], np.int64))])
+    hidden = b.op("Add", [hidden, _linear(b, attn, n["o_proj.weight"], ws)])
+
+    x = _rms_norm(b, hidden, n["post_attention_layernorm"], ws, cfg.rms_norm_eps)
+    gate = _linear(b, x, n["gate_proj.weight"], ws)
+    up = _linear(b, x, n["up_proj.weight"], ws)
+    act = b.op("Mul", [b.op("Mul", [gate, b.op("Sigmoid", [gate])]), up])  # SiLU(gate) * up
+    return b.op("Add", [hidden, _linear(b, act, n["down_proj.weight"], ws)])
+
+
+def build_part_graph(cfg: ModelConfig, weights: WeightStore, part: PartSpec, ar: int, cl: int,
+                     data: ExternalData, precision: str = "fp32",
+                     key_center: bool = False) -> tuple[onnx.ModelProto, list[IOSpec], list[IOSpec]]:
+    """The ONNX model of ``part`` at AR ``ar`` and CL ``cl``, with its I/O signature.
+
+    I/O (docs/graph-contract.md): part 1 ``input_ids`` (1, AR) int32 -> ``hidden_states_0``
+    (1, AR, H); a decoder part with layers [a, b) ``hidden_states_{a}``, ``attention_mask`` (1, 1, AR, CL),
+    ``position_ids_cos``/``_sin`` (1, 1, AR, D/2), ``past_key_{l}_in`` (KVH, 1, D, P),
+    ``past_value_{l}_in`` (KVH, 1, P, D) -> ``hidden_states_{b}`` or ``logits`` (1, AR, V),
+    ``past_key_{l}_out`` (KVH, 1, D, AR), ``past_value_{l}_out`` (KVH, 1, AR, D).
+    Float tensors are float32 (``fp32``) or float16 (``fp16``). ``key_center`` adds each layer's
+    key-center subtraction (see :func:`_decoder_layer`; the quantized exports use it).
+    """
+    T = TensorProto.FLOAT16 if precision == "fp16" else TensorProto.FLOAT
+    b = GraphBuilder(f"{part.name}_ar{ar}_cl{cl}", data, T)
+    ws = WeightSource(cfg, weights, b.np_float)
+    H, D, V = cfg.hidden_size, cfg.head_dim, cfg.vocab_size
+    if part.embedding:
+        ids = b.input("input_ids", TensorProto.INT32, (1, ar))
+        table = b.weight("model.embed_tokens.weight", ws.tensor("model.embed_tokens.weight"))
+        b.op("Gather", [table, ids], out=part.hidden_out, axis=0)
+        b.output(part.hidden_out, T, (1, ar, H))
+    else:
+        P = cl - ar
+        hidden = b.input(part.hidden_in, T, (1, ar, H))
+        mask = b.input("attention_mask", T, (1, 1, ar, cl))
+        cos = b.input("position_ids_cos", T, (1, 1, ar, D // 2))
+        sin = b.input("position_ids_sin", T, (1, 1, ar, D // 2))
+        for layer in part.layers:
+            hidden = _decoder_layer(b, cfg, ws, layer, hidden, mask, cos, sin, ar, P, key_center)
+            weights.release()  # the layer's pages of the memory map stop counting in RSS
+        if part.head:
+            x = _rms_norm(b, hidden, "model.norm.weight", ws, cfg.rms_norm_eps)
+            b.op("MatMul", [x, b.weight("lm_head.weight", ws.tensor("lm_head.weight", transpose=True))], out="logits")
+            b.output("logits", T, (1, ar, V))
+        else:
+            b.op("Identity", [hidden], out=part.hidden_out)
+            b.output(part.hidden_out, T, (1, ar, H))
+    # Order the outputs: hidden/logits first, then the KV outputs by layer.
+    b.outputs.sort(key=lambda vi: (vi.name.startswith("past_"), _kv_order(vi.name)))
+    model = b.model()
+    return model, io_signature(b.inputs), io_signature(b.outputs)
+
+
+def _kv_order(name: str) -> tuple[int, int]:
+    if not name.startswith("past_"):
+        return (0, 0)
+    parts = name.split("_")
+    return (int(parts[2]), 0 if parts[1] == "key" else 1)
+
+
+def io_signature(values: list[onnx.ValueInfoProto]) -> list[IOSpec]:
+    out = []
+    for vi in values:
+        t = vi.type.tensor_type
+        out.append(IOSpec(vi.name, tuple(d.dim_value for d in t.shape.dim), ONNX_TO_NAME[t.elem_type]))
+    return out

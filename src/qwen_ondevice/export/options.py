@@ -1,0 +1,152 @@
+"""What ``export`` was asked for, and the resumable state of an export in ``BUNDLE/.export``."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from qwen_ondevice.core.bundle import MANIFEST
+from qwen_ondevice.core.checkpoint import Checkpoint
+from qwen_ondevice.core.errors import UserError
+from qwen_ondevice.core.jsonio import write_json
+from qwen_ondevice.core.progress import log
+from qwen_ondevice.qnn.ep_options import DEFAULT_HTP_OPTIMIZATION
+
+STATE_DIR = ".export"
+PRECISIONS = ("fp32", "fp16", "w8a16", "w4a16")
+QUANTIZED = ("w8a16", "w4a16")
+DEFAULT_PRECISION = "w4a16"
+DEFAULT_CALIBRATION_TOKENS = 4096
+#: w4a16 int4 block size: on the demo model, blocks of 32 give +6.4% perplexity and 88.3% top-1
+#: against float over 16,368 WikiText-2 tokens, where one scale per output channel gave +15.7% /
+#: 79.7% (README "Accuracy"). 32 is also the block of the GGUF Q4_K weights the demo comes from.
+DEFAULT_WEIGHT_BLOCK_SIZE = 32
+
+
+@dataclass
+class ExportOptions:
+    """What ``export`` was asked for; a resume must be asked for the same."""
+
+    model: str
+    precision: str = DEFAULT_PRECISION
+    prompt_length: int = 128
+    context_length: int = 4096
+    num_parts: int | None = None
+    max_part_bytes: int | None = None
+    calibration_text: str | None = None  # None: the WikiText-2 validation text shipped with the package
+    calibration_tokens: int = DEFAULT_CALIBRATION_TOKENS
+    weight_method: str = "gptq"
+    int8_fraction: float = 0.1
+    # w4a16: int4 scales per block of this many input rows, on the LPBQ grid (weight_quant.lpbq_scales);
+    # None: one scale per output channel
+    weight_block_size: int | None = DEFAULT_WEIGHT_BLOCK_SIZE
+    smooth_alpha: float = 0.0  # SmoothQuant strength for the MLP down_proj input (0: off; quantize/smoothing.py)
+    down_proj_headroom: float = 1.0  # uint16 range of the down_proj input, widened (qdq.activation_encodings)
+    kv_equalize: bool = True  # per-RoPE-pair key scales folded into q_proj/k_proj before calibration (quantize/kv_equalize.py)
+    key_center: bool = True  # keys stored minus their calibrated per-channel midrange (quantize/kv_equalize.py)
+    residual: str = "fp16"  # the residual stream's precision: "fp16" (float, fp16 on the HTP) or "uint16"
+    eval_tokens: int = 2048  # held-out tokens scored for report.json (0 skips the accuracy report)
+    eval_window: int = 1024
+    chipset: str = "snapdragon-8-elite"  # QNN context binaries for this chipset; "none" skips (qnn/compile.py)
+    htp_optimization: int = DEFAULT_HTP_OPTIMIZATION  # HTP graph finalization level (qnn/compile.py): 3 ships, 1 builds fastest
+    keep_intermediates: bool = False  # keep the float graphs and calibration files in BUNDLE/.export
+
+    @property
+    def ar_lengths(self) -> list[int]:
+        return [self.prompt_length, 1] if self.prompt_length != 1 else [1]
+
+
+#: Options that change no graph and no weight. A resume asked for other values keeps every
+#: finished part and redoes only the stages they decide: the accuracy report (``eval_*``) and
+#: the context binaries of the chipset at the optimization level asked (``chipset``,
+#: ``htp_optimization``); binaries already compiled for another chipset stay in the bundle.
+FINISHING_OPTIONS = {"eval_tokens": ("report",), "eval_window": ("report",), "chipset": (), "htp_optimization": (),
+                     "keep_intermediates": ()}
+
+
+def _graph_options(options: dict) -> dict:
+    return {k: v for k, v in options.items() if k not in FINISHING_OPTIONS}
+
+
+class ExportState:
+    """The stamps of finished stages, in ``BUNDLE/.export/state.json``."""
+
+    def __init__(self, out: Path, options: ExportOptions):
+        self.path = out / STATE_DIR / "state.json"
+        self.options = asdict(options)
+        self.done: dict[str, dict] = {}
+
+    def load(self) -> bool:
+        """Load an earlier state; True when it exists and was made with the same graph options
+        (all but :data:`FINISHING_OPTIONS`). Stages that a changed finishing option decides are
+        dropped, so they run again; the manifest is always rewritten then."""
+        if not self.path.exists():
+            return False
+        state = json.loads(self.path.read_text())
+        earlier = state.get("options") or {}
+        if _graph_options(earlier) != _graph_options(self.options):
+            return False
+        self.done = state.get("done", {})
+        changed = [k for k in FINISHING_OPTIONS if k in earlier and earlier[k] != self.options[k]]
+        if changed:
+            log("resume with other " + ", ".join(f"--{k.replace('_', '-')} ({earlier[k]} -> {self.options[k]})" for k in changed)
+                + ": the finished parts are kept")
+            for stage in {"manifest", *(s for k in changed for s in FINISHING_OPTIONS[k])}:
+                self.done.pop(stage, None)
+        return True
+
+    def mark(self, stage: str, info: dict | None = None) -> None:
+        self.done[stage] = info or {}
+        self._write()
+
+    def forget(self, stages) -> None:
+        """Drop the stamps of ``stages`` (their files are about to be rewritten)."""
+        for stage in list(stages):
+            self.done.pop(stage, None)
+        self._write()
+
+    def _write(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(self.path, {"options": self.options, "done": self.done}, indent=1)
+
+
+def prepare_output(out: Path, options: ExportOptions, force: bool) -> ExportState:
+    """Make ``out`` ready: new, resumable (same options) or, with ``force``, emptied.
+
+    Raises:
+        UserError: ``out`` is a file, or a non-empty folder that is not an export with the same
+            options (nothing is touched then).
+    """
+    state = ExportState(out, options)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: exists and is not a folder")
+    if force and out.exists():
+        shutil.rmtree(out)
+    if out.exists() and any(out.iterdir()):
+        if state.load():
+            log(f"resuming the export in {out} (finished: {', '.join(state.done) or 'nothing'})")
+            return state
+        what = "an export with other options" if (out / STATE_DIR).exists() or (out / MANIFEST).exists() else "other files"
+        raise UserError(f"{out}: folder holds {what}; choose another --out or pass --force to overwrite it")
+    out.mkdir(parents=True, exist_ok=True)
+    return state
+
+
+def check_options(options: ExportOptions, ckpt: Checkpoint) -> None:
+    """Raises UserError for an unknown precision, AR >= CL, or CL beyond the checkpoint."""
+    if options.precision not in PRECISIONS:
+        raise UserError(f"unknown precision {options.precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if options.prompt_length < 1 or options.prompt_length >= options.context_length:
+        raise UserError(
+            f"--prompt-length (AR) {options.prompt_length} must be at least 1 and below --context-length (CL) {options.context_length}"
+        )
+    if options.context_length > ckpt.config.max_position_embeddings:
+        raise UserError(
+            f"--context-length {options.context_length} exceeds what the checkpoint reaches "
+            f"(max_position_embeddings {ckpt.config.max_position_embeddings})"
+        )
+    from qwen_ondevice.qnn.chipsets import check_chipset_option
+
+    check_chipset_option(options.chipset, options.precision)

@@ -1,0 +1,1 @@
+"""``serve``: the OpenAI-compatible HTTP server: protocol models, the engine's worker thread, the app."""
