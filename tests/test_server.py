@@ -1,9 +1,10 @@
 """The OpenAI-compatible server against a real uvicorn server on 127.0.0.1.
 
-Tiny random Qwen2 checkpoints (seconds) carry almost every test; one test runs the real demo
-model. Expected texts and token counts come from the library itself (``generate`` on a second
-engine opened with the same context and prompt lengths), so the server is checked to return
-exactly what the toolchain generates.
+Tiny random Qwen2 checkpoints (seconds) carry almost every test, on the torch backend and on an
+exported bundle (ort-cpu); one test runs the real demo model. Greedy texts are checked against
+transformers (its own tokenizer, chat template and ``generate``): an independent path. Sampled
+texts (seeded) have no independent reference, since the sampler's random stream is our own: they
+are checked against ``generate`` on a second engine with the same context and prompt lengths.
 """
 
 import json
@@ -13,8 +14,10 @@ import time
 import httpx
 import openai
 import pytest
+import torch
 import uvicorn
 
+from qwen_ondevice.cli.main import main
 from qwen_ondevice.runtime.generate import generate
 from qwen_ondevice.runtime.open_model import open_runtime
 from qwen_ondevice.runtime.sampling import SamplingParams
@@ -92,6 +95,37 @@ def client(server):
     return server.client()
 
 
+class HFGreedy:
+    """Greedy generation with transformers alone: its tokenizer, chat template and ``generate``."""
+
+    def __init__(self, path):
+        from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        self.tok = AutoTokenizer.from_pretrained(path)
+        self.eos = GenerationConfig.from_pretrained(path).eos_token_id
+
+    def chat_ids(self, messages) -> list[int]:
+        out = self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+        return list(out["input_ids"])
+
+    def __call__(self, prompt_ids: list[int], max_tokens: int) -> tuple[str, int, str]:
+        """(text, completion tokens, finish reason) of a greedy reply of at most ``max_tokens``."""
+        with torch.no_grad():
+            out = self.model.generate(torch.tensor([prompt_ids]), max_new_tokens=max_tokens, do_sample=False,
+                                      eos_token_id=self.eos, pad_token_id=self.eos[0], top_k=None, top_p=None,
+                                      temperature=None)
+        new = out[0, len(prompt_ids):].tolist()
+        if new and new[-1] in self.eos:
+            return self.tok.decode(new[:-1]), len(new) - 1, "stop"
+        return self.tok.decode(new), len(new), "length"
+
+
+@pytest.fixture(scope="module")
+def hf(tiny_path):
+    return HFGreedy(tiny_path)
+
+
 def chat_ids(ref, messages):
     return ref.tokenizer.apply_chat_template(messages)
 
@@ -125,18 +159,18 @@ def test_models_and_health(server, client):
     assert health == {"status": "ok", "model": name, "backend": "torch", "context_length": CL, "busy": False, "queued": 0}
 
 
-def test_chat_greedy_matches_library(client, ref):
-    want = ref(chat_ids(ref, HELLO), 12, temperature=0.0)
+def test_chat_greedy_matches_transformers(client, hf):
+    text, n, finish = hf(hf.chat_ids(HELLO), 12)
     r = client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=12, temperature=0)
     assert r.object == "chat.completion"
     assert r.choices[0].message.role == "assistant"
-    assert r.choices[0].message.content == want.text
-    assert r.choices[0].finish_reason == want.finish_reason == "length"
-    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(chat_ids(ref, HELLO)), 12)
+    assert r.choices[0].message.content == text
+    assert r.choices[0].finish_reason == finish == "length"
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(hf.chat_ids(HELLO)), n) == (r.usage.prompt_tokens, 12)
     assert r.usage.total_tokens == r.usage.prompt_tokens + 12
     # max_completion_tokens is the same limit under its newer name
     r2 = client.chat.completions.create(model="tiny", messages=HELLO, max_completion_tokens=5, temperature=0)
-    assert r2.usage.completion_tokens == 5 and want.text.startswith(r2.choices[0].message.content)
+    assert r2.usage.completion_tokens == 5 and r2.choices[0].message.content == hf(hf.chat_ids(HELLO), 5)[0]
 
 
 def test_stream_equals_non_stream_with_seed(client, ref):
@@ -161,7 +195,7 @@ def test_stream_equals_non_stream_with_seed(client, ref):
     assert other.choices[0].message.content != want.text
 
 
-def test_sse_wire_format_and_usage(server, ref):
+def test_sse_wire_format_and_usage(server, ref, hf):
     msgs = [{"role": "user", "content": "Count to five."}]
     body = {"messages": msgs, "max_tokens": 7, "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
     with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=60) as r:
@@ -176,11 +210,10 @@ def test_sse_wire_format_and_usage(server, ref):
     *choice_chunks, usage_chunk = objs
     assert all(o["usage"] is None and len(o["choices"]) == 1 for o in choice_chunks)
     assert usage_chunk["choices"] == [] and usage_chunk["object"] == "chat.completion.chunk"
-    want = ref(chat_ids(ref, msgs), 7, temperature=0.0)
-    assert "".join(o["choices"][0]["delta"].get("content", "") for o in choice_chunks) == want.text
-    assert usage_chunk["usage"] == {"prompt_tokens": len(chat_ids(ref, msgs)), "completion_tokens": len(want.token_ids),
-                                    "total_tokens": len(chat_ids(ref, msgs)) + len(want.token_ids)}
-    assert ref.tokenizer.decode(want.token_ids) == want.text
+    text, n, _ = hf(hf.chat_ids(msgs), 7)
+    assert "".join(o["choices"][0]["delta"].get("content", "") for o in choice_chunks) == text
+    assert usage_chunk["usage"] == {"prompt_tokens": len(hf.chat_ids(msgs)), "completion_tokens": n,
+                                    "total_tokens": len(hf.chat_ids(msgs)) + n}
 
 
 def test_include_usage_counts_with_openai_client(client, ref):
@@ -194,18 +227,18 @@ def test_include_usage_counts_with_openai_client(client, ref):
     assert "".join(c.choices[0].delta.content or "" for c in chunks[:-1]) == want.text
 
 
-def test_completions_raw_text(client, ref):
+def test_completions_raw_text(client, hf):
     prompt = "def add(a, b):\n"
-    ids = ref.tokenizer.encode(prompt)
-    want = ref(ids, 10, temperature=0.0)
+    ids = hf.tok.encode(prompt)
+    text, n, finish = hf(ids, 10)
     r = client.completions.create(model="tiny", prompt=prompt, max_tokens=10, temperature=0)
     assert r.object == "text_completion"
-    assert r.choices[0].text == want.text and r.choices[0].finish_reason == "length"
-    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(ids), 10)
+    assert r.choices[0].text == text and r.choices[0].finish_reason == finish == "length"
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(ids), n)
     # a list of token ids is the same prompt
-    assert client.completions.create(model="tiny", prompt=ids, max_tokens=10, temperature=0).choices[0].text == want.text
+    assert client.completions.create(model="tiny", prompt=ids, max_tokens=10, temperature=0).choices[0].text == text
     chunks = list(client.completions.create(model="tiny", prompt=prompt, max_tokens=10, temperature=0, stream=True))
-    assert "".join(c.choices[0].text for c in chunks) == want.text
+    assert "".join(c.choices[0].text for c in chunks) == text
     assert [c.choices[0].finish_reason for c in chunks][-1] == "length"
     assert all(c.choices[0].finish_reason is None for c in chunks[:-1])
 
@@ -611,6 +644,38 @@ def test_context_end(small, endpoint):
         assert f"Your prompt is {n} tokens, {over} too many" in err["message"]
         ok = client.completions.create(model="x", prompt="hello", max_tokens=2, temperature=0)
         assert ok.usage.completion_tokens == 2
+
+
+# ----------------------------------------------------------------------------------------------
+# An exported bundle on ort-cpu (fp32: its logits are transformers' to float rounding, so the
+# greedy replies must be transformers' own)
+
+
+@pytest.fixture(scope="module")
+def bundle_server(tiny_path, tmp_path_factory):
+    out = tmp_path_factory.mktemp("server_bundle") / "fp32"
+    assert main(["--quiet", "export", str(tiny_path), "--out", str(out), "--precision", "fp32",
+                 "--prompt-length", "16", "--context-length", "256", "--eval-tokens", "0"]) == 0
+    srv = LiveServer(open_runtime(str(out)))
+    yield srv
+    srv.close()
+
+
+def test_bundle_on_ort_cpu_serves_transformers_greedy_replies(bundle_server, hf):
+    health = httpx.get(bundle_server.url + "/health").json()
+    assert (health["backend"], health["context_length"]) == ("ort-cpu", 256)
+    client = bundle_server.client()
+    msgs = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name three rivers in Europe."}]
+    text, n, finish = hf(hf.chat_ids(msgs), 20)  # a prompt over one AR-16 chunk: prefill runs twice
+    r = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=20, temperature=0)
+    assert (r.choices[0].message.content, r.usage.completion_tokens, r.choices[0].finish_reason) == (text, n, finish)
+    assert r.usage.prompt_tokens == len(hf.chat_ids(msgs)) > 16
+    pieces, chunks = stream_chat(client, model="tiny", messages=msgs, max_tokens=20, temperature=0)
+    assert "".join(pieces) == text and chunks[-1].choices[0].finish_reason == finish
+    ids = hf.tok.encode("The capital of France is")
+    text, n, finish = hf(ids, 12)
+    r = client.completions.create(model="tiny", prompt="The capital of France is", max_tokens=12, temperature=0)
+    assert (r.choices[0].text, r.usage.completion_tokens, r.choices[0].finish_reason) == (text, n, finish)
 
 
 # ----------------------------------------------------------------------------------------------
