@@ -64,6 +64,17 @@ def test_metrics_overall_and_by_position_match_torch():
     assert "positions 12-14: perplexity ratio" in r.format()
 
 
+def test_window_metrics_in_blocks_equal_one_block():
+    from qwen_ondevice.eval.evaluate import window_metrics
+
+    ids = [int(x) for x in np.random.default_rng(2).integers(0, V, WINDOW)]
+    a, b = FixedLogits(1, 2.0).logits_all(ids), FixedLogits(2, 2.0).logits_all(ids)
+    whole = window_metrics(a, b, ids, rows_per_block=WINDOW)
+    for block in (1, 4, 7):
+        for x, y in zip(window_metrics(a, b, ids, rows_per_block=block), whole):
+            np.testing.assert_array_equal(x, y)
+
+
 def test_identical_engines_score_ratio_one_and_no_kl():
     ids = [int(x) for x in np.random.default_rng(1).integers(0, V, 2 * WINDOW)]
     r = evaluate_engines(FixedLogits(3, 1.0), FixedLogits(3, 1.0), ids, WINDOW)

@@ -39,7 +39,7 @@ class AccuracyReport:
     top1_agreement: float
     mean_kl: float
     seconds: float
-    host_numerics: str = "exact"  # of the bundle's ort-cpu run (backends.ort_backend.HOST_NUMERICS)
+    host_numerics: str = "exact"  # of the bundle's ort-cpu run (runtime.backends.ort_backend.HOST_NUMERICS)
     #: With ``by_position``: per span of window positions, ``positions`` [start, end), ``tokens``
     #: and the same metrics over that span.
     by_position: list[dict] = field(default_factory=list)
@@ -70,21 +70,29 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
     return out
 
 
-def window_metrics(logits: np.ndarray, ref_logits: np.ndarray, ids: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def window_metrics(logits: np.ndarray, ref_logits: np.ndarray, ids: list[int],
+                   rows_per_block: int = 1024) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """For one window, per position that predicts a next token (W - 1 of them): the bundle's NLL,
     the reference's NLL, whether their top-1 tokens agree, and KL(reference || bundle), each
-    (W - 1,) float64 (nats). logits, ref_logits: (W, V) float32; ids: the W token ids."""
-    target = np.asarray(ids[1:])
-    lp = _log_softmax(logits[:-1])
-    lr = _log_softmax(ref_logits[:-1])
-    rows = np.arange(len(target))
-    nll = -lp[rows, target].astype(np.float64)
-    nll_ref = -lr[rows, target].astype(np.float64)
-    top1 = (lp.argmax(-1) == lr.argmax(-1)).astype(np.float64)
-    lp -= lr  # lp - lr, in place: KL(ref || bundle) = sum p_ref (lr - lp)
-    np.exp(lr, out=lr)
-    kl = -np.einsum("ij,ij->i", lr, lp, dtype=np.float64)
-    return nll, nll_ref, top1, kl
+    (W - 1,) float64 (nats). logits, ref_logits: (W, V) float32; ids: the W token ids. Works in
+    blocks of ``rows_per_block`` positions, so a 4096-position window over a 152k vocabulary
+    holds four 0.6 GB scratch arrays beside the two logits arrays, not four of 2.5 GB."""
+    n = len(ids) - 1
+    out = np.empty((4, n))
+    for r0 in range(0, n, rows_per_block):
+        r1 = min(n, r0 + rows_per_block)
+        target = np.asarray(ids[r0 + 1 : r1 + 1])
+        lp = _log_softmax(logits[r0:r1])
+        lr = _log_softmax(ref_logits[r0:r1])
+        rows = np.arange(r1 - r0)
+        out[0, r0:r1] = -lp[rows, target]
+        out[1, r0:r1] = -lr[rows, target]
+        out[2, r0:r1] = lp.argmax(-1) == lr.argmax(-1)
+        lp -= lr  # lp - lr, in place: KL(ref || bundle) = sum p_ref (lr - lp)
+        np.exp(lr, out=lr)
+        out[3, r0:r1] = -np.einsum("ij,ij->i", lr, lp, dtype=np.float64)
+        del lp, lr
+    return out[0], out[1], out[2], out[3]
 
 
 def evaluate_engines(engine, reference, ids: list[int], window: int, text_name: str = "",
@@ -153,7 +161,7 @@ def evaluate_bundle(bundle: Path, reference: str | None = None, text: str | None
     """Evaluate a bundle against its float reference (default: the model it was exported from).
 
     ``host_numerics``: ``exact`` (the device simulation) or ``fast`` (ort-cpu only; see
-    ``backends.ort_backend.HOST_NUMERICS``), to measure what the fast mode costs.
+    ``runtime.backends.ort_backend.HOST_NUMERICS``), to measure what the fast mode costs.
     ``by_position``: see :func:`evaluate_engines`.
 
     Raises:

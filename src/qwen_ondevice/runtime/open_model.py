@@ -33,7 +33,7 @@ def open_runtime(model: str, backend: str | None = None, context_length: int = 4
 
     A bundle runs on ``ort-cpu`` unless ``backend`` says otherwise; a checkpoint runs on ``torch``
     with the given context length (a bundle's context length is fixed by its graphs).
-    ``host_numerics`` (``exact`` / ``fast``, see ``backends.ort_backend.HOST_NUMERICS``) applies
+    ``host_numerics`` (``exact`` / ``fast``, see ``runtime.backends.ort_backend.HOST_NUMERICS``) applies
     to a bundle on ``ort-cpu`` only.
 
     Raises:
@@ -66,7 +66,7 @@ def open_runtime(model: str, backend: str | None = None, context_length: int = 4
 
 def open_bundle_runtime(root: Path, backend: str, host_numerics: str = "exact") -> Runtime:
     """A :class:`~qwen_ondevice.runtime.open_model.Runtime` over a bundle on ``ort-cpu`` (with
-    ``host_numerics``, see ``backends.ort_backend.HOST_NUMERICS``) or ``qnn-htp``.
+    ``host_numerics``, see ``runtime.backends.ort_backend.HOST_NUMERICS``) or ``qnn-htp``.
 
     Raises:
         UserError: a bad bundle (see :func:`read_manifest`), or a backend it cannot run.
