@@ -20,7 +20,6 @@ import onnx
 
 from qwen_ondevice.core.encodings import DATA_MOVEMENT
 from qwen_ondevice.core.errors import UserError
-from qwen_ondevice.core.onnx_data import read_initializer
 from qwen_ondevice.core.progress import bar
 from qwen_ondevice.runtime.engine import make_call_inputs
 
@@ -201,32 +200,18 @@ def tracked_tensors(model: onnx.ModelProto, hidden_in: str | None) -> dict[str, 
 class Calibrator:
     """Accumulates :class:`TensorStats` from the arrays a calibration call returns."""
 
-    def __init__(self, kinds: dict[str, set[str]], hessians: bool, rng_seed: int = 0, sample_per_call: int = 4096,
-                 key_sweep: KeySweep | None = None):
+    def __init__(self, kinds: dict[str, set[str]], hessians: bool, rng_seed: int = 0, sample_per_call: int = 4096):
         self.kinds = kinds
-        self.key_sweep = key_sweep
         self.hessians = hessians
         self.stats = {name: TensorStats() for name in kinds}
         self.rng = np.random.default_rng(rng_seed)
         self.sample_per_call = sample_per_call
 
-    def update(self, name: str, x: np.ndarray, positions: np.ndarray | None = None) -> None:
-        """Fold one call's values of tensor ``name`` into its statistics. With a ``key_sweep``
-        that names this tensor (a key-cache output, (KVH, 1, D, AR)) and the tokens'
-        ``positions`` (AR,), its ranges cover every cache position (:func:`swept_key_range`)."""
+    def update(self, name: str, x: np.ndarray) -> None:
         s = self.stats[name]
         kinds = self.kinds[name]
         x = np.asarray(x, np.float32)
         s.lo, s.hi = min(s.lo, float(x.min())), max(s.hi, float(x.max()))
-        sweep = self.key_sweep
-        if sweep is not None and positions is not None and name in sweep.offsets:
-            o = sweep.offsets[name]
-            lo, hi = swept_key_range(x - o.reshape(x.shape[0], 1, -1, 1), positions, sweep.inv_freq, sweep.context_length)
-            lo, hi = lo + o, hi + o
-            s.lo, s.hi = min(s.lo, float(lo.min())), max(s.hi, float(hi.max()))
-            if "key_channel_range" in kinds:
-                _channel_range(s, np.stack([lo, hi]))
-            kinds = kinds - {"key_channel_range"}
         if "norm_io" in kinds:
             m = np.abs(x.reshape(-1, x.shape[-1])).max(axis=0)
             s.channel_absmax = m if s.channel_absmax is None else np.maximum(s.channel_absmax, m)
@@ -281,59 +266,6 @@ def _channel_range(s: TensorStats, rows: np.ndarray) -> None:
     lo, hi = rows.min(axis=0), rows.max(axis=0)
     s.channel_lo = lo if s.channel_lo is None else np.minimum(s.channel_lo, lo)
     s.channel_hi = hi if s.channel_hi is None else np.maximum(s.channel_hi, hi)
-
-
-def _cos_range(start: np.ndarray, length: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """min and max of cos over the angle arcs [start, start + length] (radians, elementwise)."""
-    two_pi = 2 * np.pi
-    end = start + length
-    ends_lo, ends_hi = np.minimum(np.cos(start), np.cos(end)), np.maximum(np.cos(start), np.cos(end))
-    full = length >= two_pi
-    has_max = full | (np.ceil(start / two_pi) * two_pi <= end)  # a multiple of 2 pi inside
-    has_min = full | (np.ceil((start - np.pi) / two_pi) * two_pi + np.pi <= end)  # an odd multiple of pi
-    return np.where(has_min, -1.0, ends_lo), np.where(has_max, 1.0, ends_hi)
-
-
-def swept_key_range(keys: np.ndarray, positions: np.ndarray, inv_freq: np.ndarray,
-                    context_length: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per-channel min and max (KVH * D,) float64 that the keys of these tokens would take at
-    *any* cache position 0 .. CL - 2, from one sighting of each.
-
-    ``keys`` (KVH, 1, D, N): keys after RoPE (rotate-half: channel j pairs with j + D/2, rotated
-    by angle position x inv_freq[j]), with any constant per-channel offset already removed;
-    ``positions`` (N,) the positions they were computed at; ``inv_freq`` (D/2,).
-
-    A pair (a, b) rotated to angle phi has a = r cos(phi), b = r sin(phi), with r invariant; over
-    the positions of the cache phi sweeps an arc of (CL - 2) x inv_freq from the token's angle at
-    position 0, so each channel's extremes are r times the extremes of cos / sin on that arc
-    (exact). Calibration sequences are shorter than CL (docs/numerics.md): without the sweep the
-    uint8 key cache never saw the keys of the later positions, whose slowly rotating channels
-    leave the range measured on the first ones.
-    """
-    KVH, _, D, N = keys.shape
-    half = D // 2
-    k = np.asarray(keys, np.float64).reshape(KVH, D, N)
-    a, b = k[:, :half, :], k[:, half:, :]  # (KVH, D/2, N)
-    r = np.hypot(a, b)
-    theta = np.asarray(inv_freq, np.float64)[None, :, None]
-    start = np.arctan2(b, a) - np.asarray(positions, np.float64)[None, None, :] * theta  # the angle at position 0
-    length = np.broadcast_to((context_length - 2) * theta, start.shape)
-    cos_lo, cos_hi = _cos_range(start, length)
-    sin_lo, sin_hi = _cos_range(start - np.pi / 2, length)  # sin(x) = cos(x - pi/2)
-    lo = np.concatenate([(r * cos_lo).min(axis=2), (r * sin_lo).min(axis=2)], axis=1)  # (KVH, D)
-    hi = np.concatenate([(r * cos_hi).max(axis=2), (r * sin_hi).max(axis=2)], axis=1)
-    return lo.reshape(-1), hi.reshape(-1)
-
-
-@dataclass
-class KeySweep:
-    """What :meth:`Calibrator.update` needs to sweep the key cache over every position: the RoPE
-    ``inv_freq`` (D/2,), the context length, and per key-cache output name the constant offset
-    the graph adds after RoPE (KVH * D,) (the key center, zero before centering)."""
-
-    inv_freq: np.ndarray
-    context_length: int
-    offsets: dict[str, np.ndarray]
 
 
 @dataclass
@@ -421,7 +353,6 @@ def calibrate_part(
     hessians: bool = False,
     label: str = "",
     spill: Path | None = None,
-    rope_inv_freq: np.ndarray | None = None,
 ) -> tuple[PartStats, np.ndarray]:
     """Run one part's float AR graph over every calibration chunk, one :class:`Segment` (decoder
     layer) at a time; returns its statistics and its outputs per chunk (hidden states
@@ -434,27 +365,11 @@ def calibrate_part(
     the hidden states of every chunk twice, and, with ``spill`` (a file stem), only one layer's
     Hessians: they are written to ``<spill>.hessian<k>.npy`` when the layer is done and kept as
     read-only memory maps. Nothing held grows with the number of layers.
-
-    With ``rope_inv_freq`` (D/2,), the ranges of the key-cache outputs cover every cache
-    position, not only those of the calibration sequences (:func:`swept_key_range`).
     """
     import onnxruntime as ort
 
-    from qwen_ondevice.export.onnx_graph import key_offset_name
-
     model = onnx.load(str(float_graph), load_external_data=False)
-    sweep = None
-    if rope_inv_freq is not None:
-        inits = {t.name: t for t in model.graph.initializer}
-        offsets = {}
-        for l in part.layers:
-            name = f"past_key_{l}_out"
-            if name in kinds:
-                o = inits.get(key_offset_name(l))
-                offsets[name] = (np.zeros(kv_shape[0] * kv_shape[1]) if o is None
-                                 else read_initializer(o, float_graph.parent).astype(np.float64).reshape(-1))
-        sweep = KeySweep(np.asarray(rope_inv_freq, np.float64), plan.context_length, offsets)
-    cal = Calibrator(kinds, hessians, key_sweep=sweep)
+    cal = Calibrator(kinds, hessians)
     AR, CL = plan.ar, plan.context_length
     P = CL - AR
     KVH, D = kv_shape
@@ -495,9 +410,8 @@ def calibrate_part(
                     feeds[f"past_key_{l}_in"] = keys[l]
                     feeds[f"past_value_{l}_in"] = values[l]
             res = dict(zip(out_names, sess.run(out_names, feeds)))
-            positions = n_past + np.arange(AR)
             for name in mine:
-                cal.update(name, feeds[name] if name in feeds else res[name], positions)
+                cal.update(name, feeds[name] if name in feeds else res[name])
             for l in seg.layers:
                 if n_past + AR <= P:
                     keys[l][..., n_past : n_past + AR] = res[f"past_key_{l}_out"]

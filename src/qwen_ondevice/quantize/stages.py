@@ -27,7 +27,7 @@ from qwen_ondevice.core.encodings import Encoding
 from qwen_ondevice.core.onnx_data import read_initializer
 from qwen_ondevice.core.parts import PartSpec
 from qwen_ondevice.core.progress import bar, log
-from qwen_ondevice.core.rope import rope_inv_freq, rope_tables
+from qwen_ondevice.core.rope import rope_tables
 from qwen_ondevice.export.onnx_graph import ExternalData
 from qwen_ondevice.quantize.calibrate import CalibrationPlan, PartStats, calibrate_part, tracked_tensors
 from qwen_ondevice.quantize.qdq import activation_encodings, check_quantized_graph, quantize_graph, residual_stream
@@ -255,7 +255,7 @@ def calibrate_stage(part: PartSpec, float_dir: Path, float_info: dict, plan: Cal
     cos, sin = rope_tables(cfg, np.arange(plan.context_length))
     stats, outs = calibrate_part(graph, kinds, plan, part, (cfg.num_key_value_heads, cfg.head_dim), hidden_in,
                                  cos, sin, mask_value, hessians, label=part.name,
-                                 spill=calib_dir / f"part_{part.index}.stats", rope_inv_freq=rope_inv_freq(cfg))
+                                 spill=calib_dir / f"part_{part.index}.stats")
     stats.save(calib_dir / f"part_{part.index}.stats.npz")
     if not part.head:
         tmp = calib_dir / f"part_{part.index}.hidden.partial.npy"
@@ -286,8 +286,7 @@ def equalize_stage(part: PartSpec, float_dir: Path, float_info: dict, plan: Cali
     hidden_in = np.load(calib_dir / f"part_{part.index - 1}.hidden.npy", mmap_mode="r")[: len(sub.chunks)]
     cos, sin = rope_tables(cfg, np.arange(plan.context_length))
     stats, _ = calibrate_part(graph, kinds, sub, part, (cfg.num_key_value_heads, cfg.head_dim), np.asarray(hidden_in),
-                              cos, sin, mask_value, label=f"{part.name} (key equalization)",
-                              rope_inv_freq=rope_inv_freq(cfg))
+                              cos, sin, mask_value, label=f"{part.name} (key equalization)")
     absmax = {n: np.maximum(np.abs(st.channel_lo), np.abs(st.channel_hi)) for n, st in stats.tensors.items()}
     key_ranges = {l: (stats.tensors[f"past_key_{l}_out"].channel_lo, stats.tensors[f"past_key_{l}_out"].channel_hi)
                   for l in part.layers}
