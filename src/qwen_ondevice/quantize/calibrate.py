@@ -27,9 +27,10 @@ if TYPE_CHECKING:
     from qwen_ondevice.core.parts import PartSpec
 
 
-#: Calibration sequence length cap (tokens). Tried: one 4096-token sequence instead of two of
-#: 2048 for the demo at CL 4096 (so that the KV-cache encodings see every position) measured
-#: clearly worse on the report's windows of 1024 (README "Accuracy"), so the cap stays.
+#: Calibration sequence length cap (tokens). Tried for the demo at CL 4096, so that the KV-cache
+#: encodings cover every position: one 4096-token sequence instead of two of 2048 (clearly worse),
+#: and key ranges swept over every cache position (no better past position 2048); README
+#: "Accuracy" has both, so the cap stays.
 CALIBRATION_SEQ_LEN = 2048
 
 
