@@ -709,7 +709,10 @@ def test_serve_command_serves_until_interrupted(tiny_path):
         r = httpx.post(url + "/v1/completions", json={"prompt": "Hello", "max_tokens": 3, "temperature": 0}, timeout=60)
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(30) == 130  # main()'s status for an interrupted command, as a shell reports Ctrl-C
+        # uvicorn shuts down gracefully on SIGINT; depending on when the signal lands, it returns
+        # (exit 0) or re-raises it after the shutdown (main()'s 130, as a shell reports Ctrl-C)
+        assert proc.wait(30) in (0, 130)
+        assert "Traceback" not in proc.stderr.read()
     finally:
         proc.kill()
         proc.wait()
