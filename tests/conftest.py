@@ -29,6 +29,18 @@ def real_text(chars: int = 20000, offset: int = 0) -> str:
     return text
 
 
+@pytest.fixture(scope="module")
+def module_dir(request, tmp_path_factory):
+    """A folder for one test module's exports, deleted once the module's tests are done.
+
+    A demo bundle is GBs; kept until the end of the session, the suite's bundles would add up to
+    several times the disk its largest module needs.
+    """
+    folder = tmp_path_factory.mktemp(request.module.__name__.rsplit(".", 1)[-1])
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def demo_checkpoint():
     """The real demo model (Qwen2.5-Coder-0.5B-Instruct), assembled and converted once."""

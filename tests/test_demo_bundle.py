@@ -17,8 +17,8 @@ PROMPT = "Write a Python function that returns the n-th Fibonacci number."
 
 
 @pytest.fixture(scope="module")
-def demo_fp32_bundle(demo_checkpoint, tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo") / "fp32"
+def demo_fp32_bundle(demo_checkpoint, module_dir):
+    out = module_dir / "fp32"
     export(ExportOptions(model="demo", precision="fp32", context_length=1024, eval_tokens=0), out)
     return out
 

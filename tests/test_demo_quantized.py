@@ -21,28 +21,28 @@ CL = 1024  # short context: the graphs' attention is over CL, and CI time matter
 EVAL_TOKENS = 3072
 
 
-def _export(tmp_path_factory, name: str, **options):
-    out = tmp_path_factory.mktemp("demo") / name
+def _export(folder, name: str, **options):
+    out = folder / name
     export(ExportOptions(model="demo", context_length=CL, calibration_tokens=4096, eval_tokens=EVAL_TOKENS,
                          eval_window=1024, chipset="none", **options), out)
     return out
 
 
 @pytest.fixture(scope="module")
-def demo_w4a16(demo_checkpoint, tmp_path_factory):
-    return _export(tmp_path_factory, "w4a16", precision="w4a16")
+def demo_w4a16(demo_checkpoint, module_dir):
+    return _export(module_dir, "w4a16", precision="w4a16")
 
 
 @pytest.fixture(scope="module")
-def demo_w8a16(demo_checkpoint, tmp_path_factory):
-    return _export(tmp_path_factory, "w8a16", precision="w8a16")
+def demo_w8a16(demo_checkpoint, module_dir):
+    return _export(module_dir, "w8a16", precision="w8a16")
 
 
 @pytest.fixture(scope="module")
-def demo_w4a16_5_parts(demo_checkpoint, tmp_path_factory):
+def demo_w4a16_5_parts(demo_checkpoint, module_dir):
     """The default w4a16 export split into 5 parts: the embedding, then 4 parts of decoder layers,
     so 3 mid-model boundaries where the residual stream crosses as one uint16 tensor."""
-    return _export(tmp_path_factory, "w4a16_5_parts", precision="w4a16", num_parts=5)
+    return _export(module_dir, "w4a16_5_parts", precision="w4a16", num_parts=5)
 
 
 def _accuracy(bundle) -> dict:
