@@ -3,6 +3,9 @@
 Letters: AR tokens per call, CL context length, P = CL - AR past length, H hidden, D head_dim,
 NH attention heads, KVH KV heads, G = NH / KVH, V vocab, I FFN size.
 
+The layer's arithmetic is :func:`qwen_ondevice.core.layer.decoder_layer`, shared with the ONNX
+graphs; this module holds the weights and runs it on torch tensors.
+
 Every module is a pure function of its inputs (no state between calls): the host owns the KV
 cache, the positions (given as cos/sin tables) and the additive attention mask. Keys are kept
 transposed, ``(KVH, 1, D, P)``; values ``(KVH, 1, P, D)``; a call returns only the AR new entries.
@@ -22,6 +25,7 @@ from torch import nn
 from qwen_ondevice.core import rope
 from qwen_ondevice.core.checkpoint import WeightStore
 from qwen_ondevice.core.config import ModelConfig
+from qwen_ondevice.core.layer import decoder_layer
 from qwen_ondevice.core.parts import PartSpec, layer_weight_names
 
 
@@ -94,32 +98,61 @@ class DecoderLayer(nn.Module):
         past_key: torch.Tensor,  # (KVH, 1, D, P)
         past_value: torch.Tensor,  # (KVH, 1, P, D)
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Returns hidden (1, AR, H), new keys (KVH, 1, D, AR), new values (KVH, 1, AR, D)."""
-        _, AR, H = hidden.shape
-        KVH, D = self.cfg.num_key_value_heads, self.cfg.head_dim
-        G = self.cfg.num_key_value_groups
+        """Returns hidden (1, AR, H), new keys (KVH, 1, D, AR), new values (KVH, 1, AR, D)
+        (:func:`qwen_ondevice.core.layer.decoder_layer`)."""
+        return decoder_layer(_TorchLayerOps(self, cos, sin), self.cfg, hidden, attention_mask, past_key, past_value)
 
-        x = self.input_layernorm(hidden)
-        q = self.q_proj(x).view(AR, KVH, G, D).permute(1, 2, 0, 3)  # (KVH, G, AR, D), pre-scaled
-        k = self.k_proj(x).view(AR, KVH, 1, D).permute(1, 2, 0, 3)  # (KVH, 1, AR, D)
-        v = self.v_proj(x).view(AR, KVH, 1, D).permute(1, 2, 0, 3)  # (KVH, 1, AR, D)
-        q = apply_rope(q, cos, sin)
-        k = apply_rope(k, cos, sin)
-        new_key = k.transpose(-1, -2)  # (KVH, 1, D, AR)
 
-        keys = torch.cat([past_key, new_key], dim=-1)  # (KVH, 1, D, CL)
-        values = torch.cat([past_value, v], dim=-2)  # (KVH, 1, CL, D)
-        scores = torch.matmul(q, keys) + attention_mask  # (KVH, G, AR, CL)
-        scores = scores.to(torch.float32)
-        scores = scores - scores.amax(-1, keepdim=True)  # as onnx_graph.shift_by_row_max (exact)
-        probs = torch.softmax(scores, dim=-1).to(q.dtype)
-        attn = torch.matmul(probs, values)  # (KVH, G, AR, D)
-        attn = attn.permute(2, 0, 1, 3).reshape(1, AR, H)
-        hidden = hidden + self.o_proj(attn)
+class _TorchLayerOps:
+    """:class:`qwen_ondevice.core.layer.LayerOps` in torch eager, over a :class:`DecoderLayer`'s
+    weights and one call's cos/sin tables (1, 1, AR, D/2)."""
 
-        x = self.post_attention_layernorm(hidden)
-        hidden = hidden + self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-        return hidden, new_key, v
+    def __init__(self, layer: DecoderLayer, cos: torch.Tensor, sin: torch.Tensor):
+        self.layer = layer
+        self.cos, self.sin = cos, sin
+        self.kv_heads, self.head_dim = layer.cfg.num_key_value_heads, layer.cfg.head_dim
+
+    def rms_norm(self, x, role):
+        return getattr(self.layer, role)(x)
+
+    def linear(self, x, role):
+        return getattr(self.layer, role)(x)
+
+    def split_heads(self, x, groups, value_output=False):
+        return x.view(x.shape[1], self.kv_heads, groups, self.head_dim).permute(1, 2, 0, 3)
+
+    def rope(self, x):
+        return apply_rope(x, self.cos, self.sin)
+
+    def center_keys(self, k):
+        return k  # the float reference keeps the keys as computed
+
+    def key_output(self, k):
+        return k.transpose(-1, -2)
+
+    def concat(self, a, b, axis):
+        return torch.cat([a, b], dim=axis)
+
+    def matmul(self, a, b):
+        return torch.matmul(a, b)
+
+    def add(self, a, b):
+        return a + b
+
+    def mul(self, a, b):
+        return a * b
+
+    def silu(self, x):
+        return F.silu(x)
+
+    def softmax(self, scores):
+        shifted = scores.to(torch.float32)
+        shifted = shifted - shifted.amax(-1, keepdim=True)
+        return torch.softmax(shifted, dim=-1).to(scores.dtype)
+
+    def merge_heads(self, x):
+        kv_heads, groups, ar, d = x.shape
+        return x.permute(2, 0, 1, 3).reshape(1, ar, kv_heads * groups * d)
 
 
 class EmbeddingPart(nn.Module):

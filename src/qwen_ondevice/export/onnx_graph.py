@@ -1,9 +1,10 @@
 """ONNX graphs of the parts (docs/graph-contract.md), written node by node with ``onnx.helper``.
 
 Each part is built twice, for AR-128 (prompt processor) and AR-1 (token generator); both graphs
-point their initializers at one external-data file, written once (:class:`ExternalData`). The
-ops mirror :mod:`qwen_ondevice.core.modeling` one for one (MatMul/Softmax attention, no contrib ops),
-so ONNX Runtime and the QNN HTP both take every node.
+point their initializers at one external-data file, written once (:class:`ExternalData`). A
+decoder layer is :func:`qwen_ondevice.core.layer.decoder_layer`, the float reference's own
+definition, run on a graph builder: its ops add plain nodes (MatMul/Softmax attention, no contrib
+ops), so ONNX Runtime and the QNN HTP both take every node.
 
 Letters: AR, CL, P = CL - AR, H, D, NH, KVH, G = NH / KVH, I, V (see core/modeling.py).
 """
@@ -20,6 +21,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from qwen_ondevice.core.checkpoint import WeightStore
 from qwen_ondevice.core.config import ModelConfig
+from qwen_ondevice.core.layer import decoder_layer
 from qwen_ondevice.core.parts import PartSpec, layer_weight_names
 
 OPSET = 21
@@ -205,55 +207,88 @@ def key_offset_name(layer: int) -> str:
     return f"model.layers.{layer}.self_attn.key_offset"
 
 
-def _decoder_layer(b: GraphBuilder, cfg: ModelConfig, ws: WeightSource, layer: int, hidden: str, mask: str,
-                   cos: str, sin: str, AR: int, P: int, key_center: bool = False) -> str:
-    """Add one decoder layer; returns the new hidden (1, AR, H). Adds the layer's KV I/O.
+class _OnnxLayerOps:
+    """:class:`qwen_ondevice.core.layer.LayerOps` on a :class:`GraphBuilder`: each op adds its
+    nodes to the graph of decoder layer ``layer`` and returns the name of its output.
 
     ``key_center``: the keys are stored minus a constant vector c (KVH, 1, 1, D), zeros here and
     set by the export's key-centering stage (:mod:`qwen_ondevice.quantize.kv_equalize`). Exact for
     attention: q . (k - c) = q . k - q . c, and q . c is the same for every key of a query's row,
     which softmax ignores. The graph adds the offset -c (:func:`key_offset_name`) rather than
     subtracting c: the HTP truncates where it requantizes a Sub's output, and rounds an Add's
-    (with Sub the stored keys came out low on the HTP simulator; docs/numerics.md)."""
-    H, D, KVH, G = cfg.hidden_size, cfg.head_dim, cfg.num_key_value_heads, cfg.num_key_value_groups
-    n = layer_weight_names(layer)
-    pk = b.input(f"past_key_{layer}_in", b.T, (KVH, 1, D, P))
-    pv = b.input(f"past_value_{layer}_in", b.T, (KVH, 1, P, D))
-    scale = 1.0 / math.sqrt(D)
+    (with Sub the stored keys came out low on the HTP simulator; docs/numerics.md).
+    """
 
-    x = _rms_norm(b, hidden, n["input_layernorm"], ws, cfg.rms_norm_eps)
-    q = _linear(b, x, n["q_proj.weight"], ws, n["q_proj.bias"], scale=scale)  # (1, AR, NH*D)
-    k = _linear(b, x, n["k_proj.weight"], ws, n["k_proj.bias"])  # (1, AR, KVH*D)
-    v = _linear(b, x, n["v_proj.weight"], ws, n["v_proj.bias"])
-    q = b.op("Transpose", [b.op("Reshape", [q, b.const("shape", np.array([AR, KVH, G, D], np.int64))])], perm=[1, 2, 0, 3])
-    k = b.op("Transpose", [b.op("Reshape", [k, b.const("shape", np.array([AR, KVH, 1, D], np.int64))])], perm=[1, 2, 0, 3])
-    b.op("Transpose", [b.op("Reshape", [v, b.const("shape", np.array([AR, KVH, 1, D], np.int64))])],
-         out=f"past_value_{layer}_out", perm=[1, 2, 0, 3])  # (KVH, 1, AR, D)
-    b.output(f"past_value_{layer}_out", b.T, (KVH, 1, AR, D))
-    q = _rope(b, q, cos, sin, D // 2)  # (KVH, G, AR, D)
-    k = _rope(b, k, cos, sin, D // 2)  # (KVH, 1, AR, D)
-    if key_center:
-        k = b.op("Add", [k, b.weight(key_offset_name(layer), np.zeros((KVH, 1, 1, D), b.np_float))])
-    b.op("Transpose", [k], out=f"past_key_{layer}_out", perm=[0, 1, 3, 2])  # (KVH, 1, D, AR)
-    b.output(f"past_key_{layer}_out", b.T, (KVH, 1, D, AR))
+    BIASED = ("q_proj", "k_proj", "v_proj")
 
-    keys = b.op("Concat", [pk, f"past_key_{layer}_out"], axis=3)  # (KVH, 1, D, CL)
-    values = b.op("Concat", [pv, f"past_value_{layer}_out"], axis=2)  # (KVH, 1, CL, D)
-    scores = b.op("Add", [b.op("MatMul", [q, keys]), mask])  # (KVH, G, AR, CL)
-    if b.T != TensorProto.FLOAT:
-        scores = b.op("Cast", [scores], to=TensorProto.FLOAT)
-    probs = b.op("Softmax", [shift_by_row_max(b, scores)], axis=-1)
-    if b.T != TensorProto.FLOAT:
-        probs = b.op("Cast", [probs], to=b.T)
-    attn = b.op("MatMul", [probs, values])  # (KVH, G, AR, D)
-    attn = b.op("Reshape", [b.op("Transpose", [attn], perm=[2, 0, 1, 3]), b.const("shape", np.array([1, AR, H], np.int64))])
-    hidden = b.op("Add", [hidden, _linear(b, attn, n["o_proj.weight"], ws)])
+    def __init__(self, b: GraphBuilder, cfg: ModelConfig, ws: WeightSource, layer: int, cos: str, sin: str, ar: int,
+                 key_center: bool):
+        self.b, self.cfg, self.ws, self.layer = b, cfg, ws, layer
+        self.cos, self.sin, self.ar = cos, sin, ar
+        self.key_center = key_center
+        self.names = layer_weight_names(layer)
 
-    x = _rms_norm(b, hidden, n["post_attention_layernorm"], ws, cfg.rms_norm_eps)
-    gate = _linear(b, x, n["gate_proj.weight"], ws)
-    up = _linear(b, x, n["up_proj.weight"], ws)
-    act = b.op("Mul", [b.op("Mul", [gate, b.op("Sigmoid", [gate])]), up])  # SiLU(gate) * up
-    return b.op("Add", [hidden, _linear(b, act, n["down_proj.weight"], ws)])
+    def rms_norm(self, x, role):
+        return _rms_norm(self.b, x, self.names[role], self.ws, self.cfg.rms_norm_eps)
+
+    def linear(self, x, role):
+        bias = self.names[f"{role}.bias"] if role in self.BIASED else None
+        scale = 1.0 / math.sqrt(self.cfg.head_dim) if role == "q_proj" else 1.0
+        return _linear(self.b, x, self.names[f"{role}.weight"], self.ws, bias, scale=scale)
+
+    def split_heads(self, x, groups, value_output=False):
+        b, KVH, D = self.b, self.cfg.num_key_value_heads, self.cfg.head_dim
+        x = b.op("Reshape", [x, b.const("shape", np.array([self.ar, KVH, groups, D], np.int64))])
+        if not value_output:
+            return b.op("Transpose", [x], perm=[1, 2, 0, 3])
+        name = f"past_value_{self.layer}_out"
+        b.op("Transpose", [x], out=name, perm=[1, 2, 0, 3])
+        b.output(name, b.T, (KVH, 1, self.ar, D))
+        return name
+
+    def rope(self, x):
+        return _rope(self.b, x, self.cos, self.sin, self.cfg.head_dim // 2)
+
+    def center_keys(self, k):
+        if not self.key_center:
+            return k
+        offset = np.zeros((self.cfg.num_key_value_heads, 1, 1, self.cfg.head_dim), self.b.np_float)
+        return self.b.op("Add", [k, self.b.weight(key_offset_name(self.layer), offset)])
+
+    def key_output(self, k):
+        name = f"past_key_{self.layer}_out"
+        self.b.op("Transpose", [k], out=name, perm=[0, 1, 3, 2])
+        self.b.output(name, self.b.T, (self.cfg.num_key_value_heads, 1, self.cfg.head_dim, self.ar))
+        return name
+
+    def concat(self, a, b, axis):
+        return self.b.op("Concat", [a, b], axis=axis)
+
+    def matmul(self, a, b):
+        return self.b.op("MatMul", [a, b])
+
+    def add(self, a, b):
+        return self.b.op("Add", [a, b])
+
+    def mul(self, a, b):
+        return self.b.op("Mul", [a, b])
+
+    def silu(self, x):
+        return self.b.op("Mul", [x, self.b.op("Sigmoid", [x])])
+
+    def softmax(self, scores):
+        b = self.b
+        if b.T != TensorProto.FLOAT:
+            scores = b.op("Cast", [scores], to=TensorProto.FLOAT)
+        probs = b.op("Softmax", [shift_by_row_max(b, scores)], axis=-1)
+        if b.T != TensorProto.FLOAT:
+            probs = b.op("Cast", [probs], to=b.T)
+        return probs
+
+    def merge_heads(self, x):
+        b = self.b
+        shape = (1, self.ar, self.cfg.hidden_size)
+        return b.op("Reshape", [b.op("Transpose", [x], perm=[2, 0, 1, 3]), b.const("shape", np.array(shape, np.int64))])
 
 
 def build_part_graph(cfg: ModelConfig, weights: WeightStore, part: PartSpec, ar: int, cl: int,
@@ -267,7 +302,7 @@ def build_part_graph(cfg: ModelConfig, weights: WeightStore, part: PartSpec, ar:
     ``past_value_{l}_in`` (KVH, 1, P, D) -> ``hidden_states_{b}`` or ``logits`` (1, AR, V),
     ``past_key_{l}_out`` (KVH, 1, D, AR), ``past_value_{l}_out`` (KVH, 1, AR, D).
     Float tensors are float32 (``fp32``) or float16 (``fp16``). ``key_center`` adds each layer's
-    key-center subtraction (see :func:`_decoder_layer`; the quantized exports use it).
+    key-center subtraction (see :class:`_OnnxLayerOps`; the quantized exports use it).
     """
     T = TensorProto.FLOAT16 if precision == "fp16" else TensorProto.FLOAT
     b = GraphBuilder(f"{part.name}_ar{ar}_cl{cl}", data, T)
@@ -284,8 +319,12 @@ def build_part_graph(cfg: ModelConfig, weights: WeightStore, part: PartSpec, ar:
         mask = b.input("attention_mask", T, (1, 1, ar, cl))
         cos = b.input("position_ids_cos", T, (1, 1, ar, D // 2))
         sin = b.input("position_ids_sin", T, (1, 1, ar, D // 2))
+        KVH = cfg.num_key_value_heads
         for layer in part.layers:
-            hidden = _decoder_layer(b, cfg, ws, layer, hidden, mask, cos, sin, ar, P, key_center)
+            past_key = b.input(f"past_key_{layer}_in", T, (KVH, 1, D, P))
+            past_value = b.input(f"past_value_{layer}_in", T, (KVH, 1, P, D))
+            ops = _OnnxLayerOps(b, cfg, ws, layer, cos, sin, ar, key_center)
+            hidden, _, _ = decoder_layer(ops, cfg, hidden, mask, past_key, past_value)
             weights.release()  # the layer's pages of the memory map stop counting in RSS
         if part.head:
             x = _rms_norm(b, hidden, "model.norm.weight", ws, cfg.rms_norm_eps)

@@ -152,7 +152,7 @@ def is_row_max_shift(node: onnx.NodeProto, producers: dict[str, onnx.NodeProto])
 
 def tracked_tensors(model: onnx.ModelProto, hidden_in: str | None) -> dict[str, set[str]]:
     """Which float tensors of a float part graph need statistics, and which kinds
-    (``hidden_in``: the part's boundary input, :attr:`qwen_ondevice.core.modeling.PartSpec.hidden_in`).
+    (``hidden_in``: the part's boundary input, :attr:`qwen_ondevice.core.parts.PartSpec.hidden_in`).
 
     Returns name -> kinds, kinds from {"range", "matmul_input", "norm_io", "channel_range",
     "sample"} ("channel_range": per-channel min/max of the down_proj input and the up_proj

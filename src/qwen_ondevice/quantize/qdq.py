@@ -357,8 +357,8 @@ def residual_stream(model: onnx.ModelProto, hidden_in: str | None) -> list[str]:
     (two per layer, attention then MLP), in order, without a graph output.
 
     Found by walking from the part's boundary input ``hidden_in``
-    (:attr:`qwen_ondevice.core.modeling.PartSpec.hidden_in`): each residual Add reads the stream as its
-    first input (``onnx_graph._decoder_layer``). Empty for a graph without that input (the embedding).
+    (:attr:`qwen_ondevice.core.parts.PartSpec.hidden_in`): each residual Add reads the stream as its
+    first input (:func:`qwen_ondevice.core.layer.decoder_layer`). Empty for a graph without that input (the embedding).
     """
     g = model.graph
     if hidden_in is None or hidden_in not in {i.name for i in g.input}:
