@@ -241,6 +241,17 @@ def test_quantized_export_killed_in_each_stage_resumes_to_the_same_files(tiny_fa
     assert not (out / ".export" / "float").exists() and not (out / ".export" / "calib").exists()
 
 
+def test_progress_bar_shows_done_total_and_rate_and_nothing_without_work(capsys):
+    from qwen_ondevice.core.progress import bar, set_quiet
+
+    set_quiet(False)  # the default; CLI tests run with --quiet
+    assert list(bar([], desc="[quantize] part_1_of_2", unit="weight")) == []
+    assert capsys.readouterr().err == ""  # the embedding part has no MatMul weight: no empty bar
+    assert list(bar(range(3), desc="[quantize] part_2_of_2", unit="weight")) == [0, 1, 2]
+    err = capsys.readouterr().err
+    assert "[quantize] part_2_of_2" in err and "3/3" in err and "weight/s" in err, err
+
+
 def test_export_refuses_a_plan_the_machine_cannot_hold(tiny_factory, tmp_path, capsys, monkeypatch):
     """The estimate is checked before anything is written; the message names the stage and a way out."""
     import qwen_ondevice.export.footprint as footprint

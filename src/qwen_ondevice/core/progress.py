@@ -27,11 +27,13 @@ def log(msg: str) -> None:
 
 def bar(iterable=None, total: int | None = None, desc: str = "", unit: str = "it"):
     """A ``tqdm`` progress bar on stderr showing done/total, rate and time remaining (disabled
-    by ``set_quiet(True)``). Off a terminal it redraws at most every 10 s, so logs stay short."""
+    by ``set_quiet(True)``, and for nothing to do). Off a terminal it redraws at most every 10 s,
+    so logs stay short."""
     from tqdm import tqdm
 
     tty = sys.stderr.isatty()
-    return tqdm(iterable, total=total, desc=desc, unit=unit, file=sys.stderr, disable=_quiet, leave=True,
+    size = total if total is not None else (len(iterable) if hasattr(iterable, "__len__") else None)
+    return tqdm(iterable, total=total, desc=desc, unit=unit, file=sys.stderr, disable=_quiet or size == 0, leave=True,
                 mininterval=0.5 if tty else 10.0, dynamic_ncols=tty, ascii=not tty)
 
 

@@ -94,11 +94,11 @@ def equalize_part(graph_path: Path, layers: range, absmax: dict[str, np.ndarray]
     Centering (``center``): the graph stores ``RoPE(k) + o`` with the offset o = -c
     (onnx_graph.key_offset_name), c the per-channel midrange of the keys. q . c is one constant per query row, which softmax
     ignores, so attention is unchanged in float. It matters on the device: Qwen2's keys share a
-    large common part (k_proj biases), so raw attention scores reach ~1400 on the demo while
-    their spread within a row is ~70, and the HTP computes q . k with a relative error of about
-    4e-4 (measured on the simulator: up to 4 on such scores); centered, the scores are ~30x
-    smaller, and the largest |key| goes from 216 to 4.7 (a far finer uint8 key cache). o is updated as
-    ``(o - midrange) / s``, so a re-run on a finished part changes nothing.
+    large common part (k_proj biases), which makes the raw attention scores large against their
+    spread within a row, and the HTP computes q . k with a small relative error that such scores
+    turn into a large absolute one; centered, the scores and the uint8 key range shrink (the
+    measurements are in docs/numerics.md). o is updated as ``(o - midrange) / s``, so a re-run
+    on a finished part changes nothing.
     """
     from qwen_ondevice.export.onnx_graph import key_offset_name
 
