@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -18,7 +19,9 @@ def gguf_to_folder(gguf: Path, key: str | None = None) -> Path:
 
     Dequantizing a GGUF through ``transformers`` takes tens of seconds; the folder makes every
     later load a memory map. The conversion writes to a temporary folder and renames it when
-    complete, so an interrupted conversion is redone rather than half-used.
+    complete, so an interrupted conversion is redone rather than half-used; the temporary folder
+    is this process's own, so two processes converting at once (an export and a test run started
+    together on a fresh machine) both succeed and the first rename wins.
     """
     st = gguf.stat()
     if key is None:
@@ -32,7 +35,7 @@ def gguf_to_folder(gguf: Path, key: str | None = None) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tmp = out.with_name(out.name + ".partial")
+    tmp = out.with_name(f"{out.name}.partial-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
@@ -55,7 +58,12 @@ def gguf_to_folder(gguf: Path, key: str | None = None) -> Path:
     tok.save_pretrained(tmp)
     model.generation_config.save_pretrained(tmp)
     del model
-    tmp.rename(out)
+    try:
+        tmp.rename(out)
+    except OSError:  # another process finished the same conversion first
+        if not (out / "config.json").exists():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
