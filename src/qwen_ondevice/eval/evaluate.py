@@ -188,3 +188,21 @@ def evaluate_bundle(bundle: Path, reference: str | None = None, text: str | None
     report.host_numerics = host_numerics
     return report
 
+
+
+def evaluate_fidelity(bundle: Path, reference: str | None = None, prompts: int | None = None,
+                      max_new_tokens: int = 256, backend: str = "ort-cpu", host_numerics: str = "exact"):
+    """Generation fidelity of a bundle against its float reference (default: the model it was
+    exported from): :func:`qwen_ondevice.eval.fidelity.measure_fidelity` over the first
+    ``prompts`` prompts (all when None).
+
+    Raises:
+        UserError: a bad bundle, a missing reference, or a bad prompt count or length.
+    """
+    from qwen_ondevice.core.bundle import read_manifest
+    from qwen_ondevice.eval.fidelity import measure_fidelity
+    from qwen_ondevice.runtime.open_model import open_runtime
+
+    m = read_manifest(bundle)
+    rt = open_runtime(str(bundle), backend, host_numerics=host_numerics)
+    return measure_fidelity(rt.engine, rt.tokenizer, reference or m.data["model"]["source"], prompts, max_new_tokens)
