@@ -362,6 +362,13 @@ def test_inspect_reports_parts_ops_and_integrity(tiny_bundle, capsys):
     assert r["parts"][1]["graphs"][str(AR)]["ops"]["MatMul"] == 9 * layers_in_part2  # 7 projections + 2 attention
     assert r["kv_cache_bytes_per_token"] == 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 4
     assert r["kv_cache_bytes_full_context"] == r["kv_cache_bytes_per_token"] * CL
+    # a float bundle is read as its ONNX data, the embedding one fp32 row of H
+    sizes = r["bytes_per_token"]
+    assert sizes["weights_counted_from"] == "ONNX data"
+    emb = sizes["parts"][0]
+    assert emb["read_per_token"] == cfg.hidden_size * 4
+    data_bytes = sum((out / p["data"]).stat().st_size for p in read_manifest(out).parts)
+    assert sizes["weight_bytes_read_per_token"] == data_bytes - emb["onnx_data_bytes"] + cfg.hidden_size * 4
     assert main(["inspect", str(out)]) == 0
     text = capsys.readouterr().out
     assert "all" in text and "match their sha256" in text and "part_3_of_3" in text

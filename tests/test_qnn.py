@@ -85,6 +85,27 @@ def test_one_bin_per_part_with_both_graphs_inside(compiled):
         assert p["bin"] in m["files"] and all(g["wrapper"] in m["files"] for g in p["graphs"].values())
 
 
+def test_bytes_per_token_counts_the_binaries_and_one_embedding_row(compiled):
+    """What the device reads: each decoder part's .bin as it lies on disk, the embedding one int8
+    row of H with its uint16 row scale (the graph gathers both), the KV cache at CL; the ONNX data
+    (float32 LPBQ scales) is not it."""
+    from qwen_ondevice.core.bundle import bytes_per_token, read_manifest
+
+    out, manifest = compiled
+    m = read_manifest(out)
+    sizes = bytes_per_token(m)
+    assert sizes["weights_counted_from"] == "qnn .bin files"
+    H = m.config.hidden_size
+    emb, rest = sizes["parts"][0], sizes["parts"][1:]
+    assert emb["read_per_token"] == H + 2
+    folder = out / manifest["qnn"]["folder"]
+    for p in rest:
+        on_disk = (folder / f"{p['name']}.bin").stat().st_size
+        assert p["device_bytes"] == p["read_per_token"] == on_disk
+    assert sizes["weight_bytes_read_per_token"] == H + 2 + sum((folder / f"{p['name']}.bin").stat().st_size for p in rest)
+    assert sizes["bytes_per_token_full_context"] == sizes["weight_bytes_read_per_token"] + manifest["kv_cache"]["bytes_per_token"] * CL
+
+
 def test_all_compute_nodes_on_the_npu(compiled, capsys):
     out, m = compiled
     for p in m["qnn"]["parts"]:

@@ -173,21 +173,55 @@ class Manifest:
         return self.root / part["graphs"][str(ar)]["file"]
 
 
-def bytes_per_token(manifest: dict) -> dict:
-    """Bytes a generated token moves (bytes): every decoder weight once (the embedding part
-    reads one row), plus the KV cache at full context."""
-    cfg = manifest["model"]["config_json"]
-    parts = manifest["parts"]
-    weights = sum(p["weight_bytes"] for p in parts)
-    emb = sum(p["weight_bytes"] for p in parts if p["embedding"])
-    kv_token = manifest["kv_cache"]["bytes_per_token"]
-    read = weights - emb + emb // cfg["vocab_size"]
+def bytes_per_token(m: Manifest) -> dict:
+    """What the device reads per generated token (bytes), from what it actually holds.
+
+    - Weights: each part's QNN context binary (``qnn.parts[].bin_bytes``, measured file sizes) when
+      the bundle has them, else the part's weights as the HTP stores them, computed from its ONNX
+      graph (:func:`qwen_ondevice.core.onnx_data.device_weight_bytes`); a float bundle's ONNX data.
+      The ONNX data of a quantized bundle is not what the device reads (its LPBQ block scales are
+      float32 there).
+    - The embedding part counts one row (its weights / vocab size): decode gathers one.
+    - The KV cache at the bundle's context length (every slot is read by each token).
+
+    Returns a dict: ``weights_counted_from`` ('qnn .bin files', 'computed from the ONNX graphs'
+    or 'ONNX data'), per part its ``onnx_data_bytes``, ``device_bytes`` and ``read_per_token``,
+    the totals ``weight_bytes`` (ONNX data), ``device_weight_bytes``,
+    ``weight_bytes_read_per_token``, ``kv_cache_bytes_per_token``,
+    ``kv_cache_bytes_full_context`` and ``bytes_per_token_full_context``.
+    """
+    import onnx
+
+    from qwen_ondevice.core.onnx_data import device_weight_bytes
+
+    data = m.data
+    vocab = data["model"]["config_json"]["vocab_size"]
+    bins = {p["name"]: p["bin_bytes"] for p in (data.get("qnn") or {}).get("parts", [])}
+    quantized = data["precision"] in ("w8a16", "w4a16")
+    source = "qnn .bin files" if quantized and bins else "computed from the ONNX graphs" if quantized else "ONNX data"
+    parts = []
+    for p in data["parts"]:
+        if quantized:
+            graph = onnx.load(str(m.graph_path(p, min(int(a) for a in p["graphs"]))), load_external_data=False)
+            computed = device_weight_bytes(graph)
+        else:
+            computed = p["weight_bytes"]
+        device = bins.get(p["name"], computed) if quantized and bins else computed
+        parts.append({"name": p["name"], "onnx_data_bytes": p["weight_bytes"], "device_bytes": device,
+                      **({"bin_bytes": bins[p["name"]]} if p["name"] in bins else {}),
+                      "read_per_token": computed // vocab if p["embedding"] else device})
+    kv_token = data["kv_cache"]["bytes_per_token"]
+    read = sum(p["read_per_token"] for p in parts)
+    kv_full = kv_token * data["context_length"]
     return {
-        "weight_bytes": weights,
+        "weights_counted_from": source,
+        "parts": parts,
+        "weight_bytes": sum(p["onnx_data_bytes"] for p in parts),
+        "device_weight_bytes": sum(p["device_bytes"] for p in parts),
         "weight_bytes_read_per_token": read,
         "kv_cache_bytes_per_token": kv_token,
-        "kv_cache_bytes_full_context": kv_token * manifest["context_length"],
-        "bytes_per_token_full_context": read + kv_token * manifest["context_length"],
+        "kv_cache_bytes_full_context": kv_full,
+        "bytes_per_token_full_context": read + kv_full,
     }
 
 

@@ -19,3 +19,59 @@ def read_initializer(t: TensorProto, base: Path) -> np.ndarray:
              TensorProto.UINT8: np.uint8, TensorProto.UINT16: np.uint16}[t.data_type]
     arr = np.fromfile(base / info["location"], dtype=np.uint8, count=int(info["length"]), offset=int(info["offset"]))
     return arr.view(dtype).reshape(tuple(t.dims))
+
+
+#: Bytes the HTP keeps per LPBQ block scale. ONNX Runtime's QNN EP turns an int4
+#: DequantizeLinear with per-block float scales into QNN's BLOCKWISE_EXPANSION encoding
+#: (``ConvertBlockQuantScalesToLpbq``, onnxruntime qnn_utils.cc): one float scale per output
+#: channel and one 4-bit integer scale per block, stored in 8 bits (docs/numerics.md says how the
+#: .bin sizes confirm it).
+LPBQ_BLOCK_SCALE_BYTES = 1
+#: Bytes of a float32 per-channel (or per-row) scale.
+CHANNEL_SCALE_BYTES = 4
+_BITS = {TensorProto.INT4: 4, TensorProto.UINT4: 4, TensorProto.INT8: 8, TensorProto.UINT8: 8,
+         TensorProto.INT16: 16, TensorProto.UINT16: 16, TensorProto.FLOAT16: 16, TensorProto.FLOAT: 32,
+         TensorProto.INT32: 32, TensorProto.INT64: 64}
+
+
+def device_weight_bytes(model) -> int:
+    """Bytes the HTP stores for a quantized graph's weights (computed from the initializers'
+    shapes, no data read): each DequantizeLinear'd weight at its own width (int4 half a byte,
+    int8 one), its scales at :data:`CHANNEL_SCALE_BYTES` per output channel (or row) plus
+    :data:`LPBQ_BLOCK_SCALE_BYTES` per block when it has block scales, its all-zero zero points
+    not at all; every other initializer at its ONNX size.
+
+    model: an ``onnx.ModelProto`` (external data need not be loaded). Raises ValueError for an
+    initializer type it does not know.
+    """
+    inits = {t.name: t for t in model.graph.initializer}
+
+    def numel(t) -> int:
+        n = 1
+        for d in t.dims:
+            n *= d
+        return n
+
+    def nbytes(t) -> int:
+        if t.data_type not in _BITS:
+            raise ValueError(f"initializer {t.name}: ONNX type {t.data_type} has no known width")
+        return (numel(t) * _BITS[t.data_type] + 7) // 8
+
+    counted: set[str] = set()
+    total = 0
+    for node in model.graph.node:
+        if node.op_type != "DequantizeLinear" or node.input[0] not in inits or node.input[0] in counted:
+            continue
+        w, scale = inits[node.input[0]], inits.get(node.input[1])
+        counted.update(x for x in node.input if x)
+        total += nbytes(w)
+        if scale is None or numel(scale) <= 1:
+            continue
+        block = next((a.i for a in node.attribute if a.name == "block_size"), 0)
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 1) % max(len(w.dims), 1)
+        if block:  # scale (K / B, N): N channel scales, K / B * N block scales
+            channels = numel(w) // w.dims[axis]
+            total += channels * CHANNEL_SCALE_BYTES + numel(scale) * LPBQ_BLOCK_SCALE_BYTES
+        else:
+            total += numel(scale) * CHANNEL_SCALE_BYTES
+    return total + sum(nbytes(t) for name, t in inits.items() if name not in counted)

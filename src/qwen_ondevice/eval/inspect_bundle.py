@@ -43,7 +43,7 @@ def inspect_bundle(root: Path) -> dict:
             "weight_bytes": part["weight_bytes"],
             "graphs": graphs,
         })
-    sizes = bytes_per_token(m.data)
+    sizes = bytes_per_token(m)
     return {
         "bundle": str(root),
         "precision": m.precision,
@@ -55,6 +55,7 @@ def inspect_bundle(root: Path) -> dict:
         "kv_cache_bytes_per_token": sizes["kv_cache_bytes_per_token"],
         "kv_cache_bytes_full_context": sizes["kv_cache_bytes_full_context"],
         "bytes_read_per_token_full_context": sizes["bytes_per_token_full_context"],
+        "bytes_per_token": sizes,
         "qnn": _qnn_report(root, m.data.get("qnn")),
         "files": len(m.data["files"]),
         "bad_files": verify_files(m),
@@ -76,9 +77,12 @@ def format_report(r: dict) -> str:
     mb = lambda b: f"{b / 1e6:.1f} MB"  # noqa: E731
     lines = [
         f"bundle {r['bundle']}: {r['model']['source']}, precision {r['precision']}, AR {r['ar']}, CL {r['context_length']}",
-        f"weights {mb(r['weight_bytes'])}; KV cache {r['kv_cache_bytes_per_token']} B/token, "
-        f"{mb(r['kv_cache_bytes_full_context'])} at full context; "
-        f"read per generated token at full context {mb(r['bytes_read_per_token_full_context'])}",
+        f"weights {mb(r['weight_bytes'])} of ONNX data, {mb(r['bytes_per_token']['device_weight_bytes'])} on the device "
+        f"({r['bytes_per_token']['weights_counted_from']}); KV cache {r['kv_cache_bytes_per_token']} B/token, "
+        f"{mb(r['kv_cache_bytes_full_context'])} at full context",
+        f"read per generated token at full context: {mb(r['bytes_per_token']['weight_bytes_read_per_token'])} of weights "
+        f"(the embedding one row) + {mb(r['kv_cache_bytes_full_context'])} of KV cache = "
+        f"{mb(r['bytes_read_per_token_full_context'])}",
     ]
     for p in r["parts"]:
         what = "embedding" if p["embedding"] else f"layers {p['layers'][0]}-{p['layers'][1] - 1}" + (" + head" if p["head"] else "")
@@ -88,7 +92,7 @@ def format_report(r: dict) -> str:
             for kind in ("inputs", "outputs"):
                 io = g[kind]
                 shown = io if len(io) <= 8 else io[:6] + [{"name": f"... {len(io) - 7} more", "shape": [], "dtype": ""}] + io[-1:]
-                lines.append(f"    {kind}: " + ", ".join(f"{x['name']} {tuple(x['shape'])} {x['dtype']}".strip() for x in shown))
+                lines.append(f"    {kind}: " + ", ".join(f"{x['name']} {tuple(x['shape']) if x['shape'] else ''} {x['dtype']}".strip() for x in shown))
             lines.append("    ops: " + ", ".join(f"{k} {v}" for k, v in g["ops"].items()))
     for chip, q in r.get("qnn", {}).items():
         lines.append(f"\nQNN context binaries for {chip} (soc_model {q['soc_model']}, HTP {q['dsp_arch']}, "

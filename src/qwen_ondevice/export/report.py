@@ -38,7 +38,7 @@ def write_report(out: Path, manifest: dict, eval_tokens: int, window: int) -> di
         "accuracy": {k: v for k, v in acc.to_dict().items() if k != "seconds"},
         "reference": {"model": manifest["model"]["source"], "backend": "torch", "dtype": "float32"},
         "bundle_backend": "ort-cpu",
-        "sizes": bytes_per_token(manifest),
+        "sizes": bytes_per_token(m),
         "mixed_precision": (manifest.get("quantization") or {}).get("mixed_precision"),
     }
     write_json(out / "report.json", report, indent=1)
