@@ -225,6 +225,44 @@ class Engine:
         self.exact = len(prompt)
         return logits
 
+    @property
+    def verify_ar(self) -> int | None:
+        """AR of the graph that verifies drafted tokens: the smallest AR above 1 the backend has
+        (a bundle's verify graph, else its prompt processor); None for a backend that takes any
+        AR (torch), which verifies k + 1 tokens in a call of AR k + 1."""
+        ars = self.backend.ar_lengths
+        return None if ars is None else min((a for a in ars if a > 1), default=None)
+
+    def verify_room(self) -> int:
+        """How many drafted tokens one verify call can take with the pending token now: the
+        verify graph's AR - 1, fewer near the end of the context; -1 when the verify graph cannot
+        run (the past no longer fits its P = CL - AR slots, or the backend has no AR above 1)."""
+        ar = self.verify_ar
+        left = self.context_length - len(self.tokens) - 1
+        if ar is None:
+            return left if self.backend.ar_lengths is None else -1
+        if len(self.tokens) > self.context_length - ar:
+            return -1
+        return min(ar - 1, left)
+
+    def verify(self, tokens: list[int]) -> list[np.ndarray]:
+        """Append ``tokens`` (the pending token and the drafted ones) in one call of the verify
+        graph and return the logits (V,) float32 after each of them, in order.
+
+        Raises:
+            ValueError: more tokens than :meth:`verify_room` allows plus one.
+        """
+        if not tokens or len(tokens) - 1 > self.verify_room():
+            raise ValueError(f"verify() takes 1 to {self.verify_room() + 1} tokens now, got {len(tokens)}")
+        ar = self.verify_ar or len(tokens)
+        return list(self._call(tokens, ar))
+
+    def truncate(self, n: int) -> None:
+        """Keep the first ``n`` cached tokens (rolling back drafted ones); the slots after them
+        are masked until they are written again."""
+        self.tokens = self.tokens[:n]
+        self.exact = min(self.exact, n)
+
     def logits_all(self, prompt: list[int]) -> np.ndarray:
         """Logits (n, V) float32 of every position of ``prompt``, fed from an empty cache in
         AR-sized chunks (used by tests and perplexity evaluation)."""
