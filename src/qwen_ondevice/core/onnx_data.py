@@ -24,11 +24,12 @@ def read_initializer(t: TensorProto, base: Path) -> np.ndarray:
 #: Bytes the HTP keeps per LPBQ block scale. ONNX Runtime's QNN EP turns an int4
 #: DequantizeLinear with per-block float scales into QNN's BLOCKWISE_EXPANSION encoding
 #: (``ConvertBlockQuantScalesToLpbq``, onnxruntime qnn_utils.cc): one float scale per output
-#: channel and one 4-bit integer scale per block, stored in 8 bits (docs/numerics.md says how the
-#: .bin sizes confirm it).
+#: channel and one integer scale (1..16) per block, stored in 8 bits. Measured on the .bin files
+#: of onnxruntime-qnn 2.7.0 (docs/numerics.md, "Bytes per token").
 LPBQ_BLOCK_SCALE_BYTES = 1
-#: Bytes of a float32 per-channel (or per-row) scale.
-CHANNEL_SCALE_BYTES = 4
+#: Bytes the .bin spends per output channel of a quantized weight (its scale and offset in QNN's
+#: encoding), from the same measurement: 18 with LPBQ blocks, about 17.3 with one scale per channel.
+CHANNEL_SCALE_BYTES = 18
 _BITS = {TensorProto.INT4: 4, TensorProto.UINT4: 4, TensorProto.INT8: 8, TensorProto.UINT8: 8,
          TensorProto.INT16: 16, TensorProto.UINT16: 16, TensorProto.FLOAT16: 16, TensorProto.FLOAT: 32,
          TensorProto.INT32: 32, TensorProto.INT64: 64}
@@ -37,9 +38,11 @@ _BITS = {TensorProto.INT4: 4, TensorProto.UINT4: 4, TensorProto.INT8: 8, TensorP
 def device_weight_bytes(model) -> int:
     """Bytes the HTP stores for a quantized graph's weights (computed from the initializers'
     shapes, no data read): each DequantizeLinear'd weight at its own width (int4 half a byte,
-    int8 one), its scales at :data:`CHANNEL_SCALE_BYTES` per output channel (or row) plus
+    int8 one), plus :data:`CHANNEL_SCALE_BYTES` per output channel and
     :data:`LPBQ_BLOCK_SCALE_BYTES` per block when it has block scales, its all-zero zero points
-    not at all; every other initializer at its ONNX size.
+    not at all; a weight's scale that is itself a quantized tensor (the embedding's uint16 row
+    scales) and every other initializer at its ONNX size. The .bin adds a graph description
+    (tens of KB to about a MB) that this does not count.
 
     model: an ``onnx.ModelProto`` (external data need not be loaded). Raises ValueError for an
     initializer type it does not know.
