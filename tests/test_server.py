@@ -32,9 +32,9 @@ HELLO = [{"role": "user", "content": "Hello there, how are you?"}]
 class LiveServer:
     """uvicorn serving ``create_app(runtime)`` on 127.0.0.1:<free port> in a background thread."""
 
-    def __init__(self, runtime, setup=None, limits=None):
+    def __init__(self, runtime, setup=None, limits=None, new_drafter=None):
         self.runtime = runtime
-        self.app = create_app(runtime, limits)
+        self.app = create_app(runtime, limits, new_drafter)
         if setup:
             setup(self.app)
         sock = bind_socket("127.0.0.1", 0)
@@ -676,6 +676,50 @@ def test_bundle_on_ort_cpu_serves_transformers_greedy_replies(bundle_server, hf)
     text, n, finish = hf(ids, 12)
     r = client.completions.create(model="tiny", prompt="The capital of France is", max_tokens=12, temperature=0)
     assert (r.choices[0].text, r.usage.completion_tokens, r.choices[0].finish_reason) == (text, n, finish)
+
+
+def test_speculative_replies_equal_plain_greedy_streamed_or_not(bundle_server):
+    """A server with a drafter: the speculative reply, streamed or not, is the plain greedy reply
+    (``"speculative": false``), and usage counts the drafted and accepted tokens. The drafter
+    proposes the plain reply's own tokens with every third one spoiled, so that drafts are both
+    accepted and rejected (a random tiny model rarely repeats its prompt for prompt lookup)."""
+    from qwen_ondevice.runtime.generate import generate
+    from qwen_ondevice.runtime.speculative import Draft
+
+    rt = bundle_server.runtime
+    text = "one two three four five six seven eight nine ten. " * 3
+    msgs = [{"role": "user", "content": "Repeat after me: " + text}]
+    ids = rt.tokenizer.apply_chat_template(msgs)
+    reply = generate(rt.engine, rt.tokenizer, ids, max_new_tokens=24).token_ids
+
+    class Spoiled:
+        def propose(self, history, k):
+            pos = len(history) - len(ids)
+            return Draft([t if (pos + i) % 3 else t + 1 for i, t in enumerate(reply[pos : pos + k])])
+
+    srv = LiveServer(rt, new_drafter=lambda sampling: Spoiled())
+    try:
+        client = srv.client()
+        plain = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=24, temperature=0,
+                                               extra_body={"speculative": False})
+        spec = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=24, temperature=0)
+        pieces, chunks = stream_chat(client, model="tiny", messages=msgs, max_tokens=24, temperature=0,
+                                     stream_options={"include_usage": True})
+        assert spec.choices[0].message.content == plain.choices[0].message.content == "".join(pieces)
+        assert spec.choices[0].finish_reason == plain.choices[0].finish_reason == chunks[-2].choices[0].finish_reason
+        u, su = spec.usage.model_dump(), chunks[-1].usage.model_dump()
+        assert "drafted_tokens" not in plain.usage.model_dump()
+        assert u["completion_tokens"] == plain.usage.completion_tokens == su["completion_tokens"]
+        assert (u["drafted_tokens"], u["accepted_tokens"], u["target_calls"]) == (su["drafted_tokens"], su["accepted_tokens"], su["target_calls"])
+        assert 0 < u["accepted_tokens"] <= u["drafted_tokens"]
+        # every emitted token is the first one, an accepted draft, or one per target call
+        assert u["completion_tokens"] <= 1 + u["target_calls"] + u["accepted_tokens"]
+        assert u["target_calls"] < u["completion_tokens"] - 1
+    finally:
+        srv.close()
+    r = httpx.post(bundle_server.url + "/v1/chat/completions",
+                   json={"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "speculative": True})
+    assert r.status_code == 400 and "--draft" in r.json()["error"]["message"]
 
 
 def test_serve_command_serves_until_interrupted(tiny_path):

@@ -198,3 +198,21 @@ def test_sampling_follows_the_target_distribution(drafter):
     chi2 = float(((counts[keep] - expected) ** 2 / expected).sum())
     assert counts[~keep].sum() == 0
     assert chi2 < _chi_square_threshold(int(keep.sum()) - 1), (chi2, counts / trials, p)
+
+
+def test_generate_command_with_prompt_lookup_prints_the_plain_tokens(tiny_bundles, capsys):
+    import json
+
+    from qwen_ondevice.cli.main import main
+
+    _, bundles = tiny_bundles
+    prompt = "alpha beta gamma delta alpha beta gamma delta alpha beta gamma"
+    runs = {}
+    for draft in ("none", "lookup"):
+        assert main(["--quiet", "generate", str(bundles["w4a16"]), "--raw", "--prompt", prompt, "--max-new-tokens", "12",
+                     "--json", "--draft", draft]) == 0
+        runs[draft] = json.loads(capsys.readouterr().out)
+    assert runs["lookup"]["token_ids"] == runs["none"]["token_ids"]
+    s = runs["lookup"]["speculation"]
+    assert s["draft"] == "lookup" and 0 <= s["accepted_tokens"] <= s["drafted_tokens"] and s["drafted_tokens"] > 0
+    assert runs["none"]["speculation"]["drafted_tokens"] == 0

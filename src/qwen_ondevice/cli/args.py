@@ -40,6 +40,31 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
 
 
+def add_speculative_args(p: argparse.ArgumentParser) -> None:
+    """Speculative decoding: what drafts, and how many tokens per target call."""
+    p.add_argument("--draft", default="none", metavar="none|lookup|MODEL",
+                   help="speculative decoding, exactly lossless: 'lookup' drafts by prompt lookup (n-grams of the "
+                        "prompt and the text so far), MODEL drafts with a smaller model of the same tokenizer "
+                        "(a bundle or checkpoint); default none")
+    p.add_argument("--draft-tokens", type=int, default=4, help="tokens drafted per target call at most (default 4)")
+
+
+def drafter_factory(args: argparse.Namespace, rt: "Runtime"):
+    """The ``--draft`` of :func:`add_speculative_args` for the target ``rt``: None, or a callable
+    (sampling params) -> the drafter of one generation
+    (``runtime.speculative.drafter_factory``).
+
+    Raises:
+        UserError: ``--draft-tokens`` below 1, or a draft MODEL that cannot be opened.
+    """
+    from qwen_ondevice.core.errors import UserError
+    from qwen_ondevice.runtime.speculative import drafter_factory as factory
+
+    if args.draft_tokens < 1:
+        raise UserError(f"--draft-tokens must be at least 1, got {args.draft_tokens}")
+    return factory(args.draft, rt.engine.config.vocab_size, rt.engine.context_length)
+
+
 def sampling_params(args: argparse.Namespace) -> "SamplingParams":
     """The sampling arguments as validated :class:`~qwen_ondevice.runtime.sampling.SamplingParams`.
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from qwen_ondevice.cli.args import add_model_args, add_sampling_args, open_model, sampling_params
+from qwen_ondevice.cli.args import (add_model_args, add_sampling_args, add_speculative_args, drafter_factory, open_model,
+                                   sampling_params)
 from qwen_ondevice.core.errors import UserError
 
 
@@ -15,6 +16,7 @@ def register(sub) -> None:
     add_model_args(p)
     p.add_argument("--system", default=None)
     add_sampling_args(p)
+    add_speculative_args(p)
     p.set_defaults(func=run)
 
 
@@ -25,6 +27,8 @@ def run(args: argparse.Namespace) -> int:
 
     sampling = sampling_params(args)
     rt = open_model(args)
+    new_drafter = drafter_factory(args, rt)
+    drafter = new_drafter(sampling) if new_drafter else None
     interactive = sys.stdin.isatty()
     history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
     if interactive:
@@ -52,7 +56,8 @@ def run(args: argparse.Namespace) -> int:
         prompt_ids = rt.tokenizer.apply_chat_template(history)
         try:
             reply = []
-            for chunk in stream_generate(rt.engine, rt.tokenizer, prompt_ids, sampling, args.max_new_tokens, args.stop):
+            for chunk in stream_generate(rt.engine, rt.tokenizer, prompt_ids, sampling, args.max_new_tokens, args.stop,
+                                         drafter, args.draft_tokens):
                 sys.stdout.write(chunk.text)
                 sys.stdout.flush()
                 reply.append(chunk.text)

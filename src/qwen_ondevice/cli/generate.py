@@ -6,7 +6,8 @@ import argparse
 import json
 import sys
 
-from qwen_ondevice.cli.args import add_model_args, add_sampling_args, open_model, sampling_params
+from qwen_ondevice.cli.args import (add_model_args, add_sampling_args, add_speculative_args, drafter_factory, open_model,
+                                   sampling_params)
 
 
 def register(sub) -> None:
@@ -18,6 +19,7 @@ def register(sub) -> None:
     p.add_argument("--raw", action="store_true", help="feed the prompt as plain text, no chat template")
     p.add_argument("--json", action="store_true", help="print one JSON object with ids, text, finish reason and timings")
     add_sampling_args(p)
+    add_speculative_args(p)
     p.set_defaults(func=run)
 
 
@@ -28,6 +30,8 @@ def run(args: argparse.Namespace) -> int:
 
     sampling = sampling_params(args)
     rt = open_model(args)
+    new_drafter = drafter_factory(args, rt)
+    drafter = new_drafter(sampling) if new_drafter else None
     if args.raw:
         prompt_ids = rt.tokenizer.encode(args.prompt)
     else:
@@ -36,7 +40,8 @@ def run(args: argparse.Namespace) -> int:
         ]
         prompt_ids = rt.tokenizer.apply_chat_template(messages)
     pieces, tokens, last = [], [], None
-    for chunk in stream_generate(rt.engine, rt.tokenizer, prompt_ids, sampling, args.max_new_tokens, args.stop):
+    for chunk in stream_generate(rt.engine, rt.tokenizer, prompt_ids, sampling, args.max_new_tokens, args.stop,
+                                 drafter, args.draft_tokens):
         pieces.append(chunk.text)
         if chunk.token is not None:
             tokens.append(chunk.token)
@@ -60,6 +65,8 @@ def run(args: argparse.Namespace) -> int:
                         "prompt_tokens_per_s": round(last.prompt_tps, 2),
                         "generation_tokens_per_s": round(last.generation_tps, 2),
                     },
+                    "speculation": {"draft": args.draft, "target_calls": last.target_calls,
+                                    "drafted_tokens": last.drafted_tokens, "accepted_tokens": last.accepted_tokens},
                 }
             )
         )
@@ -67,7 +74,9 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.write("\n")
         print(
             f"[{last.prompt_tokens} prompt tokens at {last.prompt_tps:.1f} tok/s, {last.generation_tokens} generated "
-            f"at {last.generation_tps:.1f} tok/s, finish: {last.finish_reason}]",
+            f"at {last.generation_tps:.1f} tok/s, finish: {last.finish_reason}"
+            + (f"; {last.accepted_tokens} of {last.drafted_tokens} drafted tokens accepted, "
+               f"{last.target_calls} target calls" if drafter is not None else "") + "]",
             file=sys.stderr,
         )
     return 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from qwen_ondevice.cli.args import add_model_args, open_model
+from qwen_ondevice.cli.args import add_model_args, add_speculative_args, drafter_factory, open_model
 from qwen_ondevice.serve.protocol import ServerLimits
 
 
@@ -21,6 +21,7 @@ def register(subparsers) -> None:
                    help=f"requests that may wait for the engine; one more gets 503 with Retry-After (default {ServerLimits.max_queued})")
     p.add_argument("--max-body-bytes", type=int, default=ServerLimits.max_body_bytes,
                    help=f"largest request body accepted; a larger one gets 413 (default {ServerLimits.max_body_bytes})")
+    add_speculative_args(p)
     p.set_defaults(func=run)
 
 
@@ -33,7 +34,9 @@ def run(args: argparse.Namespace) -> int:
 
     sock = bind_socket(args.host, args.port)
     rt = open_model(args)
-    app = create_app(rt, ServerLimits(max_body_bytes=args.max_body_bytes, max_queued=args.max_queued))
+    new_drafter = drafter_factory(args, rt)
+    app = create_app(rt, ServerLimits(max_body_bytes=args.max_body_bytes, max_queued=args.max_queued), new_drafter,
+                     args.draft_tokens)
     host, port = sock.getsockname()[:2]
     log(f"serving {rt.model_name} ({rt.engine.backend.name}, context {rt.engine.context_length}) on http://{host}:{port}/v1")
     config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=5)

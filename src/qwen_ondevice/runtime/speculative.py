@@ -178,13 +178,17 @@ class TokenStream:
 
     def _refill(self) -> None:
         e = self.engine
+        self.stats.target_calls += 1
+        if self.drafter is None and not self.verify_always:  # plain decoding: one AR-1 call
+            self.rows = [e.feed([self.last])]
+            return
         d = Draft([])
-        k = min(self.k, e.verify_room())
+        room = e.verify_room()
+        k = min(self.k, room)
         if self.drafter is not None and k > 0:
             d = self.drafter.propose(self.history, k)
             d = Draft(d.tokens[:k], None if d.q is None else d.q[:k])
-        self.stats.target_calls += 1
-        if d.tokens or (self.verify_always and k >= 0 and e.verify_room() >= 0):
+        if d.tokens or (self.verify_always and room >= 0):
             self.rows = list(e.verify([self.last] + d.tokens))
             self.stats.verify_calls += 1
         else:
@@ -226,7 +230,42 @@ class TokenStream:
         return int(min(np.searchsorted(cdf, s.rng.random() * cdf[-1], side="right"), len(p) - 1))
 
     def finish(self, keep: int) -> None:
-        """Drop cache slots past ``keep`` tokens (drafted ones the caller never used)."""
+        """Drop cache slots past ``keep`` tokens (drafted ones the caller never used); plain
+        decoding never holds any."""
+        if self.drafter is None and not self.verify_always:
+            return
         if len(self.engine.tokens) > keep:
             self.engine.truncate(keep)
         self.rows, self.draft, self.q = [], [], []
+
+
+#: ``--draft`` values that are not a MODEL.
+NO_DRAFT, LOOKUP = "none", "lookup"
+
+
+def drafter_factory(spec: str | None, target_vocab: int, context_length: int):
+    """What ``--draft`` names, as a callable ``(sampling params) -> drafter`` for one generation,
+    or None for ``none``: a fresh :class:`PromptLookup` each time for ``lookup``; else a
+    :class:`DraftModel` over MODEL (a bundle, or a checkpoint on torch at the target's context
+    length), opened once here and shared, sampled with the generation's parameters and its own
+    RNG (seed + 1).
+
+    Raises:
+        UserError: MODEL cannot be opened (see ``runtime.open_model.open_runtime``).
+    """
+    if spec in (None, NO_DRAFT):
+        return None
+    if spec == LOOKUP:
+        return lambda sampling: PromptLookup()
+    from dataclasses import replace
+
+    from qwen_ondevice.runtime.open_model import open_runtime
+    from qwen_ondevice.runtime.sampling import Sampler
+
+    draft = open_runtime(spec, context_length=context_length)
+
+    def new(sampling) -> DraftModel:
+        seed = None if sampling.seed is None else sampling.seed + 1
+        return DraftModel(draft.engine, Sampler(replace(sampling, seed=seed)), target_vocab)
+
+    return new

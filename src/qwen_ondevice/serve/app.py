@@ -60,8 +60,14 @@ def _sse(obj) -> bytes:
     return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8") + b"\n\n"
 
 
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
+def _usage(prompt_tokens: int, completion_tokens: int, last: GenerationChunk | None = None, speculative: bool = False) -> dict:
+    """OpenAI's usage object; with speculative decoding also (extensions) the tokens drafted and
+    accepted and the target calls after the prefill."""
+    usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
+    if speculative:
+        usage.update(drafted_tokens=last.drafted_tokens if last else 0, accepted_tokens=last.accepted_tokens if last else 0,
+                     target_calls=last.target_calls if last else 0)
+    return usage
 
 
 @dataclass
@@ -75,15 +81,17 @@ class _Prepared:
     stop: list[str]
     stream: bool
     include_usage: bool
+    speculative: bool = False
 
 
 class _App:
     """Request handling around a :class:`GenerationWorker` (the routes call these methods)."""
 
-    def __init__(self, runtime: Runtime, limits: ServerLimits):
+    def __init__(self, runtime: Runtime, limits: ServerLimits, new_drafter=None, draft_tokens: int = 4):
         self.runtime = runtime
         self.limits = limits
-        self.worker = GenerationWorker(runtime, limits.max_queued)
+        self.new_drafter = new_drafter
+        self.worker = GenerationWorker(runtime, limits.max_queued, new_drafter, draft_tokens)
         # one thread prepares requests (parse, validate, tokenize) in arrival order, off the event loop
         self.preparer = ThreadPoolExecutor(1, thread_name_prefix="qwen-ondevice-prepare")
         self.created = int(time.time())
@@ -137,7 +145,7 @@ class _App:
     def submit(self, p: _Prepared) -> Job:
         """Queue a prepared request; 503 with ``Retry-After`` when the queue is full."""
         try:
-            return self.worker.submit(p.prompt_ids, p.sampling, p.max_tokens, p.stop)
+            return self.worker.submit(p.prompt_ids, p.sampling, p.max_tokens, p.stop, p.speculative)
         except QueueFull as e:
             wait = self.worker.retry_after()
             raise OpenAIError(f"the server is busy: {e.args[0]} requests are already waiting for the engine; "
@@ -157,7 +165,7 @@ class _App:
             raise OpenAIError(f"the chat template cannot render these messages: {e}", param="messages") from None
         self._check_prompt(ids, "messages")
         return _Prepared("chat", ids, sampling, req.limit() or self.context_length, self._check_stops(req.stops()),
-                         bool(req.stream), req.include_usage)
+                         bool(req.stream), req.include_usage, self._speculative(req))
 
     def prepare_completion(self, req: CompletionRequest) -> _Prepared:
         """Validate and tokenize a completion request (raw text or token ids, no template); 400 on error."""
@@ -178,7 +186,15 @@ class _App:
                 raise OpenAIError(f"token id {bad[0]} is outside the vocabulary [0, {vocab})", param="prompt")
         self._check_prompt(ids, "prompt")
         return _Prepared("completion", ids, sampling, req.limit() or self.context_length, self._check_stops(req.stops()),
-                         bool(req.stream), req.include_usage)
+                         bool(req.stream), req.include_usage, self._speculative(req))
+
+    def _speculative(self, req) -> bool:
+        """Whether a request decodes speculatively: its ``speculative`` field, else whether the
+        server was started with a drafter; 400 when asked of a server without one."""
+        if req.speculative and self.new_drafter is None:
+            raise OpenAIError("speculative decoding is off on this server; start it with --draft lookup (or a draft MODEL)",
+                              param="speculative", code="unsupported_value")
+        return self.new_drafter is not None if req.speculative is None else req.speculative
 
     async def _next(self, job: Job, request) -> GenerationChunk | None:
         """Next chunk of ``job`` (``None`` at its end).
@@ -222,10 +238,10 @@ class _App:
             choice = {"index": 0, "message": {"role": "assistant", "content": text, "refusal": None}, "logprobs": None,
                       "finish_reason": last.finish_reason}
             return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", **base, "choices": [choice],
-                    "usage": _usage(len(p.prompt_ids), n)}
+                    "usage": _usage(len(p.prompt_ids), n, last, p.speculative)}
         choice = {"text": text, "index": 0, "logprobs": None, "finish_reason": last.finish_reason}
         return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", **base, "choices": [choice],
-                "usage": _usage(len(p.prompt_ids), n)}
+                "usage": _usage(len(p.prompt_ids), n, last, p.speculative)}
 
     async def stream(self, p: _Prepared, job: Job, request):
         """Async iterator of SSE bytes of a queued request: chunks, the final chunk, the usage chunk, ``[DONE]``."""
@@ -252,15 +268,16 @@ class _App:
         try:
             if chat:
                 yield event(None, None, role=True)
-            n = 0
+            n, last = 0, None
             while (chunk := await self._next(job, request)) is not None:
                 n += chunk.token is not None
+                last = chunk
                 if chunk.text:
                     yield event(chunk.text, None)
                 if chunk.finish_reason is not None:
                     yield event(None, chunk.finish_reason)
             if p.include_usage:
-                yield _sse({**base, "choices": [], "usage": _usage(len(p.prompt_ids), n)})
+                yield _sse({**base, "choices": [], "usage": _usage(len(p.prompt_ids), n, last, p.speculative)})
             yield b"data: [DONE]\n\n"
         except ClientGone:
             return
@@ -274,9 +291,11 @@ class _App:
             job.cancel()  # no-op when finished; frees the engine when the stream is abandoned
 
 
-def create_app(runtime: Runtime, limits: ServerLimits | None = None) -> "FastAPI":
+def create_app(runtime: Runtime, limits: ServerLimits | None = None, new_drafter=None, draft_tokens: int = 4) -> "FastAPI":
     """The FastAPI application serving ``runtime`` (one engine, requests run one at a time) within
-    ``limits`` (default :class:`ServerLimits`).
+    ``limits`` (default :class:`ServerLimits`). ``new_drafter``: a callable giving the drafter of
+    one request (speculative decoding on by default, ``"speculative": false`` turns it off per
+    request), with up to ``draft_tokens`` per target call; None: off.
 
     The engine's worker thread starts with the app's lifespan (or at the first request) and stops
     at shutdown. ``app.state.server.worker`` is the :class:`GenerationWorker`.
@@ -288,7 +307,7 @@ def create_app(runtime: Runtime, limits: ServerLimits | None = None) -> "FastAPI
     from fastapi.responses import JSONResponse, Response, StreamingResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
-    srv = _App(runtime, limits or ServerLimits())
+    srv = _App(runtime, limits or ServerLimits(), new_drafter, draft_tokens)
 
     @asynccontextmanager
     async def lifespan(app):

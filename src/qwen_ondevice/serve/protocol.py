@@ -153,6 +153,7 @@ class _SamplingFields(_Strict):
     presence_penalty: float | None = None
     logit_bias: dict | None = None
     logprobs: Any = None
+    speculative: bool | None = None  # extension: speculative decoding on/off for this request (server default: --draft)
 
     def check_supported(self) -> None:
         """Reject what this server would otherwise silently ignore (400)."""

@@ -47,6 +47,7 @@ class Job:
     max_tokens: int
     stop: list[str]
     loop: asyncio.AbstractEventLoop
+    speculative: bool = False  # decode with the worker's drafter
     chunks: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     generated: int = 0  # tokens the worker produced for this job
@@ -83,8 +84,10 @@ class GenerationWorker:
     and ``cancelled`` (job counts), ``last_job`` (the most recent job it finished or abandoned).
     """
 
-    def __init__(self, runtime: Runtime, max_queued: int | None = None):
+    def __init__(self, runtime: Runtime, max_queued: int | None = None, new_drafter=None, draft_tokens: int = 4):
         self.runtime = runtime
+        self.new_drafter = new_drafter  # () -> a drafter for one job (runtime.speculative), or None
+        self.draft_tokens = draft_tokens
         self.max_queued = max_queued
         self._jobs: queue.Queue[Job | None] = queue.Queue()
         self._thread: threading.Thread | None = None
@@ -130,7 +133,8 @@ class GenerationWorker:
         """Seconds until a place in the queue is likely free: the mean job time so far (at least 1)."""
         return max(1, math.ceil(self.mean_job_seconds or 1.0))
 
-    def submit(self, prompt_ids: list[int], sampling: SamplingParams, max_tokens: int, stop: list[str]) -> Job:
+    def submit(self, prompt_ids: list[int], sampling: SamplingParams, max_tokens: int, stop: list[str],
+               speculative: bool = False) -> Job:
         """Queue a generation; must be called from the event loop that will read the job.
 
         Raises:
@@ -139,7 +143,7 @@ class GenerationWorker:
         if self.max_queued is not None and self.queued >= self.max_queued:
             raise QueueFull(self.queued)
         self.start()
-        job = Job(list(prompt_ids), sampling, max_tokens, stop, asyncio.get_running_loop())
+        job = Job(list(prompt_ids), sampling, max_tokens, stop, asyncio.get_running_loop(), speculative=speculative)
         self._jobs.put(job)
         return job
 
@@ -157,7 +161,9 @@ class GenerationWorker:
             self.busy = True
             self.last_job = job
             started = time.monotonic()
-            gen = stream_generate(rt.engine, rt.tokenizer, job.prompt_ids, job.sampling, job.max_tokens, job.stop)
+            drafter = self.new_drafter(job.sampling) if job.speculative and self.new_drafter else None
+            gen = stream_generate(rt.engine, rt.tokenizer, job.prompt_ids, job.sampling, job.max_tokens, job.stop,
+                                  drafter, self.draft_tokens)
             try:
                 for chunk in gen:
                     job.reused = rt.engine.reused
