@@ -19,18 +19,21 @@ from qwen_ondevice.export.pipeline import export
 pytestmark = pytest.mark.demo
 CL = 1024  # short context: the graphs' attention is over CL, and CI time matters
 EVAL_TOKENS = 3072
+#: The CI slice of the generation-fidelity measure (the full run: benchmarks/bench_fidelity.py).
+FIDELITY_PROMPTS, FIDELITY_TOKENS = 4, 48
 
 
 def _export(folder, name: str, **options):
     out = folder / name
+    options.setdefault("fidelity_prompts", 0)
     export(ExportOptions(model="demo", context_length=CL, calibration_tokens=4096, eval_tokens=EVAL_TOKENS,
-                         eval_window=1024, chipset="none", **options), out)
+                         eval_window=1024, chipset="none", fidelity_tokens=FIDELITY_TOKENS, **options), out)
     return out
 
 
 @pytest.fixture(scope="module")
 def demo_w4a16(demo_checkpoint, module_dir):
-    return _export(module_dir, "w4a16", precision="w4a16")
+    return _export(module_dir, "w4a16", precision="w4a16", fidelity_prompts=FIDELITY_PROMPTS)
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +72,34 @@ def test_w4a16_meets_the_perplexity_and_top1_targets(demo_w4a16):
     acc = _accuracy(demo_w4a16)
     assert acc["perplexity_ratio"] <= 1.10, acc
     assert acc["top1_agreement"] >= 0.85, acc
+
+
+def test_report_holds_generation_fidelity_with_transformers_float_continuations(demo_w4a16, demo_hf_model, hf_tokenizer):
+    """report.json's fidelity block covers the CI slice, and the float side of the comparison is
+    transformers' own greedy generate: the cached float continuations equal it token for token."""
+    import torch
+
+    from qwen_ondevice.core.demo import cache_dir
+    from qwen_ondevice.eval.fidelity import fidelity_prompts
+
+    f = json.loads((demo_w4a16 / "report.json").read_text())["fidelity"]
+    assert f["prompts"] == FIDELITY_PROMPTS and f["skipped"] == 0 and f["max_new_tokens"] == FIDELITY_TOKENS
+    assert f["per_kind"]["code"]["prompts"] == f["per_kind"]["chat"]["prompts"] == FIDELITY_PROMPTS // 2
+    assert f["code"]["tasks"] == FIDELITY_PROMPTS // 2
+    assert 0 <= f["prefix_median"] <= FIDELITY_TOKENS
+    cached = [json.loads(p.read_text()) for p in (cache_dir() / "fidelity").glob("*.json")]
+    mine = next(c for c in cached if c["limits"] == [FIDELITY_TOKENS] * FIDELITY_PROMPTS)["continuations"]
+    prompts = fidelity_prompts(FIDELITY_PROMPTS)
+    for p, tokens in list(zip(prompts, mine))[:2]:  # one code prompt, one chat prompt
+        ids = hf_tokenizer.apply_chat_template(p.messages, add_generation_prompt=True, return_tensors="pt")
+        ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+        with torch.no_grad():
+            out = demo_hf_model.generate(ids, max_new_tokens=FIDELITY_TOKENS, do_sample=False,
+                                         eos_token_id=[151645, 151643], pad_token_id=151643)
+        expected = out[0, ids.shape[1]:].tolist()
+        if expected and expected[-1] in (151645, 151643):
+            expected = expected[:-1]
+        assert tokens == expected, p.id
 
 
 def test_mid_model_boundaries_keep_the_accuracy(demo_w4a16, demo_w4a16_5_parts):

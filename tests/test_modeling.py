@@ -82,3 +82,14 @@ def test_demo_graph_matches_transformers(demo_checkpoint, demo_hf_model, text_id
     np.testing.assert_array_equal(ours.argmax(-1), ref.argmax(-1))
     err = np.abs(ours - ref).max()
     assert err < DEMO_TOL, f"max abs logit difference {err:.3g}"
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_parameter_count_equals_transformers(tiny_factory, tied):
+    from transformers import Qwen2ForCausalLM
+
+    from qwen_ondevice.core.checkpoint import load_checkpoint
+
+    path = tiny_factory(tied=tied)
+    hf = Qwen2ForCausalLM.from_pretrained(path)
+    assert load_checkpoint(path).config.parameter_count() == hf.num_parameters()

@@ -22,6 +22,7 @@ from onnx import TensorProto, helper, numpy_helper
 from qwen_ondevice.core.bundle import read_manifest
 from qwen_ondevice.core.checkpoint import load_checkpoint
 from qwen_ondevice.core.encodings import Encoding
+from qwen_ondevice.core.errors import UserError
 from qwen_ondevice.core.modeling import rope_tables
 from qwen_ondevice.core.parts import MASK_VALUE
 from qwen_ondevice.eval.evaluate import evaluate_engines, reference_engine
@@ -33,6 +34,7 @@ from qwen_ondevice.quantize.stages import PROJECTIONS, is_projection
 from qwen_ondevice.quantize.weight_quant import quantize_weight
 from qwen_ondevice.runtime.backends.ort_backend import qdq_session_options
 from qwen_ondevice.runtime.engine import make_call_inputs
+from qwen_ondevice.runtime.generate import generate
 from qwen_ondevice.runtime.open_model import open_runtime
 
 AR, CL = 8, 64
@@ -1158,3 +1160,57 @@ def test_mlp_smoothing_is_exact_in_float_and_rescales_the_statistics():
     np.testing.assert_allclose(a.hessian, direct.stats["act"].hessian, rtol=1e-3, atol=1e-3 * np.abs(a.hessian).max())
     # the range left in the activation is far smaller than before (the point of smoothing)
     assert max(abs(a.lo), a.hi) < max(abs(act.min()), act.max()) / 10
+
+
+def test_uint16_kv_cache_option(bundles, tiny, tmp_path):
+    """``--kv-cache uint16``: the cache tensors of every graph and the manifest are uint16 (with
+    their uint16 encodings), the cache costs twice the bytes per token, and the bundle generates."""
+    from qwen_ondevice.core.bundle import bytes_per_token
+
+    out = tmp_path / "kv16"
+    export(ExportOptions(model=str(tiny), precision="w4a16", prompt_length=AR, context_length=CL, num_parts=3,
+                         calibration_tokens=CALIB_TOKENS, eval_tokens=0, chipset="none", weight_block_size=32,
+                         weight_method="mse", int8_fraction=0.0, kv_cache="uint16"), out)
+    m = read_manifest(out)
+    assert m.data["kv_cache"]["dtype"] == "uint16"
+    for part in m.parts[1:]:
+        for g in part["graphs"].values():
+            cache = [t for t in g["inputs"] + g["outputs"] if t["name"].startswith("past_")]
+            assert cache and all(t["dtype"] == "uint16" and t["encoding"]["dtype"] == "uint16" for t in cache)
+    default = read_manifest(bundles["w4a16_b32"])
+    assert bytes_per_token(m)["kv_cache_bytes_per_token"] == 2 * bytes_per_token(default)["kv_cache_bytes_per_token"]
+    rt = open_runtime(str(out))
+    ids = rt.tokenizer.encode(real_text(400))[: AR + 3]
+    assert generate(rt.engine, rt.tokenizer, ids, max_new_tokens=4).token_ids
+
+
+def test_float_activations_diagnostic_removes_only_inner_pairs(bundles):
+    """``evaluate --float-activations``: the matching inner QuantizeLinear/DequantizeLinear pairs
+    go (the graph I/O keep their encodings), a pattern matching nothing changes no bit, and the
+    softmax-only pattern removes one pair per layer and graph."""
+    from qwen_ondevice.runtime.backends.host_graph import float_activations
+
+    bundle = bundles["w4a16_b32"]
+    m = read_manifest(bundle)
+    part = m.parts[1]
+    path = m.graph_path(part, AR)
+    layers = part["layers"][1] - part["layers"][0]
+    model = onnx.load(str(path), load_external_data=False)
+    io = {t.name for t in model.graph.input} | {t.name for t in model.graph.output}
+    inner = [n for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] not in io and n.output[0] not in io]
+    assert float_activations(onnx.load(str(path), load_external_data=False), "^softmax") == layers
+    everything = onnx.load(str(path), load_external_data=False)
+    removed = float_activations(everything, ".")
+    assert 0 < removed <= len(inner)
+    left = [n for n in everything.graph.node if n.op_type == "QuantizeLinear"]
+    assert {n.output[0] for n in left} >= {t.name for t in everything.graph.output if t.name.startswith(("past_", "hidden", "logits"))}
+
+    exact = open_runtime(str(bundle)).engine
+    same = open_runtime(str(bundle), float_activations="^no_such_tensor$").engine
+    floated = open_runtime(str(bundle), float_activations=".").engine
+    ids = list(range(1000, 1000 + 2 * AR))
+    a, b, c = (e.logits_all(ids) for e in (exact, same, floated))
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, c)
+    with pytest.raises(UserError, match="ort-cpu"):
+        open_runtime(str(bundle), backend="qnn-htp", float_activations=".")

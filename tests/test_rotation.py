@@ -3,6 +3,8 @@ of the rotated checkpoint equal those of the original, and the rotated weights a
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -52,3 +54,38 @@ def test_rotate_refuses_a_non_empty_destination(tmp_path, tiny_path):
     with pytest.raises(UserError, match="not empty"):
         rotate_checkpoint(tiny_path, tmp_path / "x", seed=0)
     assert (tmp_path / "x" / "f").read_text() == "keep"
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_export_rotate_is_exact_in_float(tmp_path, tiny_factory, tied):
+    """``export --rotate``: the fp32 bundle of the rotated weights computes transformers' logits of
+    the original checkpoint (float32 rounding), while its graphs hold other weights."""
+    import onnx
+    from transformers import Qwen2ForCausalLM
+
+    from qwen_ondevice.core.onnx_data import read_initializer
+    from qwen_ondevice.export.options import ExportOptions
+    from qwen_ondevice.export.pipeline import export
+    from qwen_ondevice.runtime.open_model import open_runtime
+
+    src = tiny_factory(tied=tied)
+    outs = {}
+    for rotate in (False, True):
+        outs[rotate] = tmp_path / f"r{rotate}"
+        export(ExportOptions(model=str(src), precision="fp32", prompt_length=8, context_length=64, num_parts=2,
+                             eval_tokens=0, rotate=rotate), outs[rotate])
+    ids = [151644, 872, 198, 9707, 11, 1879, 0, 151645, 198, 3838, 374, 220, 17, 10, 17, 30, 5, 9, 1000]
+    hf = Qwen2ForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = hf(torch.tensor([ids])).logits[0].numpy()
+    got = open_runtime(str(outs[True])).engine.logits_all(ids)
+    np.testing.assert_allclose(got, ref, atol=2e-4, rtol=1e-4)
+
+    def down_proj(out):
+        path = out / "onnx" / "part_2_of_2.ar8.onnx"
+        m = onnx.load(str(path), load_external_data=False)
+        t = next(t for t in m.graph.initializer if "down_proj" in t.name)
+        return read_initializer(t, path.parent)
+
+    assert not np.allclose(down_proj(outs[True]), down_proj(outs[False]), atol=1e-3)
+    assert json.loads((outs[True] / "manifest.json").read_text())["quantization"] is None  # fp32: no quantization block

@@ -37,6 +37,10 @@ def register(sub) -> None:
                    help=f"fidelity: new tokens per continuation at most (default {DEFAULT_MAX_NEW_TOKENS})")
     p.add_argument("--details", type=Path, default=None, metavar="FILE",
                    help="fidelity: write every prompt's row (identical, tokens shared, tests passed) to this JSON file")
+    p.add_argument("--float-activations", default=None, metavar="REGEX",
+                   help="diagnostic: run the activations whose tensor names match REGEX in float on the host "
+                        "(e.g. '.' for all, '^softmax' for the attention probabilities) to see what their "
+                        "quantization costs; the graph inputs and outputs stay quantized")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=run)
 
@@ -51,13 +55,13 @@ def run(args: argparse.Namespace) -> int:
     out = {}
     if args.tokens:
         acc = evaluate_bundle(args.bundle, args.reference, args.text, args.tokens, args.window, args.backend,
-                              args.host_numerics, args.by_position)
+                              args.host_numerics, args.by_position, args.float_activations)
         out["accuracy"] = acc.to_dict()
         if not args.json:
             print(acc.format(), flush=True)
     if args.fidelity:
         fid = evaluate_fidelity(args.bundle, args.reference, args.fidelity_prompts, args.max_new_tokens,
-                                args.backend, args.host_numerics)
+                                args.backend, args.host_numerics, args.float_activations)
         out["fidelity"] = fid.to_dict(rows=False)
         if args.details:
             args.details.write_text(json.dumps(fid.to_dict(), indent=1))

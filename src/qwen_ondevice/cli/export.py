@@ -49,6 +49,14 @@ def register(sub) -> None:
     p.add_argument("--no-key-center", dest="key_center", action="store_false",
                    help="store the keys as they are (by default each layer's keys are stored minus their calibrated "
                         "per-channel midrange, which softmax ignores: smaller scores and a finer uint8 key cache)")
+    p.add_argument("--rotate", action="store_true",
+                   help="fold a random orthogonal rotation of the residual stream into the weights (exact in float; "
+                        "spreads the outlier channels that activation and weight quantization meet, as QuaRot does)")
+    p.add_argument("--lm-head", choices=("int8", "int4"), default="int8",
+                   help="quantized precisions: the lm_head's weights, int8 per output channel (default) or int4 in "
+                        "blocks like the projections (half the bytes; w4a16 only)")
+    p.add_argument("--kv-cache", choices=("uint8", "uint16"), default="uint8",
+                   help="quantized precisions: the KV cache's dtype (uint8, the default; uint16 doubles its bytes)")
     p.add_argument("--residual", choices=("fp16", "uint16"), default="fp16",
                    help="precision of the residual stream between the decoder layers: fp16 (default; float32 "
                         "on the host) or uint16 per tensor like the other activations (coarse: its range is set "
@@ -56,6 +64,11 @@ def register(sub) -> None:
     p.add_argument("--eval-tokens", type=int, default=2048,
                    help="held-out tokens scored against the float model for report.json (0 skips; default 2048)")
     p.add_argument("--eval-window", type=int, default=1024, help="window of the accuracy report (capped at CL)")
+    p.add_argument("--fidelity-prompts", type=int, default=16,
+                   help="report.json: generation fidelity over the first N prompts of the shipped code tasks and chat "
+                        "prompts, greedy, bundle against the float model (0 skips; default 16; "
+                        "`evaluate --fidelity` runs all 121)")
+    p.add_argument("--fidelity-tokens", type=int, default=256, help="report.json: new tokens per fidelity continuation at most (default 256)")
     p.add_argument("--chipset", default="snapdragon-8-elite",
                    help="compile QNN context binaries for this Snapdragon chipset (quantized precisions; default "
                         "snapdragon-8-elite); 'none' skips")
@@ -91,8 +104,13 @@ def run(args: argparse.Namespace) -> int:
         kv_equalize=args.kv_equalize,
         key_center=args.key_center,
         residual=args.residual,
+        kv_cache=args.kv_cache,
+        lm_head=args.lm_head,
+        rotate=args.rotate,
         eval_tokens=args.eval_tokens,
         eval_window=args.eval_window,
+        fidelity_prompts=args.fidelity_prompts,
+        fidelity_tokens=args.fidelity_tokens,
         chipset=args.chipset,
         htp_optimization=args.htp_optimization,
         keep_intermediates=args.keep_intermediates,

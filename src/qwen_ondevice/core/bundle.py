@@ -63,7 +63,7 @@ class PartEntry(_Entry):
 
 
 class KvCacheEntry(_Entry):
-    dtype: Literal["uint8", "float16", "float32"]
+    dtype: Literal["uint8", "uint16", "float16", "float32"]
     bytes_per_token: int = Field(gt=0)
 
 

@@ -154,6 +154,13 @@ class Checkpoint:
             self._weights = WeightStore(self.path, self.config.tie_word_embeddings)
         return self._weights
 
+    def with_weights(self, store) -> "Checkpoint":
+        """The same checkpoint reading its tensors from ``store`` (an object with WeightStore's
+        ``names``, ``__contains__``, ``get``, ``nbytes`` and ``release``): how an export stage
+        sees transformed weights (e.g. ``quantize.rotation.RotatedWeights``) without a copy."""
+        return Checkpoint(path=self.path, config=self.config, generation_config=self.generation_config,
+                          source=self.source, _weights=store)
+
     def load_tokenizer(self):
         """The checkpoint's own tokenizer (``transformers`` fast tokenizer with its chat template)."""
         from qwen_ondevice.core.tokenizer import Tokenizer

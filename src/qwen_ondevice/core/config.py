@@ -46,6 +46,14 @@ class ModelConfig:
         element ``itemsize`` bytes (1 for the quantized bundles' uint8 cache)."""
         return 2 * self.num_hidden_layers * self.num_key_value_heads * self.head_dim * itemsize
 
+    def parameter_count(self) -> int:
+        """Parameters of Qwen2ForCausalLM with this config: embedding, per layer q/k/v (with
+        biases), o, gate/up/down and two norms, the final norm, and an untied lm_head."""
+        H, I, V = self.hidden_size, self.intermediate_size, self.vocab_size
+        kv = self.num_key_value_heads * self.head_dim
+        layer = H * H + H + 2 * (kv * H + kv) + H * H + 3 * H * I + 2 * H
+        return V * H * (1 if self.tie_word_embeddings else 2) + self.num_hidden_layers * layer + H
+
     @classmethod
     def from_dict(cls, d: dict, source: str = "config.json") -> "ModelConfig":
         """Build from a ``config.json`` dict.

@@ -81,9 +81,13 @@ def mse_range(values: np.ndarray, lo: float, hi: float, dtype: str, steps: int =
 #: The KV cache's dtype in the quantized bundles (w4a16, w8a16): one encoding per layer and
 #: tensor, shared by ``past_*_in`` and ``past_*_out`` (docs/numerics.md).
 KV_CACHE_DTYPE = "uint8"
+#: The cache dtypes a quantized bundle may have (``export --kv-cache``): uint8, the default, or
+#: uint16 (twice the cache bytes).
+KV_CACHE_DTYPES = ("uint8", "uint16")
 
 
-def kv_cache_encoding(sample: np.ndarray, lo: float, hi: float, minmax: bool) -> tuple[Encoding, str]:
+def kv_cache_encoding(sample: np.ndarray, lo: float, hi: float, minmax: bool,
+                      dtype: str = KV_CACHE_DTYPE) -> tuple[Encoding, str]:
     """The :data:`KV_CACHE_DTYPE` encoding of one layer's keys or values, and a note saying why.
 
     ``sample``: cache values seen in calibration (any shape); ``lo``/``hi``: their observed range.
@@ -92,7 +96,7 @@ def kv_cache_encoding(sample: np.ndarray, lo: float, hi: float, minmax: bool) ->
     clipped to minimise the MSE on the sample (:func:`mse_range`).
     """
     if minmax:
-        return encoding_for_range(lo, hi, KV_CACHE_DTYPE), f"{KV_CACHE_DTYPE} centered keys, observed min/max [{lo:.3g}, {hi:.3g}]"
-    clo, chi = mse_range(sample, lo, hi, KV_CACHE_DTYPE)
-    return (encoding_for_range(clo, chi, KV_CACHE_DTYPE),
-            f"{KV_CACHE_DTYPE} KV, MSE-clipped from [{lo:.3g}, {hi:.3g}] to [{clo:.3g}, {chi:.3g}]")
+        return encoding_for_range(lo, hi, dtype), f"{dtype} centered keys, observed min/max [{lo:.3g}, {hi:.3g}]"
+    clo, chi = mse_range(sample, lo, hi, dtype)
+    return (encoding_for_range(clo, chi, dtype),
+            f"{dtype} KV, MSE-clipped from [{lo:.3g}, {hi:.3g}] to [{clo:.3g}, {chi:.3g}]")

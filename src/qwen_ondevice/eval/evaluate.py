@@ -157,12 +157,14 @@ def reference_engine(model: str, window: int):
 
 def evaluate_bundle(bundle: Path, reference: str | None = None, text: str | None = None,
                     tokens: int = DEFAULT_EVAL_TOKENS, window: int = DEFAULT_WINDOW, backend: str = "ort-cpu",
-                  host_numerics: str = "exact", by_position: int | None = None) -> AccuracyReport:
+                  host_numerics: str = "exact", by_position: int | None = None,
+                  float_activations: str | None = None) -> AccuracyReport:
     """Evaluate a bundle against its float reference (default: the model it was exported from).
 
     ``host_numerics``: ``exact`` (the device simulation) or ``fast`` (ort-cpu only; see
     ``runtime.backends.ort_backend.HOST_NUMERICS``), to measure what the fast mode costs.
-    ``by_position``: see :func:`evaluate_engines`.
+    ``by_position``: see :func:`evaluate_engines`. ``float_activations``: a diagnostic regular
+    expression, the bundle's activations it matches run in float (``host_graph.float_activations``).
 
     Raises:
         UserError: a bad bundle, a missing reference, or a text shorter than one window.
@@ -172,7 +174,7 @@ def evaluate_bundle(bundle: Path, reference: str | None = None, text: str | None
     from qwen_ondevice.runtime.open_model import open_runtime
 
     m = read_manifest(bundle)
-    rt = open_runtime(str(bundle), backend, host_numerics=host_numerics)
+    rt = open_runtime(str(bundle), backend, host_numerics=host_numerics, float_activations=float_activations)
     path = Path(text) if text else default_evaluation_text()
     tokens = tokens // window * window
     if tokens < window:
@@ -191,18 +193,23 @@ def evaluate_bundle(bundle: Path, reference: str | None = None, text: str | None
 
 
 def evaluate_fidelity(bundle: Path, reference: str | None = None, prompts: int | None = None,
-                      max_new_tokens: int = 256, backend: str = "ort-cpu", host_numerics: str = "exact"):
+                      max_new_tokens: int = 256, backend: str = "ort-cpu", host_numerics: str = "exact",
+                      float_activations: str | None = None):
     """Generation fidelity of a bundle against its float reference (default: the model it was
     exported from): :func:`qwen_ondevice.eval.fidelity.measure_fidelity` over the first
     ``prompts`` prompts (all when None).
 
     Raises:
-        UserError: a bad bundle, a missing reference, or a bad prompt count or length.
+        UserError: a bad bundle, a missing reference, a bad prompt count or length, or no prompt
+            that fits the bundle's context length.
     """
     from qwen_ondevice.core.bundle import read_manifest
     from qwen_ondevice.eval.fidelity import measure_fidelity
     from qwen_ondevice.runtime.open_model import open_runtime
 
     m = read_manifest(bundle)
-    rt = open_runtime(str(bundle), backend, host_numerics=host_numerics)
-    return measure_fidelity(rt.engine, rt.tokenizer, reference or m.data["model"]["source"], prompts, max_new_tokens)
+    rt = open_runtime(str(bundle), backend, host_numerics=host_numerics, float_activations=float_activations)
+    report = measure_fidelity(rt.engine, rt.tokenizer, reference or m.data["model"]["source"], prompts, max_new_tokens)
+    if report.prompts == 0:
+        raise UserError(f"none of the {report.skipped} fidelity prompts fits the bundle's context length {m.context_length}")
+    return report

@@ -250,9 +250,10 @@ def measure_fidelity(engine, tokenizer, reference_model: str, prompts: int | Non
     over the first ``prompts`` of :func:`fidelity_prompts` (all when None); prompts that leave no
     room in the bundle's context are skipped and counted.
 
+    A report of 0 prompts (all skipped) is returned when none fits the context.
+
     Raises:
-        UserError: ``prompts`` or ``max_new_tokens`` below 1, no prompt that fits the bundle's
-            context, or a reference that cannot be loaded.
+        UserError: ``prompts`` or ``max_new_tokens`` below 1, or a reference that cannot be loaded.
     """
     if prompts is not None and prompts < 1:
         raise UserError(f"--fidelity-prompts must be at least 1, got {prompts}")
@@ -263,7 +264,7 @@ def measure_fidelity(engine, tokenizer, reference_model: str, prompts: int | Non
     limits = token_limits(ids, max_new_tokens, engine.context_length)
     keep = [i for i, n in enumerate(limits) if n > 0]
     if not keep:
-        raise UserError(f"none of the {len(chosen)} fidelity prompts fits the bundle's context length {engine.context_length}")
+        return compare_continuations([], [], [], tokenizer, max_new_tokens, 0.0, len(chosen))
     skipped = len(chosen) - len(keep)
     chosen, ids, limits = [chosen[i] for i in keep], [ids[i] for i in keep], [limits[i] for i in keep]
     t0 = time.perf_counter()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 
 from qwen_ondevice.core.bundle import MANIFEST
@@ -46,9 +46,16 @@ class ExportOptions:
     down_proj_headroom: float = 1.0  # uint16 range of the down_proj input, widened (qdq.activation_encodings)
     kv_equalize: bool = True  # per-RoPE-pair key scales folded into q_proj/k_proj before calibration (quantize/kv_equalize.py)
     key_center: bool = True  # keys stored minus their calibrated per-channel midrange (quantize/kv_equalize.py)
+    rotate: bool = False  # fold a random orthogonal rotation of the residual stream into the weights (quantize/rotation.py)
+    lm_head: str = "int8"  # quantized precisions: the lm_head's weights, int8 per channel or int4 (as the projections)
+    kv_cache: str = "uint8"  # quantized precisions: the KV cache's dtype, uint8 or uint16 (core.encodings.KV_CACHE_DTYPES)
     residual: str = "fp16"  # the residual stream's precision: "fp16" (float, fp16 on the HTP) or "uint16"
     eval_tokens: int = 2048  # held-out tokens scored for report.json (0 skips the accuracy report)
     eval_window: int = 1024
+    # generation fidelity in report.json (eval/fidelity.py): the first N prompts of the shipped set,
+    # answered greedily by the bundle and the float model, up to fidelity_tokens new tokens (0 skips)
+    fidelity_prompts: int = 16
+    fidelity_tokens: int = 256
     chipset: str = "snapdragon-8-elite"  # QNN context binaries for this chipset; "none" skips (qnn/compile.py)
     htp_optimization: int = DEFAULT_HTP_OPTIMIZATION  # HTP graph finalization level (qnn/compile.py): 3 ships, 1 builds fastest
     keep_intermediates: bool = False  # keep the float graphs and calibration files in BUNDLE/.export
@@ -62,8 +69,14 @@ class ExportOptions:
 #: finished part and redoes only the stages they decide: the accuracy report (``eval_*``) and
 #: the context binaries of the chipset at the optimization level asked (``chipset``,
 #: ``htp_optimization``); binaries already compiled for another chipset stay in the bundle.
-FINISHING_OPTIONS = {"eval_tokens": ("report",), "eval_window": ("report",), "chipset": (), "htp_optimization": (),
+FINISHING_OPTIONS = {"eval_tokens": ("report",), "eval_window": ("report",), "fidelity_prompts": ("report",),
+                     "fidelity_tokens": ("report",), "chipset": (), "htp_optimization": (),
                      "keep_intermediates": ()}
+
+
+def _defaults() -> dict:
+    """The options that have a default, with it."""
+    return {f.name: f.default for f in fields(ExportOptions) if f.default is not MISSING}
 
 
 def _graph_options(options: dict) -> dict:
@@ -85,7 +98,8 @@ class ExportState:
         if not self.path.exists():
             return False
         state = json.loads(self.path.read_text())
-        earlier = state.get("options") or {}
+        # an option added since that export was started counts as its default there
+        earlier = {**_defaults(), **(state.get("options") or {})}
         if _graph_options(earlier) != _graph_options(self.options):
             return False
         self.done = state.get("done", {})

@@ -19,7 +19,6 @@ from pathlib import Path
 from qwen_ondevice.core.bundle import CHECKPOINT_FILES, MANIFEST, SCHEMA, SCHEMA_VERSION
 from qwen_ondevice.core.checkpoint import Checkpoint, load_checkpoint
 from qwen_ondevice.core.demo import sha256_file
-from qwen_ondevice.core.encodings import KV_CACHE_DTYPE
 from qwen_ondevice.core.jsonio import write_json
 from qwen_ondevice.core.parts import MASK_VALUE, PartSpec
 from qwen_ondevice.core.progress import format_seconds, log, stage_meter
@@ -45,6 +44,10 @@ def export(options: ExportOptions, out: Path, force: bool = False) -> Path:
     cfg = ckpt.config
     # whether this machine holds the plan, before anything is written (a resume has the same plan)
     check_weights_present(ckpt.weights, cfg)
+    if options.rotate:  # exact in float: the graphs read the rotated weights (quantize/rotation.py)
+        from qwen_ondevice.quantize.rotation import ROTATION_SEED, RotatedWeights
+
+        ckpt = ckpt.with_weights(RotatedWeights(ckpt.weights, cfg.hidden_size, ROTATION_SEED))
     planned = plan_parts(cfg, options.precision, options.num_parts, options.max_part_bytes)
     fp = export_footprint(cfg, planned, options)
     log(f"[fit] {fp.describe()}")
@@ -94,7 +97,8 @@ def export(options: ExportOptions, out: Path, force: bool = False) -> Path:
 
         manifest = {**build_manifest(out, ckpt, options, parts, state), **extra}
         with stage_meter("report") as rec:
-            summary = write_report(out, manifest, options.eval_tokens, options.eval_window)
+            summary = write_report(out, manifest, options.eval_tokens, options.eval_window,
+                                   options.fidelity_prompts, options.fidelity_tokens)
         state.mark("report", {**summary, **_measured(rec)})
     with stage_meter("manifest") as rec:
         write_manifest(out, ckpt, options, parts, state, extra)
@@ -160,7 +164,8 @@ def _quantized_part(ckpt: Checkpoint, part: PartSpec, options: ExportOptions, ou
     calib_dir.mkdir(parents=True, exist_ok=True)
     settings = QuantSettings(options.precision, options.weight_method, options.int8_fraction, options.weight_block_size,
                              options.smooth_alpha, options.down_proj_headroom, key_minmax=options.key_center,
-                             float_residual=options.residual == "fp16")
+                             float_residual=options.residual == "fp16", kv_dtype=options.kv_cache,
+                             lm_head_bits=4 if options.lm_head == "int4" else 8)
     if f"float:{part.name}" not in state.done:
         with stage_meter(f"float:{part.name}") as rec:
             info = export_part(ckpt, part, options.ar_lengths, options.context_length, "fp32", float_dir, options.key_center)
@@ -259,17 +264,19 @@ def copy_checkpoint_files(src: Path, out: Path) -> None:
 def _quantization_summary(options: ExportOptions, parts: list[dict]) -> dict | None:
     if options.precision not in QUANTIZED:
         return None
+    from qwen_ondevice.quantize.rotation import ROTATION_SEED
     from qwen_ondevice.quantize.stages import FLOAT_RESIDUAL_REASON, natural_key, summarize_weights
 
     return {
         "precision": options.precision,
         "weights": {"projections": f"int{4 if options.precision == 'w4a16' else 8} symmetric "
                     + (f"per block of {options.weight_block_size} input rows" if options.weight_block_size and options.precision == "w4a16" else "per output channel"),
-                    "lm_head": "int8 symmetric per output channel", "embedding": "int8 symmetric per row",
+                    "lm_head": "int8 symmetric per output channel" if options.lm_head == "int8" else "int4 as the projections", "embedding": "int8 symmetric per row",
                     "norms_and_biases": "uint16 per tensor", "method": options.weight_method},
         "activations": "uint16 asymmetric per tensor"
         + ("; the residual stream float (fp16 on the HTP), see float_islands" if options.residual == "fp16" else "")
-        + (f"; MLP down_proj input range widened {options.down_proj_headroom:g}x" if options.down_proj_headroom != 1 else ""), "kv_cache": f"{KV_CACHE_DTYPE} per layer, in/out share one encoding",
+        + (f"; MLP down_proj input range widened {options.down_proj_headroom:g}x" if options.down_proj_headroom != 1 else ""), "kv_cache": f"{options.kv_cache} per layer, in/out share one encoding",
+        "rotation": {"residual_stream": "random orthogonal (Haar), folded into the weights", "seed": ROTATION_SEED} if options.rotate else None,
         "calibration": {"text": options.calibration_text or "wikitext2_valid.txt (shipped)", "tokens": options.calibration_tokens},
         "mixed_precision": summarize_weights(parts),
         "smoothing": {"down_proj_input": "SmoothQuant, folded into up_proj/down_proj", "alpha": options.smooth_alpha}
@@ -311,7 +318,7 @@ def build_manifest(out: Path, ckpt: Checkpoint, options: ExportOptions, parts: l
     signatures (and encodings), quantization summary, tool versions."""
     cfg = ckpt.config
     float_dtype = "float16" if options.precision == "fp16" else "float32"
-    kv_dtype = KV_CACHE_DTYPE if options.precision in QUANTIZED else float_dtype
+    kv_dtype = options.kv_cache if options.precision in QUANTIZED else float_dtype
     part_entries = []
     for p in parts:
         info = dict(state.done[f"part:{p.name}"])
@@ -319,7 +326,7 @@ def build_manifest(out: Path, ckpt: Checkpoint, options: ExportOptions, parts: l
             info.pop(key, None)
         info["planned_weight_bytes"] = part_bytes(cfg, options.precision, p)
         part_entries.append(info)
-    kv_per_token = cfg.kv_cache_bytes_per_token({KV_CACHE_DTYPE: 1, "float16": 2, "float32": 4}[kv_dtype])
+    kv_per_token = cfg.kv_cache_bytes_per_token({"uint8": 1, "uint16": 2, "float16": 2, "float32": 4}[kv_dtype])
     manifest = {
         "schema": SCHEMA,
         "schema_version": SCHEMA_VERSION,

@@ -10,9 +10,16 @@ from qwen_ondevice.core.jsonio import write_json
 from qwen_ondevice.core.progress import log
 
 
-def write_report(out: Path, manifest: dict, eval_tokens: int, window: int) -> dict:
+def write_report(out: Path, manifest: dict, eval_tokens: int, window: int, fidelity_prompts: int = 0,
+                 fidelity_tokens: int = 256) -> dict:
     """Evaluate the bundle in ``out`` (ORT CPU) against its float source on the shipped held-out
-    text, write ``out/report.json`` and print the summary; returns the accuracy dict.
+    text and, with ``fidelity_prompts``, by free-running generation (:mod:`qwen_ondevice.eval.fidelity`);
+    write ``out/report.json`` and print the summary; returns the accuracy dict.
+
+    The fidelity measure decodes with the whole float model in memory (torch, float32): it is
+    skipped, with the reason in the report, when those weights exceed half of the memory
+    available now (Qwen2-7B: 30 GB); ``qwen-ondevice evaluate BUNDLE --fidelity`` runs it on a
+    machine that holds them.
 
     The bundle is opened from the in-memory ``manifest`` (the file is written after the report,
     so that it can list report.json's sha256)."""
@@ -33,6 +40,9 @@ def write_report(out: Path, manifest: dict, eval_tokens: int, window: int) -> di
     ref, _ = reference_engine(manifest["model"]["source"], window)
     log(f"[report] scoring {tokens} held-out tokens in windows of {window} against the float model")
     acc = evaluate_engines(engine, ref, ids, window, text.name)
+    del ref
+    log(f"[report] {acc.format()}")
+    fidelity = _fidelity(engine, tok, manifest, fidelity_prompts, fidelity_tokens) if fidelity_prompts > 0 else None
     report = {
         "precision": manifest["precision"],
         "accuracy": {k: v for k, v in acc.to_dict().items() if k != "seconds"},
@@ -40,7 +50,32 @@ def write_report(out: Path, manifest: dict, eval_tokens: int, window: int) -> di
         "bundle_backend": "ort-cpu",
         "sizes": bytes_per_token(m),
         "mixed_precision": (manifest.get("quantization") or {}).get("mixed_precision"),
+        **({"fidelity": fidelity} if fidelity is not None else {}),
     }
     write_json(out / "report.json", report, indent=1)
-    log(f"[report] {acc.format()}")
     return {"perplexity_ratio": acc.perplexity_ratio, "top1_agreement": acc.top1_agreement, "seconds": acc.seconds}
+
+
+def _fidelity(engine, tok, manifest: dict, prompts: int, max_new_tokens: int) -> dict:
+    """The fidelity block of report.json: :func:`measure_fidelity` without its per-prompt rows,
+    or ``{"skipped": reason}`` when the float model does not fit in memory or no prompt fits CL."""
+    import psutil
+
+    from qwen_ondevice.core.checkpoint import load_checkpoint
+    from qwen_ondevice.eval.fidelity import measure_fidelity
+
+    cfg = load_checkpoint(manifest["model"]["source"]).config
+    float_bytes = 4 * cfg.parameter_count()
+    available = psutil.virtual_memory().available
+    if float_bytes > available / 2:
+        reason = (f"the float reference needs {float_bytes / 1e9:.1f} GB in float32, more than half of the "
+                  f"{available / 1e9:.1f} GB available; run `qwen-ondevice evaluate BUNDLE --fidelity` on a bigger machine")
+        log(f"[report] generation fidelity skipped: {reason}")
+        return {"skipped": reason}
+    r = measure_fidelity(engine, tok, manifest["model"]["source"], prompts, max_new_tokens)
+    if r.prompts == 0:
+        reason = f"none of the {r.skipped} prompts fits the context length {engine.context_length}"
+        log(f"[report] generation fidelity skipped: {reason}")
+        return {"skipped": reason}
+    log(f"[report] {r.format()}")
+    return r.to_dict(rows=False)

@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from qwen_ondevice.core.encodings import DATA_MOVEMENT, Encoding, encoding_for_range, kv_cache_encoding
+from qwen_ondevice.core.encodings import DATA_MOVEMENT, KV_CACHE_DTYPE, Encoding, encoding_for_range, kv_cache_encoding
 from qwen_ondevice.core.onnx_data import read_initializer
 from qwen_ondevice.export.onnx_graph import IR_VERSION, OPSET, ExternalData, IOSpec, io_signature
 from qwen_ondevice.quantize.calibrate import PartStats, is_row_max_shift
@@ -60,7 +60,8 @@ def widen_range(lo: float, hi: float, factor: float) -> tuple[float, float]:
 
 
 def activation_encodings(model: onnx.ModelProto, stats: PartStats, mask_value: float,
-                         down_proj_headroom: float = 1.0, key_minmax: bool = False) -> ActivationEncodings:
+                         down_proj_headroom: float = 1.0, key_minmax: bool = False,
+                         kv_dtype: str = KV_CACHE_DTYPE) -> ActivationEncodings:
     """Choose the encoding of every float tensor of ``model`` (the float AR graph).
 
     - calibrated tensors: uint16 covering the observed [min, max] (outlier channels included:
@@ -70,7 +71,7 @@ def activation_encodings(model: onnx.ModelProto, stats: PartStats, mask_value: f
       the calibration tokens underestimates what later text reaches (measured on the demo model,
       docs/numerics.md), and clipping it costs more than the resolution a wider uint16 range
       gives up;
-    - KV cache (``past_*``): uint8 per layer, the range clipped to minimise MSE on a sample of
+    - KV cache (``past_*``): ``kv_dtype`` (uint8 by default) per layer, the range clipped to minimise MSE on a sample of
       the cache values; ``past_*_in`` and ``past_*_out`` of a layer share it. With ``key_minmax``
       (centered keys, :mod:`qwen_ondevice.quantize.kv_equalize`) the keys take their observed min/max
       instead: centered, their range is already narrow, and MSE clipping on a random sample
@@ -96,7 +97,7 @@ def activation_encodings(model: onnx.ModelProto, stats: PartStats, mask_value: f
     for name, s in st.items():
         if name.startswith("past_"):
             sample = np.concatenate(s.sample) if s.sample else np.array([s.lo, s.hi])
-            enc[name], notes[name] = kv_cache_encoding(sample, s.lo, s.hi, key_minmax and name.startswith("past_key"))
+            enc[name], notes[name] = kv_cache_encoding(sample, s.lo, s.hi, key_minmax and name.startswith("past_key"), kv_dtype)
         else:
             enc[name] = encoding_for_range(s.lo, s.hi, "uint16")
     if down_proj_headroom != 1.0:

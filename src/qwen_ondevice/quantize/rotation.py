@@ -18,6 +18,9 @@ quantized file (the demo's Q4_K_M GGUF) no longer sits on that file's 4-bit grid
 project makes a test model whose weights do not flatter block-wise int4 (``benchmarks/
 make_offgrid_model.py``). Both rotations spread the residual stream's outlier channels over all H
 channels, which also changes what activation quantization sees.
+
+:class:`RotatedWeights` applies the same rotation while an export reads the checkpoint
+(``export --rotate``), one tensor at a time, so nothing is written or held twice.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ import numpy as np
 
 from qwen_ondevice.core.errors import UserError
 
+#: The seed of the rotation ``export --rotate`` folds in (the one of benchmarks/make_offgrid_model.py).
+ROTATION_SEED = 0
 #: Files copied unchanged from the source folder (everything but the weights).
 _KEEP_SUFFIXES = (".json", ".jinja", ".txt", ".model")
 
@@ -123,3 +128,66 @@ def rotate_checkpoint(src: Path, dst: Path, seed: int) -> Path:
     (dst / "config.json").write_text(json.dumps(config, indent=2))
     save_file(rotated, str(dst / "model.safetensors"), metadata={"format": "pt"})
     return dst
+
+
+_NORMS = ("input_layernorm", "post_attention_layernorm")
+_IN_SIDE = {"self_attn.q_proj": "input_layernorm", "self_attn.k_proj": "input_layernorm",
+            "self_attn.v_proj": "input_layernorm", "mlp.gate_proj": "post_attention_layernorm",
+            "mlp.up_proj": "post_attention_layernorm"}
+_OUT_SIDE = ("self_attn.o_proj", "mlp.down_proj")
+
+
+class RotatedWeights:
+    """A read-only view of a checkpoint's weights (``core.checkpoint.WeightStore``) with the
+    residual stream rotated by :func:`random_orthogonal` (H, ``seed``), computed per tensor as it
+    is read (float32 products, so logits match the original within float32 rounding): the rules
+    of the module docstring. Memory: the tensor, its rotated copy and Q (H x H float32).
+    """
+
+    def __init__(self, store, hidden_size: int, seed: int):
+        import torch
+
+        self.store = store
+        self.seed = seed
+        self.q = torch.from_numpy(random_orthogonal(hidden_size, seed).astype(np.float32))
+
+    def names(self) -> list[str]:
+        return self.store.names()
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.store
+
+    def nbytes(self, name: str, bytes_per_element: int) -> int:
+        return self.store.nbytes(name, bytes_per_element)
+
+    def release(self) -> None:
+        self.store.release()
+
+    def get(self, name: str, dtype=None):
+        """The rotated tensor ``name`` as ``dtype`` (default float32).
+
+        Raises:
+            UserError: the checkpoint lacks ``name`` or a norm it needs.
+        """
+        out = self._rotated(name)
+        return out if dtype is None else out.to(dtype)
+
+    def _rotated(self, name: str):
+        import torch
+
+        get = self.store.get
+        if name == "model.norm.weight" or any(name.endswith(f".{n}.weight") for n in _NORMS):
+            return torch.ones_like(get(name))
+        if name == "model.embed_tokens.weight":
+            return get(name) @ self.q
+        if name == "lm_head.weight":
+            return (get(name) * get("model.norm.weight")[None, :]) @ self.q
+        if name.startswith("model.layers.") and name.endswith(".weight"):
+            prefix, _, rest = name[len("model.layers."):].partition(".")
+            proj = rest[: -len(".weight")]
+            if proj in _IN_SIDE:
+                gain = get(f"model.layers.{prefix}.{_IN_SIDE[proj]}.weight")
+                return (get(name) * gain[None, :]) @ self.q
+            if proj in _OUT_SIDE:
+                return self.q.T @ get(name)
+        return get(name)  # biases

@@ -58,6 +58,8 @@ class QuantSettings:
     down_proj_headroom: float = 1.0  # the down_proj input's uint16 range, widened this many times
     key_minmax: bool = False  # uint8 key cache over the observed min/max (centered keys), not MSE-clipped
     float_residual: bool = True  # the residual stream stays float (fp16 on the HTP), see qdq.residual_stream
+    kv_dtype: str = "uint8"  # the KV cache's dtype (core.encodings.KV_CACHE_DTYPES)
+    lm_head_bits: int = 8  # 8: int8 per output channel (MSE clipping); 4: int4 like the projections (blocks, weight_method)
 
     @property
     def projection_bits(self) -> int:
@@ -112,7 +114,8 @@ def quantize_part_graphs(
             smoothing_report[f"model.layers.{layer}.mlp"] = {
                 "alpha": settings.smooth_alpha, "down_proj_input_range_before": [before[0], before[1]],
                 "down_proj_input_range_after": [act.lo, act.hi], "scale_min": float(s.min()), "scale_max": float(s.max())}
-    enc = activation_encodings(ref_graph, stats, mask_value, settings.down_proj_headroom, settings.key_minmax)
+    enc = activation_encodings(ref_graph, stats, mask_value, settings.down_proj_headroom, settings.key_minmax,
+                               settings.kv_dtype)
     if part.hidden_in is not None:
         if hidden_in_encoding is None:
             raise ValueError(f"{part.name}: the encoding of its boundary input {part.hidden_in} (from the previous part) is needed")
@@ -131,7 +134,7 @@ def quantize_part_graphs(
         elif method != "gptq":
             factors.clear()  # lm_head (plain rounding): no factor alive while it is quantized
         # a weight whose input size is not a multiple of the block keeps one scale per channel
-        block = settings.block_size if bits == 4 and is_projection(wname) and w.shape[0] % (settings.block_size or 1) == 0 else None
+        block = settings.block_size if bits == 4 and w.shape[0] % (settings.block_size or 1) == 0 else None
         return quantize_weight(w, bits, act_sq, factors.get(act) if method == "gptq" else None, method, block_size=block)
 
     projections = [n for n in matmul_inputs if is_projection(n)]
@@ -139,6 +142,10 @@ def quantize_part_graphs(
         if is_projection(wname):
             weights[wname] = quantize(wname, settings.projection_bits, settings.weight_method)
             weight_report[wname] = {"bits": settings.projection_bits, "rel_error": weights[wname].rel_error,
+                                    **({"block_size": weights[wname].block_size} if weights[wname].block_size else {})}
+        elif settings.lm_head_bits == 4:  # lm_head as the int4 projections (--lm-head int4)
+            weights[wname] = quantize(wname, 4, settings.weight_method)
+            weight_report[wname] = {"bits": 4, "rel_error": weights[wname].rel_error,
                                     **({"block_size": weights[wname].block_size} if weights[wname].block_size else {})}
         else:  # lm_head: int8 per output channel
             weights[wname] = quantize(wname, 8, "mse")

@@ -28,13 +28,14 @@ def is_bundle(path: str | Path) -> bool:
 
 
 def open_runtime(model: str, backend: str | None = None, context_length: int = 4096, prompt_length: int | None = None,
-                 host_numerics: str = "exact") -> Runtime:
+                 host_numerics: str = "exact", float_activations: str | None = None) -> Runtime:
     """MODEL (bundle folder, checkpoint folder, .gguf, ``demo``, Hub id) -> :class:`Runtime`.
 
     A bundle runs on ``ort-cpu`` unless ``backend`` says otherwise; a checkpoint runs on ``torch``
     with the given context length (a bundle's context length is fixed by its graphs).
     ``host_numerics`` (``exact`` / ``fast``, see ``runtime.backends.ort_backend.HOST_NUMERICS``) applies
-    to a bundle on ``ort-cpu`` only.
+    to a bundle on ``ort-cpu`` only, and so does ``float_activations`` (a diagnostic regular
+    expression, see ``runtime.backends.host_graph.float_activations``).
 
     Raises:
         UserError: unknown backend, a backend that cannot run this MODEL, ``fast`` numerics
@@ -45,8 +46,10 @@ def open_runtime(model: str, backend: str | None = None, context_length: int = 4
     if host_numerics != "exact" and (not is_bundle(model) or backend not in (None, "ort-cpu")):
         raise UserError(f"--host-numerics {host_numerics} applies to a bundle on the ort-cpu backend; "
                         f"{model} runs on {backend or 'torch'} with its own numerics")
+    if float_activations and (not is_bundle(model) or backend not in (None, "ort-cpu")):
+        raise UserError(f"--float-activations applies to a bundle on the ort-cpu backend, not {model} on {backend or 'torch'}")
     if is_bundle(model):
-        return open_bundle_runtime(Path(model), backend or "ort-cpu", host_numerics)
+        return open_bundle_runtime(Path(model), backend or "ort-cpu", host_numerics, float_activations)
     if backend not in (None, "torch"):
         raise UserError(f"backend {backend!r} runs an exported bundle; {model} is a checkpoint (use --backend torch or export it first)")
     from qwen_ondevice.core.checkpoint import load_checkpoint
@@ -64,7 +67,7 @@ def open_runtime(model: str, backend: str | None = None, context_length: int = 4
     return Runtime(engine=engine, tokenizer=tok, model_name=Path(str(model)).name or str(model))
 
 
-def open_bundle_runtime(root: Path, backend: str, host_numerics: str = "exact") -> Runtime:
+def open_bundle_runtime(root: Path, backend: str, host_numerics: str = "exact", float_activations: str | None = None) -> Runtime:
     """A :class:`~qwen_ondevice.runtime.open_model.Runtime` over a bundle on ``ort-cpu`` (with
     ``host_numerics``, see ``runtime.backends.ort_backend.HOST_NUMERICS``) or ``qnn-htp``.
 
@@ -77,7 +80,7 @@ def open_bundle_runtime(root: Path, backend: str, host_numerics: str = "exact") 
     if backend == "ort-cpu":
         from qwen_ondevice.runtime.backends.ort_backend import OrtBackend
 
-        be = OrtBackend(m, numerics=host_numerics)
+        be = OrtBackend(m, numerics=host_numerics, float_pattern=float_activations)
     elif backend == "qnn-htp":
         from qwen_ondevice.runtime.backends.qnn_backend import QnnBackend
 

@@ -269,13 +269,55 @@ def drop_data_movement_qdq(model, base: Path) -> int:
     return rewritten
 
 
+def float_activations(model, pattern: str) -> int:
+    """A diagnostic, never a device numerics: run the activations whose tensor name matches the
+    regular expression ``pattern`` (``re.search``) in float, by removing their
+    ``QuantizeLinear -> DequantizeLinear`` pair; each DequantizeLinear reader then reads the
+    float tensor. Graph inputs and outputs (the host quantizes those; the KV cache, the part
+    boundaries, the logits) and weights keep their encodings. What one quantization point costs
+    is the accuracy with it removed (``evaluate --float-activations``). Tensor names are the
+    exporter's ``<op>_<n>`` (``softmax_``, ``sub_`` ...). Returns the number of pairs removed.
+
+    Raises:
+        ValueError: ``pattern`` is not a valid regular expression.
+    """
+    import re
+
+    try:
+        rx = re.compile(pattern)
+    except re.error as e:
+        raise ValueError(f"--float-activations {pattern!r}: {e}") from None
+    g = model.graph
+    users = _users(g)
+    io = {t.name for t in g.input} | {t.name for t in g.output}
+    inits = {t.name for t in g.initializer}
+    removed = 0
+    for q in [n for n in g.node if n.op_type == "QuantizeLinear"]:
+        x, y = q.input[0], q.output[0]
+        readers = users.get(y, [])
+        if x in inits or x in io or y in io or not rx.search(x) or not readers \
+                or any(r.op_type != "DequantizeLinear" or r.input[0] != y or r.output[0] in io for r in readers):
+            continue
+        for dq in readers:
+            for n in users.get(dq.output[0], []):
+                for i, name in enumerate(n.input):
+                    if name == dq.output[0]:
+                        n.input[i] = x
+            g.node.remove(dq)
+        g.node.remove(q)
+        users = _users(g)
+        removed += 1
+    return removed
+
+
 def host_model(model_path: Path, float_weights: bool, dynamic_past: bool = True,
-               budget: int = HOST_FLOAT_BUDGET) -> tuple[bytes, dict[str, np.ndarray]]:
+               budget: int = HOST_FLOAT_BUDGET, float_pattern: str | None = None) -> tuple[bytes, dict[str, np.ndarray]]:
     """The graph at ``model_path`` with the host rewrites of this module applied.
 
     ``float_weights``: also :func:`float_matmul_weights` (worth it at AR-1 only: at AR-128 the fused
     kernel's dequantization is spread over 128 rows and is faster than the float MatMul,
-    benchmarks/bench_host_speed.py). ``dynamic_past``: :func:`symbolic_past`.
+    benchmarks/bench_host_speed.py). ``dynamic_past``: :func:`symbolic_past`. ``float_pattern``:
+    :func:`float_activations` (a diagnostic).
 
     Returns (serialized model, {initializer name: float32 array}); the model's external data
     stays in its file, so open it with ``session.model_external_initializers_file_folder_path``
@@ -285,6 +327,8 @@ def host_model(model_path: Path, float_weights: bool, dynamic_past: bool = True,
 
     model = onnx.load(str(model_path), load_external_data=False)
     base = model_path.parent
+    if float_pattern:
+        float_activations(model, float_pattern)
     gather_before_dequantize(model)
     fold_constant_dequantize(model, base)
     drop_data_movement_qdq(model, base)

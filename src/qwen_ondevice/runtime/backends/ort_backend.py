@@ -50,6 +50,8 @@ class OrtBackend(Backend):
     cast (float graphs) or quantized with the manifest's encodings (QDQ graphs); logits come back
     float32. ``numerics`` is one of :data:`HOST_NUMERICS`; ``trim_past`` (on for the CPU EP) feeds
     each call only ``past_window(n_past, P)`` cache slots. Set both before the first call.
+    ``float_pattern`` (a diagnostic, CPU EP only): the activations whose names match it run in
+    float (:func:`.host_graph.float_activations`).
 
     Raises:
         ValueError: an unknown ``numerics``.
@@ -57,12 +59,14 @@ class OrtBackend(Backend):
 
     name = "ort-cpu"
 
-    def __init__(self, manifest, providers: list | None = None, intra_op_threads: int = 0, numerics: str = "exact"):
+    def __init__(self, manifest, providers: list | None = None, intra_op_threads: int = 0, numerics: str = "exact",
+                 float_pattern: str | None = None):
         import onnxruntime as ort
 
         if numerics not in HOST_NUMERICS:
             raise ValueError(f"numerics {numerics!r}: choose one of {', '.join(HOST_NUMERICS)}")
         self.numerics = numerics  # HOST_NUMERICS
+        self.float_pattern = float_pattern
         self.ort = ort
         self.manifest = manifest
         self.config = manifest.config
@@ -109,7 +113,7 @@ class OrtBackend(Backend):
                 head = self.specs[part_index].head
                 budget = self.host_float_left - (0 if head else self.head_reserve)
                 model_bytes, arrays = host_model(path, float_weights=ar == 1 and not fast, dynamic_past=self.trim_past,
-                                                 budget=max(0, budget))
+                                                 budget=max(0, budget), float_pattern=self.float_pattern)
                 self.host_float_left -= sum(a.nbytes for a in arrays.values())
                 if head and ar == 1:
                     self.head_reserve = 0
