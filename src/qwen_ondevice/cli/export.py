@@ -64,11 +64,11 @@ def register(sub) -> None:
     p.add_argument("--eval-tokens", type=int, default=2048,
                    help="held-out tokens scored against the float model for report.json (0 skips; default 2048)")
     p.add_argument("--eval-window", type=int, default=1024, help="window of the accuracy report (capped at CL)")
-    p.add_argument("--fidelity-prompts", type=int, default=16,
+    p.add_argument("--fidelity-prompts", type=int, default=8,
                    help="report.json: generation fidelity over the first N prompts of the shipped code tasks and chat "
-                        "prompts, greedy, bundle against the float model (0 skips; default 16; "
+                        "prompts, greedy, bundle against the float model (0 skips; default 8: 4 code tasks and 4 chat prompts; "
                         "`evaluate --fidelity` runs all 121)")
-    p.add_argument("--fidelity-tokens", type=int, default=256, help="report.json: new tokens per fidelity continuation at most (default 256)")
+    p.add_argument("--fidelity-tokens", type=int, default=128, help="report.json: new tokens per fidelity continuation at most (default 128)")
     p.add_argument("--chipset", default="snapdragon-8-elite",
                    help="compile QNN context binaries for this Snapdragon chipset (quantized precisions; default "
                         "snapdragon-8-elite); 'none' skips")

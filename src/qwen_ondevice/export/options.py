@@ -54,8 +54,8 @@ class ExportOptions:
     eval_window: int = 1024
     # generation fidelity in report.json (eval/fidelity.py): the first N prompts of the shipped set,
     # answered greedily by the bundle and the float model, up to fidelity_tokens new tokens (0 skips)
-    fidelity_prompts: int = 16
-    fidelity_tokens: int = 256
+    fidelity_prompts: int = 8
+    fidelity_tokens: int = 128
     chipset: str = "snapdragon-8-elite"  # QNN context binaries for this chipset; "none" skips (qnn/compile.py)
     htp_optimization: int = DEFAULT_HTP_OPTIMIZATION  # HTP graph finalization level (qnn/compile.py): 3 ships, 1 builds fastest
     keep_intermediates: bool = False  # keep the float graphs and calibration files in BUNDLE/.export

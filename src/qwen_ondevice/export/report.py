@@ -11,7 +11,7 @@ from qwen_ondevice.core.progress import log
 
 
 def write_report(out: Path, manifest: dict, eval_tokens: int, window: int, fidelity_prompts: int = 0,
-                 fidelity_tokens: int = 256) -> dict:
+                 fidelity_tokens: int = 128) -> dict:
     """Evaluate the bundle in ``out`` (ORT CPU) against its float source on the shipped held-out
     text and, with ``fidelity_prompts``, by free-running generation (:mod:`qwen_ondevice.eval.fidelity`);
     write ``out/report.json`` and print the summary; returns the accuracy dict.
