@@ -31,10 +31,10 @@ from qwen_ondevice.eval.evaluate import evaluate_bundle, evaluate_fidelity  # no
 
 
 def measure(bundle: Path, prompts: int | None, max_new_tokens: int, results: dict, key: str,
-            float_activations: str | None) -> dict:
+            float_activations: str | None, reference: str | None) -> dict:
     if key not in results:
         t0 = time.perf_counter()
-        r = evaluate_fidelity(bundle, None, prompts, max_new_tokens, float_activations=float_activations)
+        r = evaluate_fidelity(bundle, reference, prompts, max_new_tokens, float_activations=float_activations)
         results[key] = {**r.to_dict(), "wall_s": round(time.perf_counter() - t0, 1)}
         if float_activations:  # the report's one-token metrics are of the exact numerics: measure these
             acc = evaluate_bundle(bundle, tokens=2048, window=1024, float_activations=float_activations)
@@ -62,6 +62,9 @@ def main() -> int:
     ap.add_argument("--max-new-tokens", type=int, default=256)
     ap.add_argument("--results", type=Path, default=None)
     ap.add_argument("--float-activations", default=None, metavar="REGEX")
+    ap.add_argument("--reference", default=None, metavar="MODEL",
+                    help="float model to compare with (default: each bundle's source); the off-grid model computes "
+                         "the demo's function, so `--reference demo` reuses the demo's cached float continuations")
     args = ap.parse_args()
     results = json.loads(args.results.read_text()) if args.results and args.results.exists() else {}
     lines = ["| bundle | perplexity vs float | top-1 | KL | identical continuations | tokens before the first difference (median / mean) "
@@ -69,7 +72,7 @@ def main() -> int:
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for b in args.bundles:
         key = f"{b.resolve()}|{args.prompts}|{args.max_new_tokens}" + (f"|float {args.float_activations}" if args.float_activations else "")
-        f = measure(b, args.prompts, args.max_new_tokens, results, key, args.float_activations)
+        f = measure(b, args.prompts, args.max_new_tokens, results, key, args.float_activations, args.reference)
         if args.results:
             args.results.write_text(json.dumps(results, indent=1))
         lines.append(row(b.name + (f", activations /{args.float_activations}/ float" if args.float_activations else ""), b, f))

@@ -458,3 +458,12 @@ def test_running_a_bundle_needs_no_torch(tiny_bundle, tmp_path, capsys):
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads(r.stderr.strip().splitlines()[-1]) == {"torch_imported": False}
     assert json.loads(r.stdout)["token_ids"] == want
+
+
+def test_rerunning_a_finished_export_says_it_is_complete(tiny_bundle, capsys):
+    ckpt, out = tiny_bundle
+    before = _files_sha(out)
+    export(ExportOptions(model=str(ckpt), precision="fp32", prompt_length=AR, context_length=CL, num_parts=3, eval_tokens=256, eval_window=CL), out)
+    err = capsys.readouterr().err
+    assert "this bundle is complete" in err and "resuming the export" not in err
+    assert _files_sha(out) == before

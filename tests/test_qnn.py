@@ -32,6 +32,7 @@ from qwen_ondevice.qnn.compile import (  # noqa: E402
 )
 
 AR, CL = 8, 64
+K = 4  # the compiled bundle's verify graph is AR-(K + 1): three graphs per part, one copy of the weights
 CHIP = "snapdragon-8-elite"
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
@@ -49,7 +50,7 @@ def tiny_ckpt(tiny_factory):
 @pytest.fixture(scope="module")
 def compiled(tiny_ckpt, tmp_path_factory):
     out = tmp_path_factory.mktemp("qnn") / "bundle"
-    export(_options(tiny_ckpt, chipset=CHIP), out)
+    export(_options(tiny_ckpt, chipset=CHIP, verify_tokens=K), out)
     return out, json.loads((out / "manifest.json").read_text())
 
 
@@ -61,7 +62,7 @@ def _attrs(node) -> dict:
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
-def test_one_bin_per_part_with_both_graphs_inside(compiled):
+def test_one_bin_per_part_with_all_three_graphs_inside(compiled):
     out, m = compiled
     q = m["qnn"]
     assert (q["chipset"], q["soc_model"], q["dsp_arch"]) == (CHIP, 69, "v79")
@@ -69,7 +70,7 @@ def test_one_bin_per_part_with_both_graphs_inside(compiled):
     assert sorted(p.name for p in folder.glob("*.bin")) == ["part_1_of_2.bin", "part_2_of_2.bin"]
     assert [p["name"] for p in q["parts"]] == [p["name"] for p in m["parts"]]
     for p in q["parts"]:
-        assert set(p["graphs"]) == {str(AR), "1"}
+        assert set(p["graphs"]) == {str(AR), str(K + 1), "1"}
         blob = (out / p["bin"]).read_bytes()
         names = set()
         for ar, g in p["graphs"].items():
@@ -80,7 +81,7 @@ def test_one_bin_per_part_with_both_graphs_inside(compiled):
             assert a["partition_name"].decode() == g["qnn_graph"]
             assert g["qnn_graph"].encode() in blob  # the graph is inside this .bin
             names.add(g["qnn_graph"])
-        assert len(names) == 2
+        assert len(names) == 3
         # the files are in the manifest with their sha256
         assert p["bin"] in m["files"] and all(g["wrapper"] in m["files"] for g in p["graphs"].values())
 
@@ -299,7 +300,7 @@ def test_binaries_carry_ai_hub_graph_names_read_back_by_qnn(compiled):
     N = len(m["parts"])
     for i, p in enumerate(m["qnn"]["parts"], 1):
         graphs = read_context_binary(out / p["bin"])
-        assert len(graphs) == 2
+        assert len(graphs) == 3
         for g in graphs:
             io = {t.name: t for t in g.inputs}
             ar = io["input_ids"].dims[1] if "input_ids" in io else io["attention_mask"].dims[2]
@@ -340,14 +341,14 @@ def test_genie_parses_every_graph_of_the_weight_shared_bundle(compiled):
     out, m = compiled
     r = run_genie(json.loads((out / "genie_config.json").read_text()), out, create_dialog=True, timeout=300)
     assert r.config_status == 0
-    assert graphs_loaded(r) == {(AR, CL): 2, (1, CL): 2}
+    assert graphs_loaded(r) == {(AR, CL): 2, (K + 1, CL): 2, (1, CL): 2}  # the verify graph too
     assert [p for p in log_problems(r) if "Shared weights" not in p and "context from binary" not in p] == []
 
 
 @pytest.fixture(scope="module")
 def compiled_3(tiny_ckpt, tmp_path_factory):
     out = tmp_path_factory.mktemp("qnn3") / "bundle"
-    export(_options(tiny_ckpt, num_parts=3, chipset=CHIP), out)
+    export(_options(tiny_ckpt, num_parts=3, chipset=CHIP, verify_tokens=K), out)
     return out
 
 
@@ -361,12 +362,12 @@ def test_genie_runs_a_three_part_bundle_like_the_runtime(compiled_3):
     r = verify_genie(compiled_3, "Hi", new_tokens=4, timeout=900)
     t, s = r["twin"], r["shared"]
     assert t["dialog_status"] == 0 and [q["status"] for q in t["queries"]] == [0, 0], t
-    assert t["graphs_loaded"] == {f"{AR},{CL}": 3, f"1,{CL}": 3}
+    assert t["graphs_loaded"] == {f"{AR},{CL}": 3, f"{K + 1},{CL}": 3, f"1,{CL}": 3}
     genie_tokens = t["queries"][0]["tokens"]
     assert len(genie_tokens) == 4 and genie_tokens == t["reference_tokens"]
     assert t["queries"][1]["text"] == t["reference_text"] and t["text_equal"]
     assert t["log_problems"] == []
-    assert s["config_status"] == 0 and s["graphs_loaded"] == {f"{AR},{CL}": 3, f"1,{CL}": 3}
+    assert s["config_status"] == 0 and s["graphs_loaded"] == {f"{AR},{CL}": 3, f"{K + 1},{CL}": 3, f"1,{CL}": 3}
     assert r["ok"]
     from qwen_ondevice.qnn.genie_verify import format_genie_report
 

@@ -9,6 +9,7 @@ call. Sampling is checked against the target distribution with a chi-square test
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -43,8 +44,10 @@ def tiny_bundles(tiny_factory, tmp_path_factory):
     out = {}
     for precision in ("fp32", "w4a16"):
         export(ExportOptions(model=str(ckpt), precision=precision, prompt_length=AR, context_length=CL, num_parts=2,
-                             calibration_tokens=256, eval_tokens=0, chipset="none", weight_method="mse"), root / precision)
+                             calibration_tokens=256, eval_tokens=0, chipset="none", weight_method="mse",
+                             verify_tokens=K), root / precision)
         out[precision] = root / precision
+        assert json.loads((root / precision / "manifest.json").read_text())["ar"] == [AR, K + 1, 1]
     return ckpt, out
 
 
@@ -104,6 +107,7 @@ SCENARIOS = {
 def test_greedy_is_bitwise_plain_decoding_through_the_verify_graph(tiny_bundles, precision):
     _, bundles = tiny_bundles
     rt = open_runtime(str(bundles[precision]))
+    assert rt.engine.verify_ar == K + 1  # the bundle's verify graph, not the prompt processor
     ids = rt.tokenizer.encode(real_text(300))[:13]
     plain = _run(rt, ids, 30, verify_always=True)
     ref = plain[0].token_ids

@@ -30,6 +30,9 @@ def register(sub) -> None:
                    help="w4a16: share of projection weights kept at int8, chosen by measured int4 error (default 0.1)")
     p.add_argument("--prompt-length", type=int, default=128, help="AR of the prompt processor (default 128)")
     p.add_argument("--context-length", type=int, default=4096, help="CL (default 4096)")
+    p.add_argument("--verify-tokens", type=int, default=0, metavar="K",
+                   help="add an AR-(K+1) verify graph to each part, sharing its weights, for speculative decoding "
+                        "(generate/chat/serve --draft); 0: none (default)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--num-parts", type=int, help="total parts, embedding included")
     g.add_argument("--max-part-bytes", type=int, help="cap on a part's weight bytes (default 1 GiB)")
@@ -106,6 +109,7 @@ def run(args: argparse.Namespace) -> int:
         residual=args.residual,
         kv_cache=args.kv_cache,
         lm_head=args.lm_head,
+        verify_tokens=args.verify_tokens,
         rotate=args.rotate,
         eval_tokens=args.eval_tokens,
         eval_window=args.eval_window,

@@ -59,10 +59,17 @@ class ExportOptions:
     chipset: str = "snapdragon-8-elite"  # QNN context binaries for this chipset; "none" skips (qnn/compile.py)
     htp_optimization: int = DEFAULT_HTP_OPTIMIZATION  # HTP graph finalization level (qnn/compile.py): 3 ships, 1 builds fastest
     keep_intermediates: bool = False  # keep the float graphs and calibration files in BUNDLE/.export
+    # speculative decoding: an AR-(k + 1) verify graph beside AR-128 and AR-1 in each part, sharing
+    # their weights (runtime/speculative.py); 0: none
+    verify_tokens: int = 0
 
     @property
     def ar_lengths(self) -> list[int]:
-        return [self.prompt_length, 1] if self.prompt_length != 1 else [1]
+        """The graphs of each part, largest AR first: the prompt processor, the verify graph
+        (AR ``verify_tokens`` + 1, when asked) and the token generator (AR 1)."""
+        if self.prompt_length == 1:
+            return [1]
+        return [self.prompt_length] + ([self.verify_tokens + 1] if self.verify_tokens else []) + [1]
 
 
 #: Options that change no graph and no weight. A resume asked for other values keeps every
@@ -140,7 +147,10 @@ def prepare_output(out: Path, options: ExportOptions, force: bool) -> ExportStat
         shutil.rmtree(out)
     if out.exists() and any(out.iterdir()):
         if state.load():
-            log(f"resuming the export in {out} (finished: {', '.join(state.done) or 'nothing'})")
+            if "manifest" in state.done:
+                log(f"{out}: this bundle is complete with these options; nothing to redo (--force exports it again)")
+            else:
+                log(f"resuming the export in {out} (finished: {', '.join(state.done) or 'nothing'})")
             return state
         what = "an export with other options" if (out / STATE_DIR).exists() or (out / MANIFEST).exists() else "other files"
         raise UserError(f"{out}: folder holds {what}; choose another --out or pass --force to overwrite it")
@@ -156,6 +166,10 @@ def check_options(options: ExportOptions, ckpt: Checkpoint) -> None:
         raise UserError(
             f"--prompt-length (AR) {options.prompt_length} must be at least 1 and below --context-length (CL) {options.context_length}"
         )
+    if options.verify_tokens and not 1 <= options.verify_tokens < options.prompt_length - 1:
+        raise UserError(f"--verify-tokens {options.verify_tokens} must be between 1 and {options.prompt_length - 2} "
+                        f"(its graph is AR-{options.verify_tokens + 1}, between AR-1 and the prompt processor's "
+                        f"AR-{options.prompt_length}), or 0 for no verify graph")
     if options.context_length > ckpt.config.max_position_embeddings:
         raise UserError(
             f"--context-length {options.context_length} exceeds what the checkpoint reaches "

@@ -117,6 +117,10 @@ def format_stage_table(done: dict[str, dict]) -> str:
     runs' of a resumed export), its peak RSS, and the total."""
     rows = [(k, v.get("seconds", v.get("compile_seconds")), v.get("peak_rss_bytes")) for k, v in done.items()
             if isinstance(v, dict) and ("seconds" in v or "compile_seconds" in v)]
+    # a part's key equalization is stamped after its float graphs (with them), but ran after them
+    order = {name: i for i, name in enumerate(k for k, *_ in rows)}
+    rows.sort(key=lambda r: order[f"float:{r[0][5:]}"] + 0.5 if r[0].startswith("kveq:") and f"float:{r[0][5:]}" in order
+              else order[r[0]])
     width = max([len(r[0]) for r in rows] + [5])
     lines = [f"{'stage':<{width}}  {'wall time':>12}  {'peak RSS':>9}"]
     for name, sec, rss in rows:
