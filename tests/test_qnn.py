@@ -118,7 +118,7 @@ def test_all_compute_nodes_on_the_npu(compiled, capsys):
     assert main(["inspect", str(out)]) == 0
     text = capsys.readouterr().out
     assert f"QNN context binaries for {CHIP} (soc_model 69, HTP v79, HTP graph optimization level 3)" in text
-    assert text.count("100.0% of nodes on the NPU") == 4
+    assert text.count("100.0% of nodes on the NPU") == 6  # 2 parts x 3 graphs
     # inspect reads the binaries themselves: every graph QNN finds in each .bin, with its tensors
     from qwen_ondevice.qnn.context_binary import read_context_binary
 

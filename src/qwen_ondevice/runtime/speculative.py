@@ -53,13 +53,17 @@ class PromptLookup:
         if not 1 <= min_ngram <= max_ngram:
             raise ValueError(f"need 1 <= min_ngram <= max_ngram, got {min_ngram}, {max_ngram}")
         self.max_ngram, self.min_ngram = max_ngram, min_ngram
+        self._reset()
+
+    def _reset(self) -> None:
+        ns = range(self.min_ngram, self.max_ngram + 1)
         self._seq: list[int] = []
-        self._last: dict[int, dict[tuple, int]] = {n: {} for n in range(min_ngram, max_ngram + 1)}
-        self._prev: dict[int, dict[tuple, int]] = {n: {} for n in range(min_ngram, max_ngram + 1)}
+        self._last: dict[int, dict[tuple, int]] = {n: {} for n in ns}  # n-gram -> end of its latest occurrence
+        self._prev: dict[int, dict[tuple, int]] = {n: {} for n in ns}  # ... and of the one before
 
     def _sync(self, history: list[int]) -> None:
         if self._seq != history[: len(self._seq)]:  # another sequence: start over
-            self.__init__(self.max_ngram, self.min_ngram)
+            self._reset()
         for i in range(len(self._seq), len(history)):
             self._seq.append(history[i])
             end = i + 1
@@ -147,9 +151,6 @@ class SpeculationStats:
     drafted: int = 0
     accepted: int = 0
     verify_calls: int = 0
-
-    def to_dict(self) -> dict:
-        return {"target_calls": self.target_calls, "drafted_tokens": self.drafted, "accepted_tokens": self.accepted}
 
 
 class TokenStream:
