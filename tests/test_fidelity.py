@@ -74,3 +74,37 @@ def test_fp32_bundle_writes_what_its_float_model_writes(tiny_factory, tmp_path, 
     assert len(list((tmp_path / "cache" / "fidelity").glob("*.json"))) == 1
     again = measure_fidelity(rt.engine, rt.tokenizer, str(ckpt), prompts=4, max_new_tokens=12)
     assert again.rows == first.rows
+
+
+def test_interrupted_float_run_goes_on_from_what_it_finished(tiny_factory, tmp_path, monkeypatch):
+    """The float continuations are saved prompt by prompt: a run that dies after the first goes
+    on from the second, and the result equals an uninterrupted run."""
+    from qwen_ondevice.eval import fidelity
+    from qwen_ondevice.runtime.open_model import open_runtime
+
+    monkeypatch.setenv("QWEN_ONDEVICE_CACHE", str(tmp_path / "cache"))
+    ckpt = str(tiny_factory(layers=2))
+    tok = open_runtime(ckpt, "torch", context_length=512).tokenizer
+    ids = [tok.apply_chat_template(p.messages) for p in fidelity_prompts(3)]
+    limits = [6, 6, 6]
+    whole = fidelity.reference_continuations(ckpt, ids, limits)
+    for f in (tmp_path / "cache" / "fidelity").glob("*.json"):
+        f.unlink()
+
+    calls = []
+    real = fidelity.greedy_continuations
+
+    def dies_after_one(engine, tokenizer, prompt_ids, lims, desc, done=None, on_each=None):
+        calls.append(len(done or []))
+        def first_only(out):
+            on_each(out)
+            raise KeyboardInterrupt
+        return real(engine, tokenizer, prompt_ids, lims, desc, done, first_only)
+
+    monkeypatch.setattr(fidelity, "greedy_continuations", dies_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        fidelity.reference_continuations(ckpt, ids, limits)
+    assert len(list((tmp_path / "cache" / "fidelity").glob("*.partial.json"))) == 1
+    monkeypatch.setattr(fidelity, "greedy_continuations", real)
+    assert fidelity.reference_continuations(ckpt, ids, limits) == whole
+    assert calls == [0] and not list((tmp_path / "cache" / "fidelity").glob("*.partial.json"))

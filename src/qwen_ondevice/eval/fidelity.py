@@ -98,15 +98,19 @@ def fidelity_prompts(limit: int | None = None) -> list[FidelityPrompt]:
 
 
 def greedy_continuations(engine, tokenizer, prompt_ids: list[list[int]], limits: list[int],
-                         desc: str) -> list[list[int]]:
+                         desc: str, done: list[list[int]] | None = None, on_each=None) -> list[list[int]]:
     """Greedy token ids (stop token excluded) after each prompt, at most ``limits[i]`` new tokens
-    for prompt ``i``: one list per prompt."""
+    for prompt ``i``: one list per prompt. ``done``: the continuations of the first prompts, from
+    an interrupted run; ``on_each(out)`` is called with the list so far after each prompt."""
     from qwen_ondevice.runtime.generate import generate
 
-    out = []
+    out = list(done or [])
     with bar(total=len(prompt_ids), desc=desc, unit="prompt") as progress:
-        for ids, limit in zip(prompt_ids, limits, strict=True):
+        progress.update(len(out))
+        for ids, limit in list(zip(prompt_ids, limits, strict=True))[len(out):]:
             out.append(generate(engine, tokenizer, ids, max_new_tokens=limit).token_ids)
+            if on_each is not None:
+                on_each(out)
             progress.update()
     return out
 
@@ -224,7 +228,8 @@ def _reference_key(model_path: Path, prompt_ids: list[list[int]], limits: list[i
 
 def reference_continuations(model: str, prompt_ids: list[list[int]], limits: list[int]) -> list[list[int]]:
     """The float model's greedy continuations (torch backend, float32; :func:`greedy_continuations`),
-    from the cache when the same checkpoint files, prompts and limits were run before.
+    from the cache when the same checkpoint files, prompts and limits were run before; an
+    interrupted run keeps what it finished (``<key>.partial.json``) and goes on from there.
 
     Raises:
         UserError: MODEL cannot be loaded (see ``core.checkpoint.load_checkpoint``).
@@ -236,11 +241,15 @@ def reference_continuations(model: str, prompt_ids: list[list[int]], limits: lis
     path = cache_dir() / "fidelity" / f"{_reference_key(ckpt.path, prompt_ids, limits)}.json"
     if path.is_file():
         return json.loads(path.read_text())["continuations"]
+    partial = path.with_suffix(".partial.json")
+    done = json.loads(partial.read_text())["continuations"] if partial.is_file() else []
     context = max(len(ids) + n for ids, n in zip(prompt_ids, limits)) + 1
     rt = open_runtime(str(ckpt.path), "torch", context_length=min(ckpt.config.max_position_embeddings, max(context, 256)))
-    out = greedy_continuations(rt.engine, rt.tokenizer, prompt_ids, limits, "[fidelity] float")
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_json(path, {"model": model, "limits": limits, "continuations": out})
+    save = lambda out, where=partial: write_json(where, {"model": model, "limits": limits, "continuations": out})  # noqa: E731
+    out = greedy_continuations(rt.engine, rt.tokenizer, prompt_ids, limits, "[fidelity] float", done, save)
+    save(out, path)
+    partial.unlink(missing_ok=True)
     return out
 
 
