@@ -206,7 +206,7 @@ def bytes_per_token(m: Manifest) -> dict:
             computed = device_weight_bytes(graph)
         else:
             computed = p["weight_bytes"]
-        device = bins.get(p["name"], computed) if quantized and bins else computed
+        device = bins.get(p["name"], computed)  # only quantized bundles have binaries
         parts.append({"name": p["name"], "onnx_data_bytes": p["weight_bytes"], "device_bytes": device,
                       **({"bin_bytes": bins[p["name"]]} if p["name"] in bins else {}),
                       "read_per_token": computed // vocab if p["embedding"] else device})

@@ -42,7 +42,7 @@ def write_report(out: Path, manifest: dict, eval_tokens: int, window: int, fidel
     acc = evaluate_engines(engine, ref, ids, window, text.name)
     del ref
     log(f"[report] {acc.format()}")
-    fidelity = _fidelity(engine, tok, manifest, fidelity_prompts, fidelity_tokens) if fidelity_prompts > 0 else None
+    fidelity = _fidelity(engine, tok, m, fidelity_prompts, fidelity_tokens) if fidelity_prompts > 0 else None
     report = {
         "precision": manifest["precision"],
         "accuracy": {k: v for k, v in acc.to_dict().items() if k != "seconds"},
@@ -56,23 +56,21 @@ def write_report(out: Path, manifest: dict, eval_tokens: int, window: int, fidel
     return {"perplexity_ratio": acc.perplexity_ratio, "top1_agreement": acc.top1_agreement, "seconds": acc.seconds}
 
 
-def _fidelity(engine, tok, manifest: dict, prompts: int, max_new_tokens: int) -> dict:
+def _fidelity(engine, tok, m: Manifest, prompts: int, max_new_tokens: int) -> dict:
     """The fidelity block of report.json: :func:`measure_fidelity` without its per-prompt rows,
     or ``{"skipped": reason}`` when the float model does not fit in memory or no prompt fits CL."""
     import psutil
 
-    from qwen_ondevice.core.checkpoint import load_checkpoint
     from qwen_ondevice.eval.fidelity import measure_fidelity
 
-    cfg = load_checkpoint(manifest["model"]["source"]).config
-    float_bytes = 4 * cfg.parameter_count()
+    float_bytes = 4 * m.config.parameter_count()
     available = psutil.virtual_memory().available
     if float_bytes > available / 2:
         reason = (f"the float reference needs {float_bytes / 1e9:.1f} GB in float32, more than half of the "
                   f"{available / 1e9:.1f} GB available; run `qwen-ondevice evaluate BUNDLE --fidelity` on a bigger machine")
         log(f"[report] generation fidelity skipped: {reason}")
         return {"skipped": reason}
-    r = measure_fidelity(engine, tok, manifest["model"]["source"], prompts, max_new_tokens)
+    r = measure_fidelity(engine, tok, m.data["model"]["source"], prompts, max_new_tokens)
     if r.prompts == 0:
         reason = f"none of the {r.skipped} prompts fits the context length {engine.context_length}"
         log(f"[report] generation fidelity skipped: {reason}")
