@@ -510,8 +510,11 @@ def test_full_queue_is_503_with_retry_after(limited):
     results = {}
     with httpx.stream("POST", url, json=long_run, timeout=60) as r:
         lines = r.iter_lines()
-        assert next(lines).startswith("data: ")
-        assert w.busy
+        assert next(lines).startswith("data: ")  # the role chunk: sent before the worker takes the job
+        t0 = time.monotonic()
+        while not w.busy:
+            assert time.monotonic() - t0 < 10, "the worker did not start the long stream"
+            time.sleep(0.01)
         waiting = threading.Thread(target=lambda: results.setdefault(
             "queued", httpx.post(url, json={"messages": HELLO, "max_tokens": 3, "temperature": 0}, timeout=60)))
         waiting.start()

@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     printed as one line), 130 (interrupted) or 141 (stdout closed by its reader)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    set_quiet(args.quiet)
+    quiet_before = set_quiet(args.quiet)
     try:
         return args.func(args)
     except UserError as e:
@@ -42,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # the reader went away (``generate ... | head``): stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
         return 141  # 128 + SIGPIPE, as a shell reports it
+    finally:
+        set_quiet(quiet_before)  # a caller's later library calls print progress as before
 
 
 if __name__ == "__main__":

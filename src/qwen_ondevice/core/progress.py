@@ -14,9 +14,11 @@ from dataclasses import dataclass
 _quiet = False
 
 
-def set_quiet(quiet: bool) -> None:
+def set_quiet(quiet: bool) -> bool:
+    """Turn progress output off (True) or on; returns the previous setting, to restore it."""
     global _quiet
-    _quiet = quiet
+    before, _quiet = _quiet, quiet
+    return before
 
 
 def log(msg: str) -> None:
