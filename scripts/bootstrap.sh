@@ -12,6 +12,6 @@ want=$(sha256sum pyproject.toml | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/python -m pip install -q --upgrade pip
   # torch==2.13.0 is pinned in pyproject.toml (the CPU build; an unpinned torch pulls a CUDA build)
-  .venv/bin/python -m pip install -q -e '.[demo,test]'
+  .venv/bin/python -m pip install -q -e '.[export,demo,test]'
   echo "$want" > "$stamp"
 fi

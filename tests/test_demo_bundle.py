@@ -40,12 +40,11 @@ def test_demo_bundle_logits_match_transformers(demo_fp32_bundle, hf_model, demo_
     assert np.abs(got - ref).max() < 1e-3
 
 
-def test_demo_bundle_greedy_equals_transformers_generate(demo_fp32_bundle, hf_model, demo_checkpoint, capsys):
+def test_demo_bundle_greedy_equals_transformers_generate(demo_fp32_bundle, hf_model, hf_tokenizer, capsys):
     assert main(["--quiet", "generate", str(demo_fp32_bundle), "--prompt", PROMPT, "--max-new-tokens", "32", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["backend"] == "ort-cpu"
-    tok = demo_checkpoint.load_tokenizer().hf
-    ref_prompt = tok.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True, tokenize=True)
+    ref_prompt = hf_tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True, tokenize=True)
     if hasattr(ref_prompt, "keys"):
         ref_prompt = ref_prompt["input_ids"]
     assert out["prompt_ids"] == list(ref_prompt)

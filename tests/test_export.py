@@ -427,37 +427,107 @@ def test_ort_trimmed_past_matches_transformers_logits(tiny_bundle):
     assert max(w for ar, w in fed if ar == 1) < CL - 1 and max(w for ar, w in fed if ar == AR) < CL - AR
 
 
-TORCH_ENTRIES = ("torch", "functorch", "torchgen")
+#: Installed distributions (folder name prefixes) of the ``export`` extra, and the top-level modules
+#: they provide: a runtime-only install has none of them.
+EXPORT_EXTRA_ENTRIES = ("torch", "functorch", "torchgen", "transformers", "safetensors", "gguf", "accelerate",
+                        "huggingface_hub")
+EXPORT_EXTRA_MODULES = ("torch", "transformers", "safetensors", "gguf", "accelerate", "huggingface_hub")
+CHILD = """import json, sys
+from qwen_ondevice.cli.main import main
+try:
+    code = main(sys.argv[1:])
+finally:
+    print(json.dumps({"export_extra_imported": sorted(m for m in %r if m in sys.modules)}), file=sys.stderr)
+sys.exit(code)
+""" % (EXPORT_EXTRA_MODULES,)
 
 
-def test_running_a_bundle_needs_no_torch(tiny_bundle, tmp_path, capsys):
-    """``generate`` on a bundle in an environment where torch is not installed (every installed
-    package but torch, seen through a folder of links, Python started without site-packages):
-    the same tokens as with torch installed, and torch never imported."""
+def _runtime_only_site(tmp_path: Path) -> Path:
+    """A folder of links to every installed package but the ``export`` extra's: what a runtime-only
+    install (``pip install qwen-ondevice``) gives, seen by a Python started without site-packages."""
     import sysconfig
 
-    _, bundle = tiny_bundle
-    argv = ["--quiet", "generate", str(bundle), "--prompt", "Hello", "--max-new-tokens", "6", "--json"]
-    capsys.readouterr()
-    assert main(argv) == 0
-    want = json.loads(capsys.readouterr().out)["token_ids"]
-
     packages = Path(sysconfig.get_paths()["purelib"])
-    overlay = tmp_path / "site-packages-without-torch"
+    overlay = tmp_path / "site-packages-runtime-only"
     overlay.mkdir()
     for entry in packages.iterdir():
         name = entry.name.lower()
-        if name.endswith(".pth") or any(name == t or name.startswith(t + "-") for t in TORCH_ENTRIES):
+        if name.endswith(".pth") or any(name == t or name.startswith(t + "-") for t in EXPORT_EXTRA_ENTRIES):
             continue
         (overlay / entry.name).symlink_to(entry)
+    return overlay
+
+
+def _run_child(overlay: Path, argv: list[str], stdin: str | None = None, **popen):
     src = Path(__file__).resolve().parents[1] / "src"
-    child = ("import sys, json\nfrom qwen_ondevice.cli.main import main\ncode = main(sys.argv[1:])\n"
-             "print(json.dumps({'torch_imported': 'torch' in sys.modules}), file=sys.stderr)\nsys.exit(code)")
-    env = {**os.environ, "PYTHONPATH": f"{src}{os.pathsep}{overlay}"}
-    r = subprocess.run([sys.executable, "-S", "-c", child, *argv], capture_output=True, text=True, env=env, timeout=300)
+    env = {**os.environ, "PYTHONPATH": f"{src}{os.pathsep}{overlay}", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-S", "-c", CHILD, *argv]
+    if popen:
+        return subprocess.Popen(cmd, env=env, text=True, **popen)
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, input=stdin)
+
+
+def test_a_runtime_only_install_generates_chats_and_serves(tiny_bundle, tmp_path, capsys, monkeypatch):
+    """``generate``, ``chat`` and ``serve`` on a bundle where the ``export`` extra (torch,
+    transformers, safetensors, gguf, accelerate, huggingface_hub) is not installed: the same tokens
+    and text as with it installed, none of its modules imported; ``export`` there says in one line
+    how to install the extra."""
+    import io
+    import re
+
+    import httpx
+
+    ckpt, bundle = tiny_bundle
+    gen = ["--quiet", "generate", str(bundle), "--prompt", "Hello", "--max-new-tokens", "6", "--json"]
+    capsys.readouterr()
+    assert main(gen) == 0
+    want = json.loads(capsys.readouterr().out)
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hello\nAnd then?\n/exit\n"))
+    chat = ["--quiet", "chat", str(bundle), "--max-new-tokens", "6"]
+    assert main(chat) == 0
+    want_chat = capsys.readouterr().out
+    overlay = _runtime_only_site(tmp_path)
+
+    r = _run_child(overlay, gen)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert json.loads(r.stderr.strip().splitlines()[-1]) == {"torch_imported": False}
-    assert json.loads(r.stdout)["token_ids"] == want
+    assert json.loads(r.stderr.strip().splitlines()[-1]) == {"export_extra_imported": []}
+    assert json.loads(r.stdout)["token_ids"] == want["token_ids"]
+
+    r = _run_child(overlay, chat, stdin="Hello\nAnd then?\n/exit\n")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads(r.stderr.strip().splitlines()[-1]) == {"export_extra_imported": []}
+    assert r.stdout == want_chat and want_chat.count("\n") == 2
+
+    proc = _run_child(overlay, ["serve", str(bundle), "--port", "0", "--log-level", "warning"], stderr=subprocess.PIPE)
+    try:
+        url = None
+        for line in proc.stderr:
+            m = re.search(r"on (http://127\.0\.0\.1:\d+)/v1", line)
+            if m:
+                url = m.group(1)
+                break
+        assert url, "serve did not say where it listens"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                httpx.get(url + "/health", timeout=5)
+                break
+            except httpx.ConnectError:
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+        reply = httpx.post(url + "/v1/chat/completions", timeout=120, json={
+            "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 6, "temperature": 0}).json()
+        assert reply["choices"][0]["message"]["content"] == want["text"]
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) in (0, 130)
+        assert json.loads(proc.stderr.read().strip().splitlines()[-1]) == {"export_extra_imported": []}
+    finally:
+        proc.kill()
+        proc.wait()
+
+    r = _run_child(overlay, ["export", str(ckpt), "--out", str(tmp_path / "never")])
+    assert r.returncode == 2 and "pip install 'qwen-ondevice[export]'" in r.stderr, r.stderr[-2000:]
+    assert not (tmp_path / "never").exists()
 
 
 def test_rerunning_a_finished_export_says_it_is_complete(tiny_bundle, capsys):

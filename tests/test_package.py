@@ -15,8 +15,9 @@ SRC = ROOT / "src" / "qwen_ondevice"
 #: Declared but never imported by the package, each for a stated reason (kept in pyproject.toml too).
 NOT_IMPORTED = {
     "accelerate": "transformers refuses to load a GGUF file without it",
-    "jinja2": "transformers renders chat templates with it",
 }
+#: What only exporting (and the torch backend) needs: the ``export`` extra, not the runtime install.
+EXPORT_EXTRA = {"torch", "transformers", "safetensors", "gguf", "accelerate", "huggingface-hub"}
 
 
 def _name(requirement: str) -> str:
@@ -37,7 +38,10 @@ def imported_top_modules() -> set[str]:
 
 def test_declared_dependencies_match_the_imports():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    declared = {_name(r) for r in project["dependencies"]}
+    runtime = {_name(r) for r in project["dependencies"]}
+    export = {_name(r) for r in project["optional-dependencies"]["export"]}
+    assert export == EXPORT_EXTRA and not runtime & EXPORT_EXTRA, (runtime, export)
+    declared = runtime | export
     dists = importlib.metadata.packages_distributions()  # module -> distributions providing it
     imported = {}
     for module in imported_top_modules():

@@ -10,6 +10,10 @@ from qwen_ondevice.cli import chat, evaluate, export, generate, inspect_bundle, 
 from qwen_ondevice.core.errors import UserError
 from qwen_ondevice.core.progress import set_quiet
 
+#: Top-level modules of the ``export`` extra (pyproject.toml): a command that needs one of them
+#: says how to install it.
+EXPORT_EXTRA_MODULES = frozenset({"torch", "transformers", "safetensors", "gguf", "accelerate", "huggingface_hub"})
+
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``qwen-ondevice`` parser: each subcommand's module registers its own arguments."""
@@ -27,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command; returns the exit status: 0, 1 (a check failed), 2 (a :class:`UserError`,
-    printed as one line), 130 (interrupted) or 141 (stdout closed by its reader)."""
+    printed as one line, as is a missing module of the ``export`` extra), 130 (interrupted) or 141
+    (stdout closed by its reader)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     quiet_before = set_quiet(args.quiet)
@@ -35,6 +40,12 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as e:
+        if (e.name or "").split(".")[0] not in EXPORT_EXTRA_MODULES:
+            raise
+        print(f"error: this needs {e.name}, part of the export extra (exporting a checkpoint, running one on torch); "
+              "install it with: pip install 'qwen-ondevice[export]'", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

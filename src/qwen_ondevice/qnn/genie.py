@@ -39,11 +39,12 @@ def token_ids(root: Path, cfg: ModelConfig) -> dict:
 
     gen = _generation_config(root)
     tok = Tokenizer.from_folder(root, cfg, gen)
-    plain, special = tok.hf.encode("x", add_special_tokens=False), tok.hf.encode("x", add_special_tokens=True)
+    plain, special = tok.encode("x"), tok.encode("x", add_special_tokens=True)
     added = special[: len(special) - len(plain)] if special[len(special) - len(plain):] == plain else []
-    bos = tok.hf.bos_token_id
-    vocab = tok.hf.get_vocab()
-    eot = vocab.get(END_OF_TURN, tok.stop_ids[0] if tok.stop_ids else None)
+    bos = tok.token_id((tok.special_tokens or {}).get("bos_token"))
+    eot = tok.token_id(END_OF_TURN)
+    if eot is None:
+        eot = tok.stop_ids[0] if tok.stop_ids else None
     return {"bos": int(bos) if bos is not None and added == [bos] else -1, "eos": list(tok.stop_ids), "eot": eot}
 
 

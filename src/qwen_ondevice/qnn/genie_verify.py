@@ -123,7 +123,7 @@ def verify_genie(root: Path, prompt: str, new_tokens: int = DEFAULT_NEW_TOKENS, 
     m, tok = rt.engine.backend.manifest, rt.tokenizer
     messages = [{"role": "user", "content": prompt}]
     ids = tok.apply_chat_template(messages)
-    text = tok.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    text = tok.chat_text(messages)
     config = json.loads((root / GENIE_CONFIG).read_text())
     report = {"bundle": str(root), "prompt_tokens": len(ids), "new_tokens": new_tokens}
     t0 = time.perf_counter()

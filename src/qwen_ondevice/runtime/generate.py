@@ -61,7 +61,8 @@ class GenerationChunk:
     text: new text (may be ''); token: the sampled token id (None on the final record when it
     carries no token); finish_reason: None, 'stop' (stop token or string) or 'length' (max new
     tokens or the context end); timings in seconds; tokens/s derived from them; target_calls,
-    drafted_tokens, accepted_tokens: speculative decoding so far (target calls after the prefill).
+    drafted_tokens, accepted_tokens, verify_calls: speculative decoding so far (target calls after
+    the prefill, and how many of them went through the verify graph rather than AR-1).
     """
 
     text: str
@@ -75,6 +76,7 @@ class GenerationChunk:
     target_calls: int = 0
     drafted_tokens: int = 0
     accepted_tokens: int = 0
+    verify_calls: int = 0
 
 
 @dataclass
@@ -89,7 +91,7 @@ class GenerationResult:
     prompt_tps: float
     generation_tps: float
     timings: dict = field(default_factory=dict)
-    speculation: dict = field(default_factory=dict)  # target_calls, drafted_tokens, accepted_tokens
+    speculation: dict = field(default_factory=dict)  # target_calls, drafted_tokens, accepted_tokens, verify_calls
 
 
 def stream_generate(
@@ -146,6 +148,7 @@ def stream_generate(
             target_calls=spec.stats.target_calls,
             drafted_tokens=spec.stats.drafted,
             accepted_tokens=spec.stats.accepted,
+            verify_calls=spec.stats.verify_calls,
         )
 
     def final_text(prefix: str) -> tuple[str, bool]:
@@ -198,5 +201,5 @@ def generate(engine, tokenizer, prompt_ids, sampling=None, max_new_tokens=256, s
         prompt_tps=last.prompt_tps,
         generation_tps=last.generation_tps,
         speculation={"target_calls": last.target_calls, "drafted_tokens": last.drafted_tokens,
-                     "accepted_tokens": last.accepted_tokens},
+                     "accepted_tokens": last.accepted_tokens, "verify_calls": last.verify_calls},
     )

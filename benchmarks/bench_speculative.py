@@ -1,0 +1,221 @@
+"""Speculative decoding with prompt lookup on a bundle: tokens per target forward, host speedup,
+and the projected Snapdragon 8 Elite decode rate of the Qwen2-7B bundle, in one table.
+
+Three workloads built from text the package ships, greedy, ``--max-new-tokens`` (128) each:
+
+- ``code-edit``: a shipped code task's reference function (``data/code_tasks.json``) to change
+  (a docstring, type hints, clearer names, comments) and return whole;
+- ``summary``: a question or a summary over a WikiText-2 test passage (``data/wikitext2_test.txt``);
+- ``chat``: open questions with nothing to copy from (written here).
+
+For each workload and each drafter setting the script measures (one run, same bundle, same
+prompts): generated tokens, target forwards after the prefill (AR-1 and verify calls), drafted and
+accepted tokens, and the host decode wall time against plain AR-1 decoding. Greedy speculative
+decoding gives exactly the tokens of one-token-per-call decoding through the verify graph (the
+tests check that bitwise); the table also counts the prompts whose tokens equal plain AR-1
+decoding's, which may differ where the two graphs round differently.
+
+The projection for Qwen2-7B on Snapdragon 8 Elite takes the measured counts (verify and AR-1 calls
+per token) and a cost model of one forward over N tokens:
+
+    t(N) = B / W + N * c
+
+- B, bytes read per token: the 7B bundle's .bin bytes as ``docs/numerics.md`` counts them
+  (computed from the measured .bin fit: 4.49 GB with the default 10% int8 share, 4.16 GB all
+  int4); ``--bytes`` overrides.
+- W, the bandwidth decode achieves: AI Hub's published 13.65 tok/s for Qwen2-7B-Instruct on
+  Snapdragon 8 Elite times its 4.09 GB read per token (computed from its published .bin files)
+  = 55.8 GB/s, two thirds of the chip's 84.8 GB/s peak.
+- c, the compute per extra token of a forward: 1 / R - (B / W) / 128, with R the prompt
+  processor's tokens/s (AR-128: one weight read per 128 tokens). No AI Hub prefill rate for
+  Qwen2-7B is available offline, so R is an assumption, ``--prefill-tps`` (default 500), and the
+  table shows the projection at R / 2 too.
+
+The roofline is W_peak / B: 84.8 GB/s over the bundle's bytes per token (one token per weight read).
+
+    python benchmarks/bench_speculative.py BUNDLE [--prompts 10] [--draft-tokens 2,4,7]
+        [--host-numerics exact,fast] [--max-new-tokens 128]
+
+BUNDLE needs a verify graph able to take the largest k: ``qwen-ondevice export demo --out DIR
+--verify-tokens 7``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass, field
+
+#: AI Hub's Qwen2-7B-Instruct on Snapdragon 8 Elite: published decode rate, tokens/s.
+AI_HUB_TPS = 13.65
+#: AI Hub's bytes read per decoded token, computed from its published .bin files (docs/numerics.md).
+AI_HUB_BYTES = 4.09e9
+#: Snapdragon 8 Elite peak memory bandwidth, bytes/s (Qualcomm's LPDDR5X-5300 figure).
+PEAK_BANDWIDTH = 84.8e9
+#: What our Qwen2-7B bundle reads per token (docs/numerics.md, computed from the measured .bin fit).
+BUNDLE_BYTES = {"default (10% int8)": 4.49e9, "all int4 (--int8-fraction 0)": 4.16e9}
+PROMPT_PROCESSOR_AR = 128
+
+EDITS = (
+    "Add a docstring that explains the parameters and the return value.",
+    "Add type hints to every parameter and to the return value.",
+    "Rename the local variables to clearer names.",
+    "Add a short comment above each block of lines.",
+)
+SUMMARY_TEMPLATES = (
+    "Summarize the following passage in three sentences, keeping its names and numbers.\n\n{passage}",
+    "Answer from the passage only: who or what is it about, and what happened? Quote the passage where you can.\n\n{passage}",
+)
+CHAT_QUESTIONS = (
+    "What are three good habits for getting better sleep?",
+    "Explain what a hash table is to a new programmer.",
+    "Suggest a plan for a weekend trip to the mountains.",
+    "Why is the sky blue? Answer briefly.",
+    "Write a short poem about autumn leaves.",
+    "What should I consider when adopting a dog?",
+    "Give me tips for learning a new language as an adult.",
+    "How do vaccines train the immune system?",
+    "Describe the water cycle in simple terms.",
+    "What makes a good team meeting?",
+    "Compare trains and planes for a 500 km journey.",
+    "How can I reduce the energy use of my home?",
+)
+
+
+def workloads(n: int) -> dict[str, list[list[dict]]]:
+    """``n`` chat prompts (message lists) per workload, deterministic."""
+    from qwen_ondevice.eval.code_tasks import load_code_tasks
+    from qwen_ondevice.eval.fidelity import chat_passages
+
+    tasks = load_code_tasks(n)
+    code = [[{"role": "user", "content": f"Here is a Python function.\n\n```python\n{t.prompt}{t.solution}```\n\n"
+                                          f"{EDITS[i % len(EDITS)]} Return the whole function."}]
+            for i, t in enumerate(tasks)]
+    summary = [[{"role": "user", "content": SUMMARY_TEMPLATES[i % len(SUMMARY_TEMPLATES)].format(passage=p)}]
+               for i, p in enumerate(chat_passages(n))]
+    if n > len(CHAT_QUESTIONS):
+        raise SystemExit(f"--prompts {n}: the chat workload has {len(CHAT_QUESTIONS)} questions")
+    chat = [[{"role": "user", "content": q}] for q in CHAT_QUESTIONS[:n]]
+    return {"code-edit": code, "summary": summary, "chat": chat}
+
+
+@dataclass
+class Tally:
+    """Sums over one workload's prompts for one setting."""
+
+    tokens: int = 0
+    calls: int = 0
+    verify_calls: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    seconds: float = 0.0
+    outputs: list = field(default_factory=list)
+
+    def add(self, result, seconds: float) -> None:
+        s = result.speculation
+        self.tokens += max(len(result.token_ids) - 1, 0)  # the first token comes from the prefill
+        self.calls += s["target_calls"]
+        self.verify_calls += s["verify_calls"]
+        self.drafted += s["drafted_tokens"]
+        self.accepted += s["accepted_tokens"]
+        self.seconds += seconds
+        self.outputs.append(result.token_ids)
+
+    @property
+    def per_forward(self) -> float:
+        return self.tokens / self.calls if self.calls else 0.0
+
+
+def run(engine, tokenizer, prompts: list[list[int]], k: int | None, max_new: int) -> Tally:
+    """Greedy decoding of each prompt, plain (``k`` None) or with prompt lookup drafting ``k``."""
+    from qwen_ondevice.runtime.generate import generate
+    from qwen_ondevice.runtime.speculative import PromptLookup
+
+    tally = Tally()
+    for ids in prompts:
+        t0 = time.perf_counter()
+        r = generate(engine, tokenizer, ids, max_new_tokens=max_new,
+                     drafter=None if k is None else PromptLookup(), draft_tokens=k or 1)
+        prefill = len(ids) / r.prompt_tps if r.prompt_tps else 0.0
+        tally.add(r, time.perf_counter() - t0 - prefill)  # decode time: the prefill is alike in both
+    return tally
+
+
+def forward_seconds(n: int, bytes_per_token: float, prefill_tps: float) -> float:
+    """t(N) = B / W + N * c of the module docstring, seconds."""
+    bandwidth = AI_HUB_TPS * AI_HUB_BYTES
+    weights = bytes_per_token / bandwidth
+    per_token = max(1.0 / prefill_tps - weights / PROMPT_PROCESSOR_AR, 0.0)
+    return weights + n * per_token
+
+
+def projected_tps(t: Tally, k: int | None, bytes_per_token: float, prefill_tps: float) -> float:
+    """Projected 7B decode tokens/s from the measured calls: verify calls at AR-(k+1), the rest AR-1."""
+    if not t.calls:
+        return 0.0
+    ar1 = t.calls - t.verify_calls
+    secs = ar1 * forward_seconds(1, bytes_per_token, prefill_tps)
+    if k is not None:
+        secs += t.verify_calls * forward_seconds(k + 1, bytes_per_token, prefill_tps)
+    return t.tokens / secs
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("bundle")
+    ap.add_argument("--prompts", type=int, default=10, help="prompts per workload")
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--draft-tokens", default="2,4,7", help="comma-separated k values for prompt lookup")
+    ap.add_argument("--host-numerics", default="exact,fast", help="comma-separated: exact, fast")
+    ap.add_argument("--prefill-tps", type=float, default=500.0,
+                    help="assumed Qwen2-7B prompt-processor tokens/s on Snapdragon 8 Elite (compute term)")
+    ap.add_argument("--bytes", type=float, default=None, help="7B bytes per token to project with (default: both of docs/numerics.md)")
+    args = ap.parse_args()
+
+    from qwen_ondevice.runtime.open_model import open_runtime
+
+    ks = [int(x) for x in args.draft_tokens.split(",") if x]
+    sizes = {"given": args.bytes} if args.bytes else BUNDLE_BYTES
+    rows = []
+    for numerics in [x for x in args.host_numerics.split(",") if x]:
+        rt = open_runtime(args.bundle, host_numerics=numerics)
+        if rt.engine.verify_ar is None or rt.engine.verify_ar - 1 < max(ks):
+            raise SystemExit(f"{args.bundle}: its verify graph takes {None if rt.engine.verify_ar is None else rt.engine.verify_ar - 1} "
+                             f"drafted tokens, k up to {max(ks)} asked; export it with --verify-tokens {max(ks)}")
+        for name, messages in workloads(args.prompts).items():
+            prompts = [rt.tokenizer.apply_chat_template(m) for m in messages]
+            print(f"[{numerics}] {name}: plain", file=sys.stderr, flush=True)
+            plain = run(rt.engine, rt.tokenizer, prompts, None, args.max_new_tokens)
+            for k in ks:
+                print(f"[{numerics}] {name}: lookup k={k}", file=sys.stderr, flush=True)
+                spec = run(rt.engine, rt.tokenizer, prompts, k, args.max_new_tokens)
+                same = sum(a == b for a, b in zip(spec.outputs, plain.outputs))
+                rows.append((numerics, name, k, plain, spec, same))
+
+    print(f"\nPrompt lookup on {args.bundle}, {args.prompts} prompts per workload, greedy, up to "
+          f"{args.max_new_tokens} new tokens; host rates measured on this machine (ort-cpu), 7B rates projected\n")
+    cols = ["numerics", "workload", "k", "tokens/forward", "accepted/drafted", "host speedup", "same as AR-1"]
+    for label, b in sizes.items():
+        cols += [f"7B tok/s, {label}, R={args.prefill_tps:g}", f"R={args.prefill_tps / 2:g}"]
+    print("| " + " | ".join(cols) + " |")
+    print("|" + " --- |" * len(cols))
+    for numerics, name, k, plain, spec, same in rows:
+        speed = (plain.seconds / spec.seconds) if spec.seconds else 0.0
+        cells = [numerics, name, str(k), f"{spec.per_forward:.2f}", f"{spec.accepted}/{spec.drafted}", f"{speed:.2f}x",
+                 f"{same}/{len(plain.outputs)}"]
+        for b in sizes.values():
+            cells += [f"{projected_tps(spec, k, b, args.prefill_tps):.1f}", f"{projected_tps(spec, k, b, args.prefill_tps / 2):.1f}"]
+        print("| " + " | ".join(cells) + " |")
+    print()
+    for label, b in sizes.items():
+        plain_tps = 1.0 / forward_seconds(1, b, args.prefill_tps)
+        print(f"7B {label}: {b / 1e9:.2f} GB per token; plain decode projected {plain_tps:.1f} tok/s "
+              f"(AI Hub measured {AI_HUB_TPS} tok/s at {AI_HUB_BYTES / 1e9:.2f} GB); roofline {PEAK_BANDWIDTH / b:.1f} tok/s")
+    print("Cost model: t(N) = B / W + N c, W = 13.65 tok/s x 4.09 GB = "
+          f"{AI_HUB_TPS * AI_HUB_BYTES / 1e9:.1f} GB/s (AI Hub's achieved rate), c = 1/R - (B/W)/128, R assumed")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
