@@ -368,6 +368,13 @@ def test_genie_runs_a_three_part_bundle_like_the_runtime(compiled_3):
     assert t["queries"][1]["text"] == t["reference_text"] and t["text_equal"]
     assert t["log_problems"] == []
     assert s["config_status"] == 0 and s["graphs_loaded"] == {f"{AR},{CL}": 3, f"{K + 1},{CL}": 3, f"1,{CL}": 3}
+    # Genie's lookahead dialog (ngram 2) through the verify graph gives plain greedy decoding's tokens
+    lade = r["lade"]
+    assert lade["settings"]["ngram"] == 2 and lade["settings"]["window"] + lade["settings"]["gcap"] == K + 1
+    assert (lade["config_status"], lade["dialog_status"]) == (0, 0), lade
+    assert lade["tokens"][:4] == genie_tokens and len(lade["tokens"]) >= 8, lade
+    assert lade["tokens"] == lade["reference_tokens"][:len(lade["tokens"])] and lade["tokens_equal"], lade
+    assert lade["log_problems"] == [], lade
     assert r["ok"]
     from qwen_ondevice.qnn.genie_verify import format_genie_report
 

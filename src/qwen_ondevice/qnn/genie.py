@@ -5,6 +5,13 @@ vocabulary, bos/eos/eot tokens, sampler, tokenizer path, and an engine (QnnHtp b
 ``kv-dim``, ``pos-id-dim``, ``rope-theta``; the context binaries in order). The HTP backend
 extension file names the device (soc_model, dsp_arch) and turns weight sharing on.
 
+A bundle with a verify graph (``export --verify-tokens K``) also gets ``genie_config_lade.json``:
+Genie's lookahead dialog (``lade``) over the same engine, with ngram 2, the one setting that kept
+Genie 1.21's output equal to plain greedy decoding in our simulator runs (its warm-up KV is never
+rolled back at larger n-grams), window + gcap = the verify graph's AR (lade needs
+AR >= (ngram - 1)(window + gcap)). Genie's ``spd`` dialog is not written: it is not lossless in
+Genie 1.21 (after a rejected draft token the kept cache slot holds the rejected token's K/V).
+
 Every value comes from the manifest (model config, context length, the ``qnn`` section) or from
 the tokenizer and generation config the bundle carries, never typed a second time. Genie rejects
 unknown keys, so the files hold exactly the keys of its schema.
@@ -22,6 +29,9 @@ from qwen_ondevice.core.config import ModelConfig
 from qwen_ondevice.core.jsonio import write_json
 
 GENIE_CONFIG = "genie_config.json"
+GENIE_LADE_CONFIG = "genie_config_lade.json"
+#: Genie lookahead n-gram size: 2 is the setting measured lossless in Genie 1.21 (module docstring).
+LADE_NGRAM = 2
 HTP_EXT_CONFIG = "htp_backend_ext_config.json"
 END_OF_TURN = "<|im_end|>"  # Qwen2's chat end-of-turn token
 
@@ -129,10 +139,37 @@ def htp_backend_ext_config(qnn: dict) -> dict:
     }
 
 
+def verify_graph_ar(qnn: dict) -> int | None:
+    """The AR of the parts' verify graph (between AR-1 and the prompt processor), or None."""
+    ars = sorted(int(a) for a in qnn["parts"][0]["graphs"])
+    return next((a for a in ars if 1 < a < ars[-1]), None)
+
+
+def lade_config(doc: dict, verify_ar: int) -> dict:
+    """Genie's lookahead dialog over the basic dialog ``doc``: ngram :data:`LADE_NGRAM`, window
+    and gcap splitting ``verify_ar`` (window the larger half, gcap at least 1).
+
+    Raises:
+        ValueError: ``verify_ar`` < 2 (lookahead needs a window and a guess).
+    """
+    if verify_ar < 2:
+        raise ValueError(f"lookahead needs a graph of AR >= 2, got AR-{verify_ar}")
+    window = (verify_ar + 1) // 2
+    d = json.loads(json.dumps(doc))
+    d["dialog"]["type"] = "lade"
+    d["dialog"]["lade"] = {"version": 1, "window": window, "ngram": LADE_NGRAM, "gcap": verify_ar - window}
+    return d
+
+
 def write_genie_files(root: Path, manifest: dict) -> None:
-    """Write both Genie files into the bundle root from ``manifest`` (a dict with the manifest's
-    ``model.config``, ``context_length`` and ``qnn`` sections)."""
+    """Write the Genie files into the bundle root from ``manifest`` (a dict with the manifest's
+    ``model.config``, ``context_length`` and ``qnn`` sections): the basic dialog, the HTP
+    extension config and, with a verify graph, the lookahead dialog."""
     cfg = ModelConfig.from_dict({**manifest["model"]["config"], "model_type": "qwen2"})
     doc = genie_config(manifest, token_ids(root, cfg), _generation_config(root))
-    for name, obj in ((GENIE_CONFIG, doc), (HTP_EXT_CONFIG, htp_backend_ext_config(manifest["qnn"]))):
+    files = [(GENIE_CONFIG, doc), (HTP_EXT_CONFIG, htp_backend_ext_config(manifest["qnn"]))]
+    verify_ar = verify_graph_ar(manifest["qnn"])
+    if verify_ar is not None:
+        files.append((GENIE_LADE_CONFIG, lade_config(doc, verify_ar)))
+    for name, obj in files:
         write_json(root / name, obj, indent=2, newline=True)

@@ -95,6 +95,10 @@ def log_problems(run) -> list[str]:
     return bad + [m for lv, m in run.log if lv == "error" and m not in bad]
 
 
+#: The most lookahead tokens compared with plain greedy decoding (the runtime decodes as many).
+LADE_MAX_COMPARED = 32
+
+
 def reference_tokens(rt, ids: list[int], n: int) -> list[int]:
     """The greedy tokens (argmax, no stop) of the runtime ``rt`` after ``ids``."""
     logits, out = rt.engine.prefill(ids), []
@@ -112,7 +116,7 @@ def verify_genie(root: Path, prompt: str, new_tokens: int = DEFAULT_NEW_TOKENS, 
     Raises:
         UserError: the bundle has no context binaries, or libGenie.so is not installed.
     """
-    from qwen_ondevice.qnn.genie import GENIE_CONFIG
+    from qwen_ondevice.qnn.genie import GENIE_CONFIG, GENIE_LADE_CONFIG
     from qwen_ondevice.qnn.genie_run import genie_library, run_genie
     from qwen_ondevice.runtime.open_model import open_bundle_runtime
 
@@ -138,14 +142,28 @@ def verify_genie(root: Path, prompt: str, new_tokens: int = DEFAULT_NEW_TOKENS, 
         t1 = time.perf_counter()
         run = run_genie(twin, root, [{"ids": ids}, {"text": text}], max_new_tokens=new_tokens, timeout=timeout)
         report["genie_seconds"] = round(time.perf_counter() - t1, 1)
+        lade, lrun = None, None
+        if (root / GENIE_LADE_CONFIG).is_file():  # lookahead through the verify graph
+            lade = json.loads((root / GENIE_LADE_CONFIG).read_text())
+            lade["dialog"]["engine"], lade["dialog"]["sampler"] = twin["dialog"]["engine"], twin["dialog"]["sampler"]
+            log(f"[genie] Genie's lookahead dialog ({GENIE_LADE_CONFIG}) on the twin, {new_tokens} greedy tokens")
+            lrun = run_genie(lade, root, [{"ids": ids}], max_new_tokens=new_tokens, timeout=timeout)
+    # lookahead does not stop at max_new_tokens (it emits whole accepted runs, and Genie 1.21 goes
+    # on to an end token): its tokens are compared as far as they go, up to LADE_MAX_COMPARED
+    lq = (lrun.queries + [None])[0] if lrun is not None else None
+    n_ref = max(new_tokens, min(len(lq.tokens), LADE_MAX_COMPARED)) if lq is not None and lq.tokens else new_tokens
     log("[genie] the project's runtime (qnn-htp) on the same ids")
     t2 = time.perf_counter()
-    ref = reference_tokens(rt, ids, new_tokens)
+    ref_long = reference_tokens(rt, ids, n_ref)
+    ref = ref_long[:new_tokens]
     report["reference_seconds"] = round(time.perf_counter() - t2, 1)
     eos = config["dialog"]["context"]["eos-token"]
     stop = set(eos if isinstance(eos, list) else [eos])
-    # Genie stops at an end token and does not emit it; compare up to the first one
-    ref_cut = next((ref[:k] for k, t in enumerate(ref) if t in stop), ref)
+
+    def cut(tokens):  # Genie stops at an end token and does not emit it; compare up to the first one
+        return next((tokens[:k] for k, t in enumerate(tokens) if t in stop), tokens)
+
+    ref_cut = cut(ref)
     q_ids, q_text = (run.queries + [None, None])[:2]
     loaded = graphs_loaded(run)
     want = {(ar, m.context_length): len(m.parts) for ar in m.ar_lengths}
@@ -155,6 +173,13 @@ def verify_genie(root: Path, prompt: str, new_tokens: int = DEFAULT_NEW_TOKENS, 
         "text_equal": q_text is not None and q_text.text == tok.decode(ref_cut),
         "reference_text": tok.decode(ref_cut), "log_problems": log_problems(run)[:10],
     }
+    if lrun is not None:  # lookahead must give plain greedy decoding's tokens
+        got = (lq.tokens or [])[:n_ref] if lq is not None else None
+        report["lade"] = {"config_status": lrun.config_status, "dialog_status": lrun.dialog_status,
+                          "settings": lade["dialog"]["lade"], "tokens": got, "reference_tokens": cut(ref_long),
+                          "query_status": lq.status if lq is not None else None,
+                          "tokens_equal": lq is not None and len(got) >= len(ref_cut) and got == cut(ref_long)[:len(got)],
+                          "log_problems": log_problems(lrun)[:10]}
     shared = run_genie(config, root, create_dialog=True, timeout=timeout)
     loaded_shared = graphs_loaded(shared)
     report["shared"] = {"config_status": shared.config_status, "dialog_status": shared.dialog_status, "exit": shared.exit,
@@ -165,7 +190,8 @@ def verify_genie(root: Path, prompt: str, new_tokens: int = DEFAULT_NEW_TOKENS, 
     report["expected_graphs"] = {f"{k[0]},{k[1]}": v for k, v in want.items()}
     report["ok"] = bool(run.config_status == 0 and run.dialog_status == 0 and q_ids and q_ids.status == 0
                         and q_text and q_text.status == 0 and t["tokens_equal"] and t["text_equal"]
-                        and not t["log_problems"] and loaded == want and loaded_shared == want)
+                        and not t["log_problems"] and loaded == want and loaded_shared == want
+                        and report.get("lade", {"tokens_equal": True})["tokens_equal"])
     report["seconds"] = round(time.perf_counter() - t0, 1)
     return report
 
@@ -182,6 +208,9 @@ def format_genie_report(r: dict) -> str:
         f"  Genie text {q[1].get('text')!r} vs decoded {t['reference_text']!r}: " + ("equal" if t["text_equal"] else "DIFFER"),
         "  Genie log: " + ("no unconnected tensor, naming warning, encoding mismatch or error"
                            if not t["log_problems"] else "; ".join(t["log_problems"][:4])),
+        *([f"  lookahead dialog {r['lade']['settings']}: tokens {r['lade']['tokens']} "
+           + ("equal plain greedy decoding" if r["lade"]["tokens_equal"] else "DIFFER from plain greedy decoding")]
+          if "lade" in r else []),
         f"  weight-shared bundle: config {s['config_status']}, dialog {s['dialog_status']} (exit {s['exit']}); "
         f"graphs loaded {s['graphs_loaded']} " + ("as expected" if s["graphs_ok"] else "NOT as expected")
         + (f"; the simulator stops there: {s['refusal'][:160]}" if s["refusal"] else ""),
