@@ -18,7 +18,7 @@ decoding's, which may differ where the two graphs round differently.
 The projection for Qwen2-7B on Snapdragon 8 Elite takes the measured counts (verify and AR-1 calls
 per token) and a cost model of one forward over N tokens:
 
-    t(N) = B / W + N * c
+    t(N) = B / W + (N - 1) * c
 
 - B, bytes read per token: the 7B bundle's .bin bytes as ``docs/numerics.md`` counts them
   (computed from the measured .bin fit: 4.49 GB with the default 10% int8 share, 4.16 GB all
@@ -26,10 +26,12 @@ per token) and a cost model of one forward over N tokens:
 - W, the bandwidth decode achieves: AI Hub's published 13.65 tok/s for Qwen2-7B-Instruct on
   Snapdragon 8 Elite times its 4.09 GB read per token (computed from its published .bin files)
   = 55.8 GB/s, two thirds of the chip's 84.8 GB/s peak.
-- c, the compute per extra token of a forward: 1 / R - (B / W) / 128, with R the prompt
-  processor's tokens/s (AR-128: one weight read per 128 tokens). No AI Hub prefill rate for
-  Qwen2-7B is available offline, so R is an assumption, ``--prefill-tps`` (default 500), and the
-  table shows the projection at R / 2 too.
+  AI Hub's measured decode time holds the compute of one token, so t(1) = B / W scales it by
+  the bytes read.
+- c, the cost of each further token in a forward: from t(128) = 128 / R, c = (128 / R - B / W) / 127,
+  with R the prompt processor's tokens/s (AR-128). No AI Hub prefill rate for Qwen2-7B is
+  available offline, so R is an assumption, ``--prefill-tps`` (default 500), and the table shows
+  the projection at R / 2 too.
 
 The roofline is W_peak / B: 84.8 GB/s over the bundle's bytes per token (one token per weight read).
 
@@ -143,11 +145,10 @@ def run(engine, tokenizer, prompts: list[list[int]], k: int | None, max_new: int
 
 
 def forward_seconds(n: int, bytes_per_token: float, prefill_tps: float) -> float:
-    """t(N) = B / W + N * c of the module docstring, seconds."""
-    bandwidth = AI_HUB_TPS * AI_HUB_BYTES
-    weights = bytes_per_token / bandwidth
-    per_token = max(1.0 / prefill_tps - weights / PROMPT_PROCESSOR_AR, 0.0)
-    return weights + n * per_token
+    """t(N) = B / W + (N - 1) * c of the module docstring, seconds."""
+    weights = bytes_per_token / (AI_HUB_TPS * AI_HUB_BYTES)
+    per_token = max((PROMPT_PROCESSOR_AR / prefill_tps - weights) / (PROMPT_PROCESSOR_AR - 1), 0.0)
+    return weights + (n - 1) * per_token
 
 
 def projected_tps(t: Tally, k: int | None, bytes_per_token: float, prefill_tps: float) -> float:
@@ -212,8 +213,8 @@ def main() -> int:
         plain_tps = 1.0 / forward_seconds(1, b, args.prefill_tps)
         print(f"7B {label}: {b / 1e9:.2f} GB per token; plain decode projected {plain_tps:.1f} tok/s "
               f"(AI Hub measured {AI_HUB_TPS} tok/s at {AI_HUB_BYTES / 1e9:.2f} GB); roofline {PEAK_BANDWIDTH / b:.1f} tok/s")
-    print("Cost model: t(N) = B / W + N c, W = 13.65 tok/s x 4.09 GB = "
-          f"{AI_HUB_TPS * AI_HUB_BYTES / 1e9:.1f} GB/s (AI Hub's achieved rate), c = 1/R - (B/W)/128, R assumed")
+    print("Cost model: t(N) = B / W + (N - 1) c, W = 13.65 tok/s x 4.09 GB = "
+          f"{AI_HUB_TPS * AI_HUB_BYTES / 1e9:.1f} GB/s (AI Hub's achieved rate), c = (128/R - B/W) / 127, R assumed")
     return 0
 
 

@@ -58,8 +58,8 @@ def _accuracy(bundle) -> dict:
 # The targets: w8a16 within +1.5%; w4a16 within +10% with 85% top-1.
 # This configuration (default options, CL 1024, 4096 calibration tokens, 3069 held-out tokens)
 # measured: w8a16 +0.83% / 97.2% top-1 / KL 0.0024; w4a16 (blocks of 32, the default) +6.76% /
-# 88.6% / 0.047 (README "Accuracy" has the history). The per-channel option is covered by the
-# tiny tests (test_qnn, test_quantization), not by a demo export of its own.
+# 88.6% / 0.047 (docs/numerics.md "Accuracy of the bundle" has the history). The per-channel
+# option is covered by the tiny tests (test_qnn, test_quantization), not by a demo export of its own.
 def test_w8a16_perplexity_ratio(demo_w8a16):
     acc = _accuracy(demo_w8a16)
     assert acc["perplexity_ratio"] <= 1.015, acc  # the target
