@@ -52,7 +52,8 @@ def bundle_bytes_per_token(root: Path) -> dict:
 
 
 def recompile(root: Path, level: int) -> list[dict]:
-    from qwen_ondevice.qnn.compile import compile_in_child, wrapper_name
+    from qwen_ondevice.qnn.compile import compile_in_child
+    from qwen_ondevice.qnn.prepare import wrapper_name
 
     m = read_manifest(root, verify=False)
     rows = []
@@ -106,7 +107,7 @@ def main() -> int:
     out["compile"] = rows
 
     if not args.skip_simulator:
-        from qwen_ondevice.qnn.verify import verify_bundle
+        from qwen_ondevice.eval.verify import verify_bundle
 
         t0 = time.perf_counter()
         v = verify_bundle(args.bundle)

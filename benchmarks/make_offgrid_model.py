@@ -26,7 +26,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from qwen_ondevice.core.checkpoint import load_checkpoint  # noqa: E402
-from qwen_ondevice.core.demo import sha256_file  # noqa: E402
+from qwen_ondevice.core.files import sha256_file  # noqa: E402
 from qwen_ondevice.quantize.rotation import rotate_checkpoint  # noqa: E402
 
 #: A chat prompt of the demo's template, for the float check.

@@ -79,7 +79,7 @@ def test_report_holds_generation_fidelity_with_transformers_float_continuations(
     transformers' own greedy generate: the cached float continuations equal it token for token."""
     import torch
 
-    from qwen_ondevice.core.demo import cache_dir
+    from qwen_ondevice.core.files import cache_dir
     from qwen_ondevice.eval.fidelity import fidelity_prompts
 
     f = json.loads((demo_w4a16 / "report.json").read_text())["fidelity"]

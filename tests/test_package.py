@@ -144,6 +144,22 @@ def test_core_imports_no_other_stage():
         assert not outside, f"{m} imports {sorted(outside)}"
 
 
+#: The stage folders from the bottom floor up: a folder imports only folders below it (the order
+#: docs/architecture.md draws). quantize sits above runtime because calibration runs the graphs
+#: with the runtime's call inputs; eval above qnn and runtime because it checks bundles with both.
+FLOORS = ("core", "qnn", "runtime", "quantize", "eval", "export", "serve", "cli")
+
+
+def test_no_folder_imports_a_folder_above_it():
+    graph = module_imports()
+    folders = {m.split(".")[1] for m in graph if m.count(".") >= 2}
+    assert folders == set(FLOORS), f"stage folders {sorted(folders)} differ from FLOORS {FLOORS}"
+    upward = sorted(f"{m} -> {d}" for m, deps in graph.items() for d in deps
+                    if m.count(".") >= 2 and d.count(".") >= 2
+                    and FLOORS.index(d.split(".")[1]) > FLOORS.index(m.split(".")[1]))
+    assert not upward, f"imports of a folder above: {upward}"
+
+
 def test_library_modules_register_no_cli_arguments():
     offenders = []
     for path in SRC.rglob("*.py"):

@@ -24,12 +24,8 @@ from qwen_ondevice.core.bundle import read_manifest  # noqa: E402
 from qwen_ondevice.export.options import ExportOptions  # noqa: E402
 from qwen_ondevice.export.pipeline import export  # noqa: E402
 from qwen_ondevice.qnn.chipsets import CHIPSETS, supported_chipsets  # noqa: E402
-from qwen_ondevice.qnn.compile import (  # noqa: E402
-    MAX_BIN_TO_WEIGHT_RATIO,
-    CompileError,
-    compile_in_child,
-    compile_part,
-)
+from qwen_ondevice.qnn.compile import MAX_BIN_TO_WEIGHT_RATIO, compile_in_child, compile_part  # noqa: E402
+from qwen_ondevice.qnn.prepare import CompileError  # noqa: E402
 
 AR, CL = 8, 64
 K = 4  # the compiled bundle's verify graph is AR-(K + 1): three graphs per part, one copy of the weights
@@ -336,7 +332,7 @@ def test_genie_parses_every_graph_of_the_weight_shared_bundle(compiled):
     """The real (weight-shared) bundle in Genie: it sorts every graph into its (AR, CL) variant
     and split before the x86_64 simulator refuses the shared context."""
     from qwen_ondevice.qnn.genie_run import run_genie
-    from qwen_ondevice.qnn.genie_verify import graphs_loaded, log_problems
+    from qwen_ondevice.eval.genie_verify import graphs_loaded, log_problems
 
     out, m = compiled
     r = run_genie(json.loads((out / "genie_config.json").read_text()), out, create_dialog=True, timeout=300)
@@ -357,7 +353,7 @@ def test_genie_runs_a_three_part_bundle_like_the_runtime(compiled_3):
     graph sorted into its (AR, CL) variant and split, no unconnected tensor or naming warning,
     and its greedy tokens equal the qnn-htp runtime's; the text query (Genie's own tokenizer on
     the templated prompt) decodes to the same text; the weight-shared bundle parses too."""
-    from qwen_ondevice.qnn.genie_verify import verify_genie
+    from qwen_ondevice.eval.genie_verify import verify_genie
 
     r = verify_genie(compiled_3, "Hi", new_tokens=4, timeout=900)
     t, s = r["twin"], r["shared"]
@@ -376,7 +372,7 @@ def test_genie_runs_a_three_part_bundle_like_the_runtime(compiled_3):
     assert lade["tokens"] == lade["reference_tokens"][:len(lade["tokens"])] and lade["tokens_equal"], lade
     assert lade["log_problems"] == [], lade
     assert r["ok"]
-    from qwen_ondevice.qnn.genie_verify import format_genie_report
+    from qwen_ondevice.eval.genie_verify import format_genie_report
 
     assert format_genie_report(r).splitlines()[-1].startswith("PASS")
 
@@ -498,7 +494,7 @@ def test_onnx_runtime_runs_a_renamed_binary_bit_identically(compiled, tmp_path):
     since the x86_64 simulator cannot load a weight-shared context."""
     import onnxruntime as ort
 
-    from qwen_ondevice.qnn.compile import name_graphs, partition_name
+    from qwen_ondevice.qnn.prepare import name_graphs, partition_name
     from qwen_ondevice.qnn.context_binary import read_context_binary
     from qwen_ondevice.qnn.ep_options import qnn_session_options
 

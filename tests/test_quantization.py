@@ -26,7 +26,7 @@ from qwen_ondevice.core.errors import UserError
 from qwen_ondevice.core.modeling import rope_tables
 from qwen_ondevice.core.parts import MASK_VALUE
 from qwen_ondevice.eval.evaluate import evaluate_engines, reference_engine
-from qwen_ondevice.export.onnx_graph import ExternalData
+from qwen_ondevice.core.onnx_io import ExternalData
 from qwen_ondevice.export.options import ExportOptions
 from qwen_ondevice.export.pipeline import export
 from qwen_ondevice.quantize import qdq
@@ -304,7 +304,7 @@ def test_key_centering_is_exact_in_float_and_narrows_the_key_cache(bundles, tiny
     import onnxruntime as ort
 
     from qwen_ondevice.core.parts import PartSpec
-    from qwen_ondevice.export.onnx_graph import key_offset_name
+    from qwen_ondevice.core.parts import key_offset_name
     from qwen_ondevice.export.pipeline import export_part
     from qwen_ondevice.quantize.kv_equalize import equalize_part
     from qwen_ondevice.runtime.engine import make_call_inputs

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from qwen_ondevice.qnn.verify import DEFAULT_PROMPT
+from qwen_ondevice.eval.verify import DEFAULT_PROMPT
 
 
 def register(sub) -> None:
@@ -19,7 +19,7 @@ def register(sub) -> None:
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--genie", action="store_true",
                    help="also run Genie itself (libGenie.so of onnxruntime-qnn, child process) on the bundle's non-shared "
-                        "twin and compare its greedy tokens and text with the qnn-htp runtime's (qnn/genie_verify.py)")
+                        "twin and compare its greedy tokens and text with the qnn-htp runtime's (eval/genie_verify.py)")
     p.add_argument("--genie-only", action="store_true", help="run only the Genie check (skip the per-part comparison)")
     p.add_argument("--genie-tokens", type=int, default=8, help="greedy tokens per Genie query (default 8)")
     p.set_defaults(func=run)
@@ -27,7 +27,7 @@ def register(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Verify the bundle (and/or run Genie on it); exit status 1 when a check fails."""
-    from qwen_ondevice.qnn.verify import format_report, verify_bundle
+    from qwen_ondevice.eval.verify import format_report, verify_bundle
 
     ok, out = True, {}
     if not args.genie_only:
@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
         if not args.json:
             print(format_report(r))
     if args.genie or args.genie_only:
-        from qwen_ondevice.qnn.genie_verify import format_genie_report, verify_genie
+        from qwen_ondevice.eval.genie_verify import format_genie_report, verify_genie
 
         g = verify_genie(args.bundle, args.prompt, args.genie_tokens)
         out["genie"], ok = g, ok and g["ok"]

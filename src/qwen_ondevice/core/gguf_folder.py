@@ -9,7 +9,7 @@ import os
 import shutil
 from pathlib import Path
 
-from qwen_ondevice.core.demo import cache_dir
+from qwen_ondevice.core.files import cache_dir
 from qwen_ondevice.core.errors import UserError
 from qwen_ondevice.core.progress import log
 

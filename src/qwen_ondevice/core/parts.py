@@ -83,3 +83,9 @@ class PartSpec:
     @classmethod
     def from_dict(cls, d: dict, num_parts: int) -> "PartSpec":
         return cls(d["index"], num_parts, range(*d["layers"]), d["embedding"], d["head"])
+
+
+def key_offset_name(layer: int) -> str:
+    """The initializer (KVH, 1, 1, D) added to the layer's keys after RoPE (``key_center``): minus
+    the key center c."""
+    return f"model.layers.{layer}.self_attn.key_offset"

@@ -27,7 +27,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from qwen_ondevice.core.demo import cache_dir
+from qwen_ondevice.core.files import cache_dir
 from qwen_ondevice.core.errors import UserError
 from qwen_ondevice.core.jsonio import write_json
 from qwen_ondevice.core.progress import bar

@@ -67,7 +67,7 @@ def _qnn_report(root: Path, qnn: dict | None) -> dict:
     of nodes on the NPU (read from the EPContext wrappers)."""
     if not qnn:
         return {}
-    from qwen_ondevice.qnn.compile import describe_context
+    from qwen_ondevice.qnn.describe import describe_context
 
     return {qnn["chipset"]: {"soc_model": qnn["soc_model"], "dsp_arch": qnn["dsp_arch"],
                              "htp_optimization": qnn.get("htp_optimization"), "parts": describe_context(root, qnn)}}

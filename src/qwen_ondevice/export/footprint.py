@@ -24,7 +24,7 @@ F32 = 4
 BASE_BYTES = 600 << 20
 #: Peak RSS of the QNN compiler child per parameter of the part it prepares (both AR graphs, weight
 #: sharing on): measured 8.8 bytes on the demo's 494M-parameter part 2 at optimization level 3
-#: (README "Compile"); rounded up.
+#: (docs/device.md "QNN context binaries"); rounded up.
 COMPILE_BYTES_PER_PARAM = 10
 #: Column-block temporaries of the weight quantizer (weight_quant.COLUMN_BLOCK_ELEMENTS floats,
 #: about four alive at once).

@@ -20,7 +20,7 @@ QUANTIZED = ("w8a16", "w4a16")
 DEFAULT_PRECISION = "w4a16"
 DEFAULT_CALIBRATION_TOKENS = 4096
 #: w4a16 int4 block size: on the demo model, blocks of 32 lose far less perplexity and top-1
-#: agreement than one scale per output channel (the measurements are in README "Accuracy"). 32 is
+#: agreement than one scale per output channel (the measurements are in docs/numerics.md "Accuracy of the bundle"). 32 is
 #: also the block of the GGUF Q4_K weights the demo comes from.
 DEFAULT_WEIGHT_BLOCK_SIZE = 32
 

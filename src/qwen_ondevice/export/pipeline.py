@@ -18,7 +18,7 @@ from pathlib import Path
 
 from qwen_ondevice.core.bundle import CHECKPOINT_FILES, MANIFEST, SCHEMA, SCHEMA_VERSION
 from qwen_ondevice.core.checkpoint import Checkpoint, load_checkpoint
-from qwen_ondevice.core.demo import sha256_file
+from qwen_ondevice.core.files import sha256_file
 from qwen_ondevice.core.jsonio import write_json
 from qwen_ondevice.core.parts import MASK_VALUE, PartSpec
 from qwen_ondevice.core.progress import format_seconds, log, stage_meter
@@ -213,7 +213,8 @@ def export_part(ckpt: Checkpoint, part: PartSpec, ar_lengths: list[int], context
     Files are written under temporary names and renamed at the end, so a killed export never
     leaves a file that looks finished.
     """
-    from qwen_ondevice.export.onnx_graph import ExternalData, build_part_graph
+    from qwen_ondevice.core.onnx_io import ExternalData
+    from qwen_ondevice.export.onnx_graph import build_part_graph
 
     onnx_dir.mkdir(parents=True, exist_ok=True)
     data_name = f"{part.name}.data"

@@ -11,6 +11,10 @@ the HTP cannot take fails the compile, and the produced wrappers are checked aga
 node must sit inside the EPContext node, and the .bin must hold the part's weights about once
 (weight sharing), not once per graph.
 
+Preparing a part's graphs into one context (shared with opening a bundle for a runtime session)
+lives in :mod:`qwen_ondevice.qnn.prepare`, opening a shipped part in :mod:`qwen_ondevice.qnn.context`,
+and what ``inspect`` reads from the files in :mod:`qwen_ondevice.qnn.describe`.
+
 Each finished part is stamped in the export state (``qnn:<chipset>:O<level>:<part>``); a re-run resumes
 after the last compiled part. The stage also writes the Genie files (:mod:`qwen_ondevice.qnn.genie`).
 """
@@ -24,13 +28,20 @@ import tempfile
 import time
 from pathlib import Path
 
-from qwen_ondevice.core.errors import UserError
 from qwen_ondevice.core.progress import log
 from qwen_ondevice.qnn.child import leave, read_spec, run_child
 from qwen_ondevice.qnn.chipsets import CHIPSETS, Chipset, check_chipset_option
-from qwen_ondevice.qnn.ep_options import DEFAULT_HTP_OPTIMIZATION, qnn_session_options, simulator_host
+from qwen_ondevice.qnn.ep_options import DEFAULT_HTP_OPTIMIZATION
+from qwen_ondevice.qnn.prepare import (
+    QNN_DIR,
+    CompileError,
+    PrepareError,
+    bin_name,
+    name_graphs,
+    prepare_part,
+    wrapper_name,
+)
 
-QNN_DIR = "qnn"
 #: A part's .bin may exceed its weight bytes by this factor (graph metadata, small tensors,
 #: alignment); one copy per graph would be about 2x.
 MAX_BIN_TO_WEIGHT_RATIO = 1.5
@@ -39,45 +50,6 @@ MAX_BIN_TO_WEIGHT_RATIO = 1.5
 BIN_OVERHEAD_BYTES = 1 << 20
 #: Ops allowed outside the EPContext node, and only at the graph's own inputs/outputs.
 BOUNDARY_OPS = ("QuantizeLinear", "DequantizeLinear")
-
-
-class CompileError(UserError):
-    """A part could not be compiled for the NPU, or its binary failed a check (one-line message)."""
-
-
-class PrepareError(RuntimeError):
-    """QNN could not prepare the AR-``ar`` graph (the message is ONNX Runtime's / QNN's)."""
-
-    def __init__(self, ar: int, message: str):
-        super().__init__(message)
-        self.ar = ar
-
-
-def prepare_part(graphs: list, chip: Chipset, share: bool = True,
-                 optimization: int = DEFAULT_HTP_OPTIMIZATION) -> dict[int, object]:
-    """Compile one part's graphs into one weight-shared context: ``graphs`` is
-    ``[[ar, source onnx, wrapper path], ...]`` in compile order; the wrappers and one .bin are
-    written beside the wrappers. Returns the sessions by AR: they run the prepared graphs (on the
-    HTP, or on the simulator on x86_64). Without ``share`` each graph gets a context binary of
-    its own, not weight-shared (what the x86_64 simulator and Genie on it can load).
-
-    Raises:
-        PrepareError: a graph failed to prepare (an op the HTP cannot take, a QNN error).
-    """
-    import onnxruntime as ort
-
-    sessions = {}
-    for i, (ar, src, wrapper) in enumerate(graphs):
-        cfg = {"ep.context_enable": "1", "ep.context_embed_mode": "0", "ep.context_file_path": str(wrapper)}
-        if share:
-            cfg["ep.share_ep_contexts"] = "1"
-            if i == len(graphs) - 1:
-                cfg["ep.stop_share_ep_contexts"] = "1"
-        try:
-            sessions[int(ar)] = ort.InferenceSession(str(src), sess_options=qnn_session_options(chip, cfg, optimization=optimization))
-        except Exception as e:
-            raise PrepareError(int(ar), f"{type(e).__name__}: {e}") from e
-    return sessions
 
 
 def _compile_worker() -> None:
@@ -142,14 +114,6 @@ def _qnn_messages(stderr: str, limit: int = 4) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # One part
-
-
-def wrapper_name(part_name: str, ar: int) -> str:
-    return f"{part_name}.ar{ar}.ctx.onnx"
-
-
-def bin_name(part_name: str) -> str:
-    return f"{part_name}.bin"
 
 
 def compile_part(root: Path, part: dict, chip: Chipset, work: Path, context_length: int | None = None,
@@ -225,28 +189,6 @@ def compile_part(root: Path, part: dict, chip: Chipset, work: Path, context_leng
         "peak_rss_bytes": peak,
         "htp_optimization": int(optimization),
     }
-
-
-def name_graphs(bin_path: Path, graphs: dict[int, tuple[Path, dict]], context_length: int, index: int,
-                num_parts: int) -> None:
-    """Rename each AR's graph inside ``bin_path`` to its AI Hub name (padded to the length of
-    ONNX Runtime's name) and point its EPContext wrapper at it; ``graphs`` maps AR to (wrapper,
-    its manifest entry, whose ``qnn_graph`` is updated).
-
-    Raises:
-        CompileError: a name does not fit or is not found (see :mod:`qwen_ondevice.qnn.graph_names`).
-    """
-    from qwen_ondevice.qnn.graph_names import RenameError, graph_name, padded_name, rename_graph, set_partition_name
-
-    for ar, (wrapper, info) in graphs.items():
-        old = info["qnn_graph"]
-        try:
-            new = padded_name(graph_name(ar, context_length, index, num_parts), len(old))
-            rename_graph(bin_path, old, new)
-            set_partition_name(wrapper, old, new)
-        except RenameError as e:
-            raise CompileError(f"part {index} of {num_parts} AR-{ar}: {e}") from None
-        info["qnn_graph"] = new
 
 
 def check_part_binary(bin_path: Path, part: dict, names: dict[str, str], context_length: int, num_parts: int) -> list:
@@ -387,159 +329,6 @@ def _check_wrapper(wrapper: Path, source: Path, old_bin: str, new_bin: str, part
         "npu_fraction": round((src_nodes - len(outside)) / max(src_nodes, 1), 6),
         "qairt": attrs.get("ep_sdk_version", b"").decode(),
     }
-
-
-#: The share of a context binary's bytes (and of its size) allowed to differ between the shipped
-#: binary and a fresh preparation of the same graphs (open_part_context): QNN's preparation varies
-#: by a few hundred bytes of graph description, sometimes by a page in size (measured differences:
-#: docs/bundle-format.md).
-MAX_DIFFERING_FRACTION = 1e-3
-
-#: The size difference allowed whatever the binary's size: two 4 KiB pages. A tiny test bundle's
-#: 256 KiB part differs by one page between preparations now and then, over 0.1% of it.
-MIN_ALLOWED_DIFFERENCE = 2 * 4096
-
-
-def allowed_difference(size: int) -> float:
-    """Bytes (of size, or differing at equal sizes) a fresh preparation of a ``size``-byte
-    context binary may differ from the shipped one: :data:`MAX_DIFFERING_FRACTION` of it, at
-    least :data:`MIN_ALLOWED_DIFFERENCE`."""
-    return max(MAX_DIFFERING_FRACTION * size, MIN_ALLOWED_DIFFERENCE)
-
-
-def differing_bytes(a: Path, b: Path, chunk: int = 1 << 24) -> int:
-    """The number of byte positions at which two files of one size differ."""
-    import numpy as np
-
-    n = 0
-    with open(a, "rb") as fa, open(b, "rb") as fb:
-        while True:
-            x, y = fa.read(chunk), fb.read(chunk)
-            if not x:
-                return n
-            n += int(np.count_nonzero(np.frombuffer(x, np.uint8) != np.frombuffer(y, np.uint8)))
-
-
-def open_part_context(root: Path, part: dict, qnn_part: dict, chip: Chipset, bin_sha256: str | None, work: Path,
-                      strict: bool = True, context_length: int | None = None, num_parts: int | None = None):
-    """Sessions by AR that run one part's context binary on the HTP; returns (sessions, how).
-
-    On a Snapdragon host the EPContext wrappers are loaded (both sessions share the one loaded
-    context). The x86_64 simulator of onnxruntime-qnn 2.7 crashes (SIGSEGV in context creation)
-    on *any* weight-shared context binary, so there the part's QDQ graphs are prepared again
-    exactly as the export did. QNN numbers tensors with a
-    per-process counter: only the first part prepared in a process gives a byte-identical .bin.
-    ``strict`` (use it in a fresh process, as ``verify`` does) requires the sha256 to match or,
-    since QNN does not prepare every graph deterministically, a size within
-    :func:`allowed_difference` of the shipped one (and, at equal sizes, at most that many bytes
-    different); otherwise the size (to that share) and the number of QNN graphs must match.
-    The fresh graphs are renamed as the export renamed the shipped ones (:func:`name_graphs`,
-    with ``context_length`` and ``num_parts``) before the comparison.
-
-    Raises:
-        CompileError: the fresh preparation differs from the shipped .bin (another QAIRT
-            version?), or QNN fails.
-    """
-    optimization = int(qnn_part.get("htp_optimization", DEFAULT_HTP_OPTIMIZATION))
-    if not simulator_host():
-        so = lambda: qnn_session_options(chip, {"ep.share_ep_contexts": "1"}, optimization=optimization)  # noqa: E731
-        import onnxruntime as ort
-
-        return ({int(ar): ort.InferenceSession(str(root / g["wrapper"]), sess_options=so()) for ar, g in qnn_part["graphs"].items()},
-                "loaded from the context binary")
-    from qwen_ondevice.core.demo import sha256_file
-
-    ars = sorted((int(a) for a in qnn_part["graphs"]), reverse=True)  # the export's compile order
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    try:
-        graphs = [[ar, str(root / part["graphs"][str(ar)]["file"]), str(work / wrapper_name(part["name"], ar))] for ar in ars]
-        try:
-            sessions = prepare_part(graphs, chip, optimization=optimization)
-        except PrepareError as e:
-            raise CompileError(f"{part['name']} AR-{e.ar}: QNN could not prepare it for {chip.name}: {str(e).splitlines()[0][:400]}") from None
-        bins = sorted(work.glob("*.bin"))
-        if strict and len(bins) == 1 and context_length is not None and num_parts is not None:
-            name_graphs(bins[0], {int(ar): (Path(w), {"qnn_graph": partition_name(Path(w))}) for ar, _, w in graphs},
-                        context_length, int(part["index"]), num_parts)
-        if strict:
-            same = len(bins) == 1 and (bin_sha256 is None or sha256_file(bins[0]) == bin_sha256)
-            how = f"re-prepared on this x86_64 host, byte-identical to {Path(qnn_part['bin']).name}"
-            shipped = root / qnn_part["bin"]
-            if not same and len(bins) == 1 and shipped.is_file():
-                # QNN's preparation of a graph that moves uint8 tensors (the KV outputs) is not
-                # deterministic: two fresh preparations of one part differ in a few hundred bytes
-                # of graph description, and on the demo model in size by one 4 KiB page
-                size, fresh = shipped.stat().st_size, bins[0].stat().st_size
-                diff = differing_bytes(bins[0], shipped) if fresh == size else None
-                same = abs(fresh - size) <= allowed_difference(size) and (diff is None or diff <= allowed_difference(size))
-                how = (f"re-prepared on this x86_64 host, not byte-identical to {shipped.name} (QNN's preparation "
-                       f"varies between runs): " + (f"{diff} of {size} bytes differ" if diff is not None
-                                                    else f"{fresh} bytes against {size}"))
-        else:
-            # the QNN graph names are ONNX Runtime partition ids, which vary between preparations
-            # of the same graphs: the count is compared, not the names
-            size = int(qnn_part["bin_bytes"])
-            same = (len(bins) == 1 and abs(bins[0].stat().st_size - size) <= allowed_difference(size)
-                    and len({partition_name(Path(g[2])) for g in graphs}) == len(qnn_part["graphs"]))
-            how = f"re-prepared on this x86_64 host (the size and number of QNN graphs of {Path(qnn_part['bin']).name})"
-        if not same:
-            raise CompileError(
-                f"{qnn_part['bin']}: preparing {part['name']} again on this host does not give the same context binary "
-                "(exported with another onnxruntime-qnn / QAIRT?); the x86_64 simulator cannot load a weight-shared "
-                "binary directly, so it cannot run it here; re-export the bundle"
-            )
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    return sessions, how
-
-
-def partition_name(wrapper: Path) -> str:
-    """The QNN graph name an EPContext wrapper model runs (its EPContext node's ``partition_name``)."""
-    import onnx
-
-    node = next(n for n in onnx.load(str(wrapper), load_external_data=False).graph.node if n.op_type == "EPContext")
-    return next(onnx.helper.get_attribute_value(a).decode() for a in node.attribute if a.name == "partition_name")
-
-
-def describe_context(root: Path, qnn: dict) -> list[dict]:
-    """What the bundle's files say (for ``inspect``): per part the .bin, its size, the QNN graphs
-    its wrappers point into and the fraction of nodes on the NPU, and (``binary``) the graphs QNN
-    itself reads from the .bin with each graph's I/O tensors (name, QNN data type, shape,
-    scale/offset), as the device sees them."""
-    import onnx
-
-    folder = root / QNN_DIR / qnn["chipset"]
-    rows = []
-    for p in qnn["parts"]:
-        graphs = {}
-        for ar, g in p["graphs"].items():
-            model = onnx.load(str(root / g["wrapper"]), load_external_data=False)
-            ctx = [n for n in model.graph.node if n.op_type == "EPContext"]
-            attrs = [{a.name: onnx.helper.get_attribute_value(a) for a in n.attribute} for n in ctx]
-            graphs[ar] = {
-                "wrapper": g["wrapper"],
-                "qnn_graphs": [a.get("partition_name", b"").decode() for a in attrs],
-                "bins": sorted({a.get("ep_cache_context", b"").decode() for a in attrs}),
-                "nodes_outside": len(model.graph.node) - len(ctx),
-                "npu_fraction": (g["nodes"] - (len(model.graph.node) - len(ctx))) / max(g["nodes"], 1),
-            }
-        b = folder / Path(p["bin"]).name
-        rows.append({"name": p["name"], "bin": p["bin"], "bin_bytes": b.stat().st_size if b.exists() else None,
-                     "weight_bytes": p["weight_bytes"], "graphs": graphs, "binary": _read_binary(b)})
-    return rows
-
-
-def _read_binary(path: Path) -> list[dict] | str:
-    """The graphs inside a .bin as QNN reads them (GraphInfo dicts), or why they cannot be read."""
-    from qwen_ondevice.qnn.context_binary import QnnBinaryError, read_context_binary
-
-    if not path.exists():
-        return "missing"
-    try:
-        return [g.to_dict() for g in read_context_binary(path)]
-    except QnnBinaryError as e:
-        return str(e)
 
 
 # ---------------------------------------------------------------------------------------------

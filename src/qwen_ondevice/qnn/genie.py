@@ -17,7 +17,7 @@ the tokenizer and generation config the bundle carries, never typed a second tim
 unknown keys, so the files hold exactly the keys of its schema.
 
 Genie itself runs on this host through :mod:`qwen_ondevice.qnn.genie_run`, and ``verify --genie``
-(:mod:`qwen_ondevice.qnn.genie_verify`) checks a bundle with it.
+(:mod:`qwen_ondevice.eval.genie_verify`) checks a bundle with it.
 """
 
 from __future__ import annotations

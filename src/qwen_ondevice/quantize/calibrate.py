@@ -29,8 +29,8 @@ if TYPE_CHECKING:
 
 #: Calibration sequence length cap (tokens). Tried for the demo at CL 4096, so that the KV-cache
 #: encodings cover every position: one 4096-token sequence instead of two of 2048 (clearly worse),
-#: and key ranges swept over every cache position (no better past position 2048); README
-#: "Accuracy" has both, so the cap stays.
+#: and key ranges swept over every cache position (no better past position 2048); docs/numerics.md
+#: "Accuracy of the bundle" has both, so the cap stays.
 CALIBRATION_SEQ_LEN = 2048
 
 

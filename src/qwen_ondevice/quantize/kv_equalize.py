@@ -92,7 +92,7 @@ def equalize_part(graph_path: Path, layers: range, absmax: dict[str, np.ndarray]
     (``past_key_{l}_out``, after RoPE and the current center), measured on the same tokens.
 
     Centering (``center``): the graph stores ``RoPE(k) + o`` with the offset o = -c
-    (onnx_graph.key_offset_name), c the per-channel midrange of the keys. q . c is one constant per query row, which softmax
+    (core.parts.key_offset_name), c the per-channel midrange of the keys. q . c is one constant per query row, which softmax
     ignores, so attention is unchanged in float. It matters on the device: Qwen2's keys share a
     large common part (k_proj biases), which makes the raw attention scores large against their
     spread within a row, and the HTP computes q . k with a small relative error that such scores
@@ -100,7 +100,7 @@ def equalize_part(graph_path: Path, layers: range, absmax: dict[str, np.ndarray]
     measurements are in docs/numerics.md). o is updated as ``(o - midrange) / s``, so a re-run
     on a finished part changes nothing.
     """
-    from qwen_ondevice.export.onnx_graph import key_offset_name
+    from qwen_ondevice.core.parts import key_offset_name
 
     model = onnx.load(str(graph_path), load_external_data=False)
     inits = {t.name: t for t in model.graph.initializer}

@@ -23,7 +23,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from qwen_ondevice.core.encodings import DATA_MOVEMENT, KV_CACHE_DTYPE, Encoding, encoding_for_range, kv_cache_encoding
 from qwen_ondevice.core.onnx_data import read_initializer
-from qwen_ondevice.export.onnx_graph import IR_VERSION, OPSET, ExternalData, IOSpec, io_signature
+from qwen_ondevice.core.onnx_io import IR_VERSION, OPSET, ExternalData, IOSpec, io_signature
 from qwen_ondevice.quantize.calibrate import PartStats, is_row_max_shift
 from qwen_ondevice.quantize.weight_quant import QuantizedWeight
 

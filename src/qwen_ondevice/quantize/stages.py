@@ -28,7 +28,7 @@ from qwen_ondevice.core.onnx_data import read_initializer
 from qwen_ondevice.core.parts import PartSpec
 from qwen_ondevice.core.progress import bar, log
 from qwen_ondevice.core.rope import rope_tables
-from qwen_ondevice.export.onnx_graph import ExternalData
+from qwen_ondevice.core.onnx_io import ExternalData
 from qwen_ondevice.quantize.calibrate import CalibrationPlan, PartStats, calibrate_part, tracked_tensors
 from qwen_ondevice.quantize.qdq import activation_encodings, check_quantized_graph, quantize_graph, residual_stream
 from qwen_ondevice.quantize.smoothing import smooth_mlp

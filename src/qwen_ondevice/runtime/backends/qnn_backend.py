@@ -7,7 +7,7 @@ is slow (well under 1 GFLOP/s): fine for short checks and a few tokens, not for 
 It is the ``ort-cpu`` backend with other sessions: the same host-side quantize/dequantize of the
 graph inputs and outputs with the manifest's encodings, the same KV-cache handling; only each
 part's sessions run its context binary through the QNN EP with CPU fallback disabled
-(:func:`qwen_ondevice.qnn.compile.open_part_context`): on a Snapdragon host from the EPContext
+(:func:`qwen_ondevice.qnn.context.open_part_context`): on a Snapdragon host from the EPContext
 wrappers (``qnn/<chipset>/part_i_of_N.ar<AR>.ctx.onnx``, the AR-128 and AR-1 sessions sharing
 one loaded context); on x86_64, whose simulator crashes on weight-shared binaries, by preparing
 the part again (the part's compile time, when it is first used) and checking the result has the
@@ -57,7 +57,7 @@ class QnnBackend(OrtBackend):
         if key not in self._sessions:
             import tempfile
 
-            from qwen_ondevice.qnn.compile import open_part_context
+            from qwen_ondevice.qnn.context import open_part_context
 
             part = self.manifest.parts[part_index]
             qpart = self.qnn["parts"][part_index]

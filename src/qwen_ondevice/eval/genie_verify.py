@@ -53,7 +53,8 @@ def build_twin(root: Path, manifest, work: Path) -> list[Path]:
         UserError: a graph could not be compiled or renamed (CompileError), or the twin's parts
             do not join.
     """
-    from qwen_ondevice.qnn.compile import check_boundaries, compile_in_child, name_graphs, partition_name, wrapper_name
+    from qwen_ondevice.qnn.compile import check_boundaries, compile_in_child
+    from qwen_ondevice.qnn.prepare import name_graphs, partition_name, wrapper_name
 
     qnn = manifest.data["qnn"]
     level = int(qnn.get("htp_optimization", 3))

@@ -13,7 +13,7 @@ valid row of each call; the other rows are reported too, with the CPU's margin w
 Each part runs in a child process: a QNN crash cannot take the command down, and each part gets
 a fresh QNN state (on x86_64 the part is prepared again there and must match the shipped .bin:
 byte-identical, or the same size with a few hundred bytes of graph description different; see
-:func:`qwen_ondevice.qnn.compile.open_part_context`).
+:func:`qwen_ondevice.qnn.context.open_part_context`).
 """
 
 from __future__ import annotations
@@ -171,7 +171,7 @@ def verify_bundle(root: Path, chipset: str | None = None, prompt: str = DEFAULT_
 
 
 def _run_child(spec: dict, timeout: float | None) -> dict:
-    run = run_child("qwen_ondevice.qnn.verify:_child", spec, timeout=timeout)
+    run = run_child("qwen_ondevice.eval.verify:_child", spec, timeout=timeout)
     if run.status == "timeout":
         return {"ok": False, "error": f"timed out after {timeout} s"}
     rpath = Path(spec["tmp"]) / "result.json"
@@ -188,7 +188,7 @@ def _child() -> None:
     try:
         from qwen_ondevice.core.bundle import read_manifest
         from qwen_ondevice.qnn.chipsets import CHIPSETS
-        from qwen_ondevice.qnn.compile import open_part_context
+        from qwen_ondevice.qnn.context import open_part_context
         from qwen_ondevice.runtime.backends.ort_backend import DTYPES
         from qwen_ondevice.runtime.backends.qnn_backend import qnn_section
 

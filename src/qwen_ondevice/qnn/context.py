@@ -1,0 +1,121 @@
+"""Opening a shipped part's context binary for a runtime session (the ``qnn-htp`` backend, ``verify``).
+
+On a Snapdragon host the part's EPContext wrappers load the .bin directly. The x86_64 simulator
+of onnxruntime-qnn cannot load a weight-shared binary, so there the part's QDQ graphs are prepared
+again exactly as the export did and the fresh binary is compared with the shipped one.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from qwen_ondevice.core.files import sha256_file
+from qwen_ondevice.qnn.chipsets import Chipset
+from qwen_ondevice.qnn.ep_options import DEFAULT_HTP_OPTIMIZATION, qnn_session_options, simulator_host
+from qwen_ondevice.qnn.prepare import CompileError, PrepareError, name_graphs, partition_name, prepare_part, wrapper_name
+
+#: The share of a context binary's bytes (and of its size) allowed to differ between the shipped
+#: binary and a fresh preparation of the same graphs (open_part_context): QNN's preparation varies
+#: by a few hundred bytes of graph description, sometimes by a page in size (measured differences:
+#: docs/bundle-format.md).
+MAX_DIFFERING_FRACTION = 1e-3
+
+
+#: The size difference allowed whatever the binary's size: two 4 KiB pages. A tiny test bundle's
+#: 256 KiB part differs by one page between preparations now and then, over 0.1% of it.
+MIN_ALLOWED_DIFFERENCE = 2 * 4096
+
+
+def allowed_difference(size: int) -> float:
+    """Bytes (of size, or differing at equal sizes) a fresh preparation of a ``size``-byte
+    context binary may differ from the shipped one: :data:`MAX_DIFFERING_FRACTION` of it, at
+    least :data:`MIN_ALLOWED_DIFFERENCE`."""
+    return max(MAX_DIFFERING_FRACTION * size, MIN_ALLOWED_DIFFERENCE)
+
+
+def differing_bytes(a: Path, b: Path, chunk: int = 1 << 24) -> int:
+    """The number of byte positions at which two files of one size differ."""
+    import numpy as np
+
+    n = 0
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        while True:
+            x, y = fa.read(chunk), fb.read(chunk)
+            if not x:
+                return n
+            n += int(np.count_nonzero(np.frombuffer(x, np.uint8) != np.frombuffer(y, np.uint8)))
+
+
+def open_part_context(root: Path, part: dict, qnn_part: dict, chip: Chipset, bin_sha256: str | None, work: Path,
+                      strict: bool = True, context_length: int | None = None, num_parts: int | None = None):
+    """Sessions by AR that run one part's context binary on the HTP; returns (sessions, how).
+
+    On a Snapdragon host the EPContext wrappers are loaded (both sessions share the one loaded
+    context). The x86_64 simulator of onnxruntime-qnn 2.7 crashes (SIGSEGV in context creation)
+    on *any* weight-shared context binary, so there the part's QDQ graphs are prepared again
+    exactly as the export did. QNN numbers tensors with a
+    per-process counter: only the first part prepared in a process gives a byte-identical .bin.
+    ``strict`` (use it in a fresh process, as ``verify`` does) requires the sha256 to match or,
+    since QNN does not prepare every graph deterministically, a size within
+    :func:`allowed_difference` of the shipped one (and, at equal sizes, at most that many bytes
+    different); otherwise the size (to that share) and the number of QNN graphs must match.
+    The fresh graphs are renamed as the export renamed the shipped ones (:func:`name_graphs`,
+    with ``context_length`` and ``num_parts``) before the comparison.
+
+    Raises:
+        CompileError: the fresh preparation differs from the shipped .bin (another QAIRT
+            version?), or QNN fails.
+    """
+    optimization = int(qnn_part.get("htp_optimization", DEFAULT_HTP_OPTIMIZATION))
+    if not simulator_host():
+        so = lambda: qnn_session_options(chip, {"ep.share_ep_contexts": "1"}, optimization=optimization)  # noqa: E731
+        import onnxruntime as ort
+
+        return ({int(ar): ort.InferenceSession(str(root / g["wrapper"]), sess_options=so()) for ar, g in qnn_part["graphs"].items()},
+                "loaded from the context binary")
+
+    ars = sorted((int(a) for a in qnn_part["graphs"]), reverse=True)  # the export's compile order
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    try:
+        graphs = [[ar, str(root / part["graphs"][str(ar)]["file"]), str(work / wrapper_name(part["name"], ar))] for ar in ars]
+        try:
+            sessions = prepare_part(graphs, chip, optimization=optimization)
+        except PrepareError as e:
+            raise CompileError(f"{part['name']} AR-{e.ar}: QNN could not prepare it for {chip.name}: {str(e).splitlines()[0][:400]}") from None
+        bins = sorted(work.glob("*.bin"))
+        if strict and len(bins) == 1 and context_length is not None and num_parts is not None:
+            name_graphs(bins[0], {int(ar): (Path(w), {"qnn_graph": partition_name(Path(w))}) for ar, _, w in graphs},
+                        context_length, int(part["index"]), num_parts)
+        if strict:
+            same = len(bins) == 1 and (bin_sha256 is None or sha256_file(bins[0]) == bin_sha256)
+            how = f"re-prepared on this x86_64 host, byte-identical to {Path(qnn_part['bin']).name}"
+            shipped = root / qnn_part["bin"]
+            if not same and len(bins) == 1 and shipped.is_file():
+                # QNN's preparation of a graph that moves uint8 tensors (the KV outputs) is not
+                # deterministic: two fresh preparations of one part differ in a few hundred bytes
+                # of graph description, and on the demo model in size by one 4 KiB page
+                size, fresh = shipped.stat().st_size, bins[0].stat().st_size
+                diff = differing_bytes(bins[0], shipped) if fresh == size else None
+                same = abs(fresh - size) <= allowed_difference(size) and (diff is None or diff <= allowed_difference(size))
+                how = (f"re-prepared on this x86_64 host, not byte-identical to {shipped.name} (QNN's preparation "
+                       f"varies between runs): " + (f"{diff} of {size} bytes differ" if diff is not None
+                                                    else f"{fresh} bytes against {size}"))
+        else:
+            # the QNN graph names are ONNX Runtime partition ids, which vary between preparations
+            # of the same graphs: the count is compared, not the names
+            size = int(qnn_part["bin_bytes"])
+            same = (len(bins) == 1 and abs(bins[0].stat().st_size - size) <= allowed_difference(size)
+                    and len({partition_name(Path(g[2])) for g in graphs}) == len(qnn_part["graphs"]))
+            how = f"re-prepared on this x86_64 host (the size and number of QNN graphs of {Path(qnn_part['bin']).name})"
+        if not same:
+            raise CompileError(
+                f"{qnn_part['bin']}: preparing {part['name']} again on this host does not give the same context binary "
+                "(exported with another onnxruntime-qnn / QAIRT?); the x86_64 simulator cannot load a weight-shared "
+                "binary directly, so it cannot run it here; re-export the bundle"
+            )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return sessions, how
+
