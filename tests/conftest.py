@@ -140,3 +140,28 @@ def one_line_error(capsys, argv) -> str:
     assert code == 2
     assert len(err) == 1 and err[0].startswith("error:"), err
     return err[0]
+
+
+def wait_for_server(proc, timeout: float = 60.0) -> tuple[str, dict]:
+    """(base URL, /health JSON) of a ``qwen-ondevice serve --port 0`` child started with
+    ``stderr=PIPE``: the URL read from its "... on http://127.0.0.1:PORT/v1" line, then /health
+    polled until it answers."""
+    import re
+    import time
+
+    import httpx
+
+    url = None
+    for line in proc.stderr:
+        m = re.search(r"on (http://127\.0\.0\.1:\d+)/v1", line)
+        if m:
+            url = m.group(1)
+            break
+    assert url, "serve did not say where it listens"
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return url, httpx.get(url + "/health", timeout=5).json()
+        except httpx.ConnectError:
+            assert time.monotonic() < deadline, "serve did not answer /health"
+            time.sleep(0.1)

@@ -473,9 +473,9 @@ def test_a_runtime_only_install_generates_chats_and_serves(tiny_bundle, tmp_path
     and text as with it installed, none of its modules imported; ``export`` there says in one line
     how to install the extra."""
     import io
-    import re
 
     import httpx
+    from conftest import wait_for_server
 
     ckpt, bundle = tiny_bundle
     gen = ["--quiet", "generate", str(bundle), "--prompt", "Hello", "--max-new-tokens", "6", "--json"]
@@ -500,21 +500,7 @@ def test_a_runtime_only_install_generates_chats_and_serves(tiny_bundle, tmp_path
 
     proc = _run_child(overlay, ["serve", str(bundle), "--port", "0", "--log-level", "warning"], stderr=subprocess.PIPE)
     try:
-        url = None
-        for line in proc.stderr:
-            m = re.search(r"on (http://127\.0\.0\.1:\d+)/v1", line)
-            if m:
-                url = m.group(1)
-                break
-        assert url, "serve did not say where it listens"
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                httpx.get(url + "/health", timeout=5)
-                break
-            except httpx.ConnectError:
-                assert time.monotonic() < deadline
-                time.sleep(0.1)
+        url, _ = wait_for_server(proc)
         reply = httpx.post(url + "/v1/chat/completions", timeout=120, json={
             "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 6, "temperature": 0}).json()
         assert reply["choices"][0]["message"]["content"] == want["text"]

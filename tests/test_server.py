@@ -728,30 +728,17 @@ def test_speculative_replies_equal_plain_greedy_streamed_or_not(bundle_server):
 def test_serve_command_serves_until_interrupted(tiny_path):
     """``qwen-ondevice serve`` as a user starts it: a free port, /health and a reply, then Ctrl-C."""
     import os
-    import re
     import signal
     import subprocess
     import sys
+
+    from conftest import wait_for_server
 
     cmd = [sys.executable, "-m", "qwen_ondevice.cli.main", "serve", str(tiny_path), "--port", "0",
            "--context-length", "256", "--prompt-length", "16", "--log-level", "warning"]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
-        url = None
-        for line in proc.stderr:  # "serving tiny (torch, context 256) on http://127.0.0.1:PORT/v1"
-            m = re.search(r"on (http://127\.0\.0\.1:\d+)/v1", line)
-            if m:
-                url = m.group(1)
-                break
-        assert url, "serve did not say where it listens"
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                health = httpx.get(url + "/health", timeout=5).json()
-                break
-            except httpx.ConnectError:
-                assert time.monotonic() < deadline
-                time.sleep(0.1)
+        url, health = wait_for_server(proc)  # "serving tiny (torch, context 256) on http://127.0.0.1:PORT/v1"
         assert (health["backend"], health["context_length"]) == ("torch", 256)
         r = httpx.post(url + "/v1/completions", json={"prompt": "Hello", "max_tokens": 3, "temperature": 0}, timeout=60)
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
