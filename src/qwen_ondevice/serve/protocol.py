@@ -262,7 +262,3 @@ def parse_body(raw: bytes, model: type[BaseModel]) -> BaseModel:
         return model.model_validate(data)
     except ValidationError as e:
         raise validation_error(e.errors(include_url=False)) from None
-
-
-# ----------------------------------------------------------------------------------------------
-# The worker: one thread, one engine, one request at a time

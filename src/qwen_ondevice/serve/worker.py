@@ -188,7 +188,3 @@ class GenerationWorker:
                     self.mean_job_seconds = took if self.mean_job_seconds is None else 0.8 * self.mean_job_seconds + 0.2 * took
                 self.busy = False
                 job._deliver(END)
-
-
-# ----------------------------------------------------------------------------------------------
-# Responses

@@ -7,7 +7,7 @@ with less work; none is ever written into the bundle, the device graphs stay as 
 1. :func:`gather_before_dequantize`: the embedding's ``DequantizeLinear(whole int8 table) ->
    Gather`` becomes ``Gather -> DequantizeLinear`` (per-tensor encodings only, so the element
    values are bitwise the same). ONNX Runtime otherwise dequantizes all V x H entries on every
-   call (21 ms per AR-1 call of the demo model's embedding part, ORT profiler).
+   call.
 2. :func:`symbolic_past`: the past length of ``past_key_*_in`` / ``past_value_*_in`` and the
    key length of ``attention_mask`` become symbolic, so the backend can feed only the filled
    slots of the left-aligned cache (:class:`~qwen_ondevice.runtime.engine.KVCache`). The graphs are
@@ -15,15 +15,15 @@ with less work; none is ever written into the bundle, the device graphs stay as 
    are masked ones: their scores are clipped to 20 below the row max (qdq.MASK_MARGIN), so each
    weighed < exp(-20) in the softmax sum; dropping them moves that sum by < 1e-5 of itself, which
    turns a few uint16 probabilities (step 1.5e-5) by one step. The static run has no claim to be
-   closer to the HTP here. Measured on the demo model over 4092 tokens: perplexity +5.01% of float
-   with trimming, +5.17% without; top-1 87.98% vs 87.85%.
+   closer to the HTP here.
 3. :func:`float_matmul_weights`: int8 MatMul weights dequantized once into float initializers.
 4. :func:`fold_constant_dequantize`: the other DequantizeLinear nodes of initializers (biases,
    norm weights, key centers) computed once, with DequantizeLinear's own formula.
 5. :func:`drop_data_movement_qdq`: ``DQ -> Transpose/Reshape/Split -> Q`` with one encoding on
    both sides moves the integers directly.
 
-4 and 5 are bitwise the same and take 5-6% off a decode call (demo model, 576 past slots).
+4 and 5 are bitwise the same. What each rewrite saves and changes, measured: docs/benchmarks.md
+"Host rewrites and host numerics".
 """
 
 from __future__ import annotations

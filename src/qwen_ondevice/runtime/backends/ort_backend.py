@@ -24,8 +24,8 @@ QDQ_MATMULNBITS_ACCURACY = ("session.qdq_matmulnbits_accuracy_level", "1")
 #: ``evaluate``, the export report and ``verify`` measure). ``fast``: MatMulNBits at accuracy
 #: level 4, i.e. each int4/int8 weight product quantizes its activation row to int8 blocks on the
 #: fly (as llama.cpp's q8 activations do), and the int8 lm_head stays int8. Only the products change;
-#: every other quantization point of the graph is kept. Demo w4a16 over 4092 tokens: perplexity
-#: +4.97% of float vs +5.01% exact, top-1 88.10% vs 87.98% (benchmarks/bench_host_speed.py for speed).
+#: every other quantization point of the graph is kept (its accuracy and speed against ``exact``:
+#: docs/benchmarks.md "Host rewrites and host numerics").
 HOST_NUMERICS = ("exact", "fast")
 FAST_MATMULNBITS_ACCURACY = "4"
 
