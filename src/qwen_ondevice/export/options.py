@@ -7,6 +7,7 @@ import shutil
 from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 
+from qwen_ondevice.core.export_layout import MANIFEST_STAGE, REPORT_STAGE, STATE_DIR, STATE_FILE
 from qwen_ondevice.core.bundle import MANIFEST
 from qwen_ondevice.core.checkpoint import Checkpoint
 from qwen_ondevice.core.errors import UserError
@@ -14,7 +15,6 @@ from qwen_ondevice.core.jsonio import write_json
 from qwen_ondevice.core.progress import log
 from qwen_ondevice.qnn.ep_options import DEFAULT_HTP_OPTIMIZATION
 
-STATE_DIR = ".export"
 PRECISIONS = ("fp32", "fp16", "w8a16", "w4a16")
 QUANTIZED = ("w8a16", "w4a16")
 DEFAULT_PRECISION = "w4a16"
@@ -76,8 +76,8 @@ class ExportOptions:
 #: finished part and redoes only the stages they decide: the accuracy report (``eval_*``) and
 #: the context binaries of the chipset at the optimization level asked (``chipset``,
 #: ``htp_optimization``); binaries already compiled for another chipset stay in the bundle.
-FINISHING_OPTIONS = {"eval_tokens": ("report",), "eval_window": ("report",), "fidelity_prompts": ("report",),
-                     "fidelity_tokens": ("report",), "chipset": (), "htp_optimization": (),
+FINISHING_OPTIONS = {"eval_tokens": (REPORT_STAGE,), "eval_window": (REPORT_STAGE,), "fidelity_prompts": (REPORT_STAGE,),
+                     "fidelity_tokens": (REPORT_STAGE,), "chipset": (), "htp_optimization": (),
                      "keep_intermediates": ()}
 
 
@@ -94,7 +94,7 @@ class ExportState:
     """The stamps of finished stages, in ``BUNDLE/.export/state.json``."""
 
     def __init__(self, out: Path, options: ExportOptions):
-        self.path = out / STATE_DIR / "state.json"
+        self.path = out / STATE_DIR / STATE_FILE
         self.options = asdict(options)
         self.done: dict[str, dict] = {}
 
@@ -114,7 +114,7 @@ class ExportState:
         if changed:
             log("resume with other " + ", ".join(f"--{k.replace('_', '-')} ({earlier[k]} -> {self.options[k]})" for k in changed)
                 + ": the finished parts are kept")
-            for stage in {"manifest", *(s for k in changed for s in FINISHING_OPTIONS[k])}:
+            for stage in {MANIFEST_STAGE, *(s for k in changed for s in FINISHING_OPTIONS[k])}:
                 self.done.pop(stage, None)
         return True
 
@@ -147,7 +147,7 @@ def prepare_output(out: Path, options: ExportOptions, force: bool) -> ExportStat
         shutil.rmtree(out)
     if out.exists() and any(out.iterdir()):
         if state.load():
-            if "manifest" in state.done:
+            if MANIFEST_STAGE in state.done:
                 log(f"{out}: this bundle is complete with these options; nothing to redo (--force exports it again)")
             else:
                 log(f"resuming the export in {out} (finished: {', '.join(state.done) or 'nothing'})")

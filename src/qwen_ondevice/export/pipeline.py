@@ -18,12 +18,24 @@ from pathlib import Path
 
 from qwen_ondevice.core.bundle import CHECKPOINT_FILES, MANIFEST, SCHEMA, SCHEMA_VERSION
 from qwen_ondevice.core.checkpoint import Checkpoint, load_checkpoint
+from qwen_ondevice.core.export_layout import (
+    CALIB,
+    FLOAT,
+    KVEQ,
+    MANIFEST_STAGE,
+    PART,
+    REPORT_STAGE,
+    STATE_DIR,
+    part_of,
+    stage_key,
+    work_dir,
+)
 from qwen_ondevice.core.files import sha256_file
 from qwen_ondevice.core.jsonio import write_json
 from qwen_ondevice.core.parts import MASK_VALUE, PartSpec
 from qwen_ondevice.core.progress import format_seconds, log, stage_meter
 from qwen_ondevice.export.footprint import Footprint, check_fits, estimate_footprint
-from qwen_ondevice.export.options import QUANTIZED, STATE_DIR, ExportOptions, ExportState, check_options, prepare_output
+from qwen_ondevice.export.options import QUANTIZED, ExportOptions, ExportState, check_options, prepare_output
 from qwen_ondevice.export.plan import check_weights_present, describe_plan, part_bytes, plan_parts, plan_reason
 
 
@@ -67,7 +79,7 @@ def export(options: ExportOptions, out: Path, force: bool = False) -> Path:
 
     (out / "onnx").mkdir(exist_ok=True)
     for part in parts:
-        stage = f"part:{part.name}"
+        stage = stage_key(PART, part.name)
         if stage in state.done:
             log(f"[onnx] {part.name}: done earlier, skipped")
             continue
@@ -82,27 +94,27 @@ def export(options: ExportOptions, out: Path, force: bool = False) -> Path:
         if quantized and not options.keep_intermediates:
             from qwen_ondevice.quantize.stages import remove_part_intermediates
 
-            remove_part_intermediates(out / STATE_DIR, part, state.done[f"float:{part.name}"])
+            remove_part_intermediates(out, part, state.done[stage_key(FLOAT, part.name)])
         _stage_delay()
     if quantized and not options.keep_intermediates:
         from qwen_ondevice.quantize.stages import cleanup
 
-        cleanup(out / STATE_DIR)
+        cleanup(out)
 
     from qwen_ondevice.qnn.compile import compile_stage
 
     extra = compile_stage(out, ckpt, options, parts, state)  # QNN context binaries + Genie files
-    if options.eval_tokens > 0 and "report" not in state.done:
+    if options.eval_tokens > 0 and REPORT_STAGE not in state.done:
         from qwen_ondevice.export.report import write_report
 
         manifest = {**build_manifest(out, ckpt, options, parts, state), **extra}
-        with stage_meter("report") as rec:
+        with stage_meter(REPORT_STAGE) as rec:
             summary = write_report(out, manifest, options.eval_tokens, options.eval_window,
                                    options.fidelity_prompts, options.fidelity_tokens)
-        state.mark("report", {**summary, **_measured(rec)})
-    with stage_meter("manifest") as rec:
+        state.mark(REPORT_STAGE, {**summary, **_measured(rec)})
+    with stage_meter(MANIFEST_STAGE) as rec:
         write_manifest(out, ckpt, options, parts, state, extra)
-    state.mark("manifest", _measured(rec))
+    state.mark(MANIFEST_STAGE, _measured(rec))
     log(format_stage_table(state.done))
     return out
 
@@ -119,8 +131,12 @@ def format_stage_table(done: dict[str, dict]) -> str:
             if isinstance(v, dict) and ("seconds" in v or "compile_seconds" in v)]
     # a part's key equalization is stamped after its float graphs (with them), but ran after them
     order = {name: i for i, name in enumerate(k for k, *_ in rows)}
-    rows.sort(key=lambda r: order[f"float:{r[0][5:]}"] + 0.5 if r[0].startswith("kveq:") and f"float:{r[0][5:]}" in order
-              else order[r[0]])
+
+    def position(key: str) -> float:
+        part = part_of(key, KVEQ)
+        return order[stage_key(FLOAT, part)] + 0.5 if part is not None and stage_key(FLOAT, part) in order else order[key]
+
+    rows.sort(key=lambda r: position(r[0]))
     width = max([len(r[0]) for r in rows] + [5])
     lines = [f"{'stage':<{width}}  {'wall time':>12}  {'peak RSS':>9}"]
     for name, sec, rss in rows:
@@ -162,46 +178,45 @@ def _quantized_part(ckpt: Checkpoint, part: PartSpec, options: ExportOptions, ou
     from qwen_ondevice.quantize.calibrate import PartStats
     from qwen_ondevice.quantize.stages import QuantSettings, boundary_encoding, calibrate_stage, quantize_part_graphs
 
-    state_dir = out / STATE_DIR
-    float_dir, calib_dir = state_dir / "float", state_dir / "calib"
+    float_dir, calib_dir = work_dir(out, FLOAT), work_dir(out, CALIB)
     float_dir.mkdir(parents=True, exist_ok=True)
     calib_dir.mkdir(parents=True, exist_ok=True)
     settings = QuantSettings(options.precision, options.weight_method, options.int8_fraction, options.weight_block_size,
                              options.smooth_alpha, options.down_proj_headroom, key_minmax=options.key_center,
                              float_residual=options.residual == "fp16", kv_dtype=options.kv_cache,
                              lm_head_bits=4 if options.lm_head == "int4" else 8)
-    if f"float:{part.name}" not in state.done:
-        with stage_meter(f"float:{part.name}") as rec:
+    if stage_key(FLOAT, part.name) not in state.done:
+        with stage_meter(stage_key(FLOAT, part.name)) as rec:
             info = export_part(ckpt, part, options.ar_lengths, options.context_length, "fp32", float_dir, options.key_center)
         info.update(_measured(rec))
         if (options.kv_equalize or options.key_center) and len(part.layers):
             from qwen_ondevice.quantize.stages import equalize_stage
 
-            with stage_meter(f"kveq:{part.name}") as rec:
+            with stage_meter(stage_key(KVEQ, part.name)) as rec:
                 report = equalize_stage(part, float_dir, info, plan, ckpt.config, calib_dir, MASK_VALUE,
                                         scale=options.kv_equalize, center=options.key_center)
-            state.mark(f"kveq:{part.name}", {**_measured(rec), "layers": report})
+            state.mark(stage_key(KVEQ, part.name), {**_measured(rec), "layers": report})
             worst = max(report.values(), key=lambda r: r["key_absmax_before"])
             log(f"[kv-equalize] {part.name}: largest |key| {worst['key_absmax_before']:.3g} -> "
                 f"{max(r['key_absmax_after'] for r in report.values()):.3g}"
                 + (" (per-pair scales" + (", centered)" if options.key_center else ")") if options.kv_equalize else " (centered)"))
-        state.mark(f"float:{part.name}", info)
-    float_info = state.done[f"float:{part.name}"]
-    if f"calib:{part.name}" not in state.done:
-        with stage_meter(f"calib:{part.name}") as rec:
+        state.mark(stage_key(FLOAT, part.name), info)
+    float_info = state.done[stage_key(FLOAT, part.name)]
+    if stage_key(CALIB, part.name) not in state.done:
+        with stage_meter(stage_key(CALIB, part.name)) as rec:
             calibrate_stage(part, float_dir, float_info, plan, ckpt.config, calib_dir,
                             hessians=options.weight_method == "gptq", mask_value=MASK_VALUE)
-        state.mark(f"calib:{part.name}", {**_measured(rec), "tokens": int(plan.ids.size)})
+        state.mark(stage_key(CALIB, part.name), {**_measured(rec), "tokens": int(plan.ids.size)})
         _stage_delay()
     log(f"[quantize] {part.name}: {options.precision} ({options.weight_method})")
     stats = PartStats.load(calib_dir / f"part_{part.index}.stats.npz")
-    producer = state.done[f"part:{PartSpec(part.index - 1, part.num_parts, range(0)).name}"] if part.hidden_in else None
-    with stage_meter(f"part:{part.name}") as rec:
+    producer = state.done[stage_key(PART, PartSpec(part.index - 1, part.num_parts, range(0)).name)] if part.hidden_in else None
+    with stage_meter(stage_key(PART, part.name)) as rec:
         info = quantize_part_graphs(part, float_dir, float_info, stats, settings, out / "onnx", MASK_VALUE,
                                     boundary_encoding(producer, part.hidden_in) if producer else None)
     info.update(_measured(rec))
-    if f"kveq:{part.name}" in state.done:
-        info["kv_equalization"] = state.done[f"kveq:{part.name}"]["layers"]
+    if stage_key(KVEQ, part.name) in state.done:
+        info["kv_equalization"] = state.done[stage_key(KVEQ, part.name)]["layers"]
     return info
 
 
@@ -326,7 +341,7 @@ def build_manifest(out: Path, ckpt: Checkpoint, options: ExportOptions, parts: l
     kv_dtype = options.kv_cache if options.precision in QUANTIZED else float_dtype
     part_entries = []
     for p in parts:
-        info = dict(state.done[f"part:{p.name}"])
+        info = dict(state.done[stage_key(PART, p.name)])
         for key in ("seconds", "peak_rss_bytes", "start_rss_bytes", "written_bytes"):
             info.pop(key, None)
         info["planned_weight_bytes"] = part_bytes(cfg, options.precision, p)
@@ -353,7 +368,7 @@ def build_manifest(out: Path, ckpt: Checkpoint, options: ExportOptions, parts: l
         "parts": part_entries,
         "plan": {"reason": plan_reason(cfg, options.precision, parts, options.num_parts, options.max_part_bytes)},
         "quantization": _quantization_summary(options, part_entries),
-        "export": {"stages": {k: v for k, v in state.done.items() if k.startswith("part:") or k == "files"}},
+        "export": {"stages": {k: v for k, v in state.done.items() if part_of(k, PART) is not None or k == "files"}},
         "tools": tool_versions(),
         "files": {},
     }

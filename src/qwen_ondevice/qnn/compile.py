@@ -28,6 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from qwen_ondevice.core.export_layout import PART, QNN, qnn_key, stage_key, work_dir
 from qwen_ondevice.core.progress import log
 from qwen_ondevice.qnn.child import leave, read_spec, run_child
 from qwen_ondevice.qnn.chipsets import CHIPSETS, Chipset, check_chipset_option
@@ -349,18 +350,18 @@ def compile_stage(out: Path, ckpt, options, parts, state) -> dict:
         return {}
     entries = []
     # the binaries of this chipset at another optimization level are overwritten below
-    level = f"qnn:{chip.name}:O{options.htp_optimization}:"
-    state.forget(k for k in list(state.done) if k.startswith(f"qnn:{chip.name}:") and not k.startswith(level))
+    level = qnn_key(chip.name, options.htp_optimization)
+    state.forget(k for k in list(state.done) if k.startswith(qnn_key(chip.name)) and not k.startswith(level))
     for p in parts:
-        stage = level + p.name
+        stage = qnn_key(chip.name, options.htp_optimization, p.name)
         if stage in state.done:
             log(f"[qnn] {p.name}: compiled earlier, skipped")
         else:
-            info = compile_part(out, state.done[f"part:{p.name}"], chip, out / ".export" / "qnn" / p.name,
+            info = compile_part(out, state.done[stage_key(PART, p.name)], chip, work_dir(out, QNN) / p.name,
                                 options.context_length, len(parts), options.htp_optimization)
             state.mark(stage, info)
         entries.append(state.done[stage])
-    shutil.rmtree(out / ".export" / "qnn", ignore_errors=True)
+    shutil.rmtree(work_dir(out, QNN), ignore_errors=True)
     check_boundaries([(p["name"], {int(ar): (out / p["bin"], g["qnn_graph"]) for ar, g in p["graphs"].items()})
                       for p in entries])
     qnn = {**chip.to_dict(), "folder": f"{QNN_DIR}/{chip.name}", "weight_sharing": True,

@@ -24,11 +24,12 @@ import numpy as np
 import onnx
 
 from qwen_ondevice.core.encodings import Encoding
+from qwen_ondevice.core.export_layout import CALIB, FLOAT, work_dir
 from qwen_ondevice.core.onnx_data import read_initializer
+from qwen_ondevice.core.onnx_io import ExternalData
 from qwen_ondevice.core.parts import PartSpec
 from qwen_ondevice.core.progress import bar, log
 from qwen_ondevice.core.rope import rope_tables
-from qwen_ondevice.core.onnx_io import ExternalData
 from qwen_ondevice.quantize.calibrate import CalibrationPlan, PartStats, calibrate_part, tracked_tensors
 from qwen_ondevice.quantize.qdq import activation_encodings, check_quantized_graph, quantize_graph, residual_stream
 from qwen_ondevice.quantize.smoothing import smooth_mlp
@@ -301,11 +302,11 @@ def equalize_stage(part: PartSpec, float_dir: Path, float_info: dict, plan: Cali
                          key_ranges, scale=scale, center=center)
 
 
-def remove_part_intermediates(state_dir: Path, part: PartSpec, float_info: dict) -> None:
-    """Delete what no later stage needs once ``part`` is quantized: its float graphs and data, its
-    statistics and Hessians, and the hidden states of the part before it (its own stay: the next
-    part calibrates on them)."""
-    float_dir, calib_dir = state_dir / "float", state_dir / "calib"
+def remove_part_intermediates(out: Path, part: PartSpec, float_info: dict) -> None:
+    """Delete what no later stage needs once ``part`` of the export into ``out`` is quantized: its
+    float graphs and data, its statistics and Hessians, and the hidden states of the part before
+    it (its own stay: the next part calibrates on them)."""
+    float_dir, calib_dir = work_dir(out, FLOAT), work_dir(out, CALIB)
     for g in float_info["graphs"].values():
         (float_dir / Path(g["file"]).name).unlink(missing_ok=True)
     (float_dir / Path(float_info["data"]).name).unlink(missing_ok=True)
@@ -314,10 +315,10 @@ def remove_part_intermediates(state_dir: Path, part: PartSpec, float_info: dict)
     (calib_dir / f"part_{part.index - 1}.hidden.npy").unlink(missing_ok=True)
 
 
-def cleanup(state_dir: Path) -> None:
-    """Remove the temporary float graphs and calibration files once the export is complete."""
-    for sub in ("float", "calib"):
-        shutil.rmtree(state_dir / sub, ignore_errors=True)
+def cleanup(out: Path) -> None:
+    """Remove the temporary float graphs and calibration files once the export into ``out`` is complete."""
+    for kind in (FLOAT, CALIB):
+        shutil.rmtree(work_dir(out, kind), ignore_errors=True)
 
 
 def summarize_weights(parts: list[dict]) -> dict:
