@@ -71,6 +71,148 @@ def is_projection(name: str) -> bool:
     return name.startswith("model.layers.") and any(f".{p}." in name for p in PROJECTIONS)
 
 
+def _smooth_mlps(part: PartSpec, inits: dict, float_dir: Path, stats: PartStats, matmul_inputs: dict,
+                 matmul_outputs: dict, alpha: float) -> tuple[dict[str, np.ndarray], dict]:
+    """SmoothQuant-style scaling of each layer's up_proj/down_proj pair (:func:`smooth_mlp`):
+    the smoothed float weights by name, and the report of the down_proj input ranges."""
+    smoothed, report = {}, {}
+    for layer in part.layers:
+        up, down = f"model.layers.{layer}.mlp.up_proj.weight", f"model.layers.{layer}.mlp.down_proj.weight"
+        act, up_out = stats.tensors[matmul_inputs[down]], stats.tensors[matmul_outputs[up]]
+        before = (act.lo, act.hi)
+        smoothed[up], smoothed[down], s = smooth_mlp(read_initializer(inits[up], float_dir).astype(np.float32),
+                                                     read_initializer(inits[down], float_dir).astype(np.float32),
+                                                     act, up_out, alpha)
+        report[f"model.layers.{layer}.mlp"] = {
+            "alpha": alpha, "down_proj_input_range_before": [before[0], before[1]],
+            "down_proj_input_range_after": [act.lo, act.hi], "scale_min": float(s.min()), "scale_max": float(s.max())}
+    return smoothed, report
+
+
+class _WeightQuantizer:
+    """Quantizes the MatMul weights of one part's float graph, reading each weight (or its
+    smoothed version) and its input's calibration statistics.
+
+    It keeps the Hessian factor of the last layer input used, shared by q/k/v and by gate/up
+    (which come one after the other in graph order): one K x K factor alive at a time, not one per
+    input of the part (8 layers of Qwen2-7B: 12.7 GB); :meth:`release` drops it.
+    """
+
+    def __init__(self, inits: dict, float_dir: Path, stats: PartStats, matmul_inputs: dict,
+                 smoothed: dict[str, np.ndarray], block_size: int | None):
+        self.inits, self.float_dir, self.stats = inits, float_dir, stats
+        self.matmul_inputs, self.smoothed, self.block_size = matmul_inputs, smoothed, block_size
+        self.factors: dict[str, object] = {}
+
+    def __call__(self, wname: str, bits: int, method: str) -> QuantizedWeight:
+        w = (self.smoothed[wname] if wname in self.smoothed
+             else read_initializer(self.inits[wname], self.float_dir).astype(np.float32, copy=False))
+        act = self.matmul_inputs[wname]
+        s = self.stats.tensors[act]
+        act_sq = s.channel_sumsq / max(s.rows, 1)
+        if method == "gptq" and act not in self.factors:
+            self.factors.clear()
+            self.factors[act] = hessian_factor(s.hessian)
+            self.stats.unmap(act)  # the Hessian's pages, read once, stop counting in RSS
+        elif method != "gptq":
+            self.factors.clear()  # lm_head (plain rounding): no factor alive while it is quantized
+        # a weight whose input size is not a multiple of the block keeps one scale per channel
+        block = self.block_size if bits == 4 and w.shape[0] % (self.block_size or 1) == 0 else None
+        return quantize_weight(w, bits, act_sq, self.factors.get(act) if method == "gptq" else None, method, block_size=block)
+
+    def release(self) -> None:
+        self.factors.clear()
+
+
+def _weight_entry(q: QuantizedWeight, bits: int) -> dict:
+    return {"bits": bits, "rel_error": q.rel_error, **({"block_size": q.block_size} if q.block_size else {})}
+
+
+def _quantize_weights(part: PartSpec, names: list[str], quantize: _WeightQuantizer, settings: QuantSettings,
+                      sizes: dict[str, int]) -> tuple[dict[str, QuantizedWeight], dict]:
+    """Every MatMul weight of the part at its precision (projections at ``projection_bits``, the
+    lm_head int8 per channel or, with ``--lm-head int4``, as the projections), then the int8
+    share of the projections (:func:`_promote_to_int8`); returns the weights and their report."""
+    weights, report = {}, {}
+    for wname in bar(names, desc=f"[quantize] {part.name}", unit="weight"):
+        if is_projection(wname):
+            weights[wname] = quantize(wname, settings.projection_bits, settings.weight_method)
+            report[wname] = _weight_entry(weights[wname], settings.projection_bits)
+        elif settings.lm_head_bits == 4:  # lm_head as the int4 projections (--lm-head int4)
+            weights[wname] = quantize(wname, 4, settings.weight_method)
+            report[wname] = _weight_entry(weights[wname], 4)
+        else:  # lm_head: int8 per output channel
+            weights[wname] = quantize(wname, 8, "mse")
+            report[wname] = {"bits": 8, "rel_error": weights[wname].rel_error}
+    projections = [n for n in names if is_projection(n)]
+    if settings.projection_bits == 4 and settings.int8_fraction > 0 and projections:
+        _promote_to_int8(part, projections, weights, report, quantize, settings, sizes)
+    quantize.release()
+    return weights, report
+
+
+def _promote_to_int8(part: PartSpec, projections: list[str], weights: dict, report: dict, quantize: _WeightQuantizer,
+                     settings: QuantSettings, sizes: dict[str, int]) -> None:
+    """Mixed precision by measured sensitivity: the projections with the largest relative int4
+    output errors go to int8, up to ``int8_fraction`` of the part's projection weights."""
+    budget = settings.int8_fraction * sum(sizes[n] for n in projections)
+    used, chosen = 0, set()
+    for n in sorted(projections, key=lambda n: -weights[n].rel_error):
+        if used + sizes[n] <= budget:
+            used += sizes[n]
+            chosen.add(n)
+    redo = [n for n in projections if n in chosen]  # graph order: k/v of a layer share one factor
+    for n in bar(redo, desc=f"[quantize] {part.name} int8", unit="weight"):
+        int4_err = weights[n].rel_error
+        weights[n] = quantize(n, 8, settings.weight_method)
+        report[n] = {"bits": 8, "rel_error": weights[n].rel_error, "int4_rel_error": int4_err,
+                     "reason": f"among the largest measured int4 relative output errors ({int4_err:.4f}); "
+                               f"int8 budget {settings.int8_fraction:.0%} of the part's projection weights"}
+    log(f"[quantize] {part.name}: {len(redo)} projections kept at int8 "
+        f"({used / sum(sizes[n] for n in projections):.1%} of projection weights)")
+
+
+def _write_quantized_graphs(part: PartSpec, ars: list[str], float_dir: Path, float_info: dict, enc, weights: dict,
+                            settings: QuantSettings, out_dir: Path) -> tuple[dict, str, int, set[str]]:
+    """Rewrite each float AR graph into its QDQ graph (:func:`quantize_graph`), checked, all of
+    them pointing at one new external-data file; every file is written under a ``.partial`` name
+    and renamed only when all are complete. Returns (graphs entry by AR, data file name, its
+    weight bytes, the tensors kept float).
+
+    Raises:
+        RuntimeError: a graph fails :func:`check_quantized_graph`.
+    """
+    data_name = f"{part.name}.data"
+    data = ExternalData(out_dir / (data_name + ".partial"))
+    data.location = data_name
+    graphs, pending, float_tensors = {}, [], set()
+    projections = {n for n in weights if is_projection(n)}
+
+    def io(specs):
+        return [{**x.to_dict(), **({"encoding": enc.enc[x.name].to_dict()} if x.name in enc.enc else {})} for x in specs]
+
+    try:
+        for ar in ars:
+            fmodel = onnx.load(str(float_dir / Path(float_info["graphs"][ar]["file"]).name), load_external_data=False)
+            residual = frozenset(residual_stream(fmodel, part.hidden_in) if settings.float_residual else ())
+            float_tensors.update(residual)
+            qmodel, inputs, outputs = quantize_graph(fmodel, float_dir, enc.enc, weights, data, residual)
+            problems = check_quantized_graph(qmodel, projections, residual)
+            if problems:
+                raise RuntimeError(f"{part.name} AR-{ar}: quantized graph check failed: " + "; ".join(problems[:5]))
+            fname = f"{part.name}.ar{ar}.onnx"
+            tmp = out_dir / (fname + ".partial")
+            tmp.write_bytes(qmodel.SerializeToString())
+            pending.append((tmp, out_dir / fname))
+            graphs[ar] = {"file": f"onnx/{fname}", "inputs": io(inputs), "outputs": io(outputs)}
+    finally:
+        data.close()
+    for tmp, final in pending:
+        os.replace(tmp, final)
+    os.replace(out_dir / (data_name + ".partial"), out_dir / data_name)
+    return graphs, data_name, data.nbytes, float_tensors
+
+
 def quantize_part_graphs(
     part: PartSpec,
     float_dir: Path,
@@ -90,31 +232,16 @@ def quantize_part_graphs(
 
     Raises:
         RuntimeError: the produced graph fails :func:`check_quantized_graph`.
+        ValueError: the part reads a boundary and ``hidden_in_encoding`` is missing.
     """
     ars = sorted(float_info["graphs"], key=int, reverse=True)
     ref_graph = onnx.load(str(float_dir / Path(float_info["graphs"][ars[0]]["file"]).name), load_external_data=False)
     inits = {t.name: t for t in ref_graph.graph.initializer}
-    weights: dict[str, QuantizedWeight] = {}
-    weight_report = {}
-    matmul_inputs = {n.input[1]: n.input[0] for n in ref_graph.graph.node if n.op_type == "MatMul" and n.input[1] in inits}
-    matmul_outputs = {n.input[1]: n.output[0] for n in ref_graph.graph.node if n.op_type == "MatMul" and n.input[1] in inits}
-    # the Hessian factor of the last layer input used, shared by q/k/v and by gate/up (which come
-    # one after the other in graph order): one K x K factor alive at a time, not one per input of
-    # the part (8 layers of Qwen2-7B: 12.7 GB); the int8 re-pass below computes again what it needs
-    factors: dict[str, object] = {}
-    smoothed: dict[str, np.ndarray] = {}  # weight name -> float weight after smoothing
-    smoothing_report = {}
-    if settings.smooth_alpha > 0:
-        for layer in part.layers:
-            up, down = f"model.layers.{layer}.mlp.up_proj.weight", f"model.layers.{layer}.mlp.down_proj.weight"
-            act, up_out = stats.tensors[matmul_inputs[down]], stats.tensors[matmul_outputs[up]]
-            before = (act.lo, act.hi)
-            smoothed[up], smoothed[down], s = smooth_mlp(read_initializer(inits[up], float_dir).astype(np.float32),
-                                                         read_initializer(inits[down], float_dir).astype(np.float32),
-                                                         act, up_out, settings.smooth_alpha)
-            smoothing_report[f"model.layers.{layer}.mlp"] = {
-                "alpha": settings.smooth_alpha, "down_proj_input_range_before": [before[0], before[1]],
-                "down_proj_input_range_after": [act.lo, act.hi], "scale_min": float(s.min()), "scale_max": float(s.max())}
+    matmuls = [n for n in ref_graph.graph.node if n.op_type == "MatMul" and n.input[1] in inits]
+    matmul_inputs = {n.input[1]: n.input[0] for n in matmuls}
+    matmul_outputs = {n.input[1]: n.output[0] for n in matmuls}
+    smoothed, smoothing_report = ({}, {}) if settings.smooth_alpha <= 0 else _smooth_mlps(
+        part, inits, float_dir, stats, matmul_inputs, matmul_outputs, settings.smooth_alpha)
     enc = activation_encodings(ref_graph, stats, mask_value, settings.down_proj_headroom, settings.key_minmax,
                                settings.kv_dtype)
     if part.hidden_in is not None:
@@ -122,84 +249,11 @@ def quantize_part_graphs(
             raise ValueError(f"{part.name}: the encoding of its boundary input {part.hidden_in} (from the previous part) is needed")
         enc.enc[part.hidden_in] = hidden_in_encoding
         enc.notes[part.hidden_in] = "part boundary: the encoding the producing part gave it"
-
-    def quantize(wname: str, bits: int, method: str) -> QuantizedWeight:
-        w = smoothed[wname] if wname in smoothed else read_initializer(inits[wname], float_dir).astype(np.float32, copy=False)
-        act = matmul_inputs[wname]
-        s = stats.tensors[act]
-        act_sq = s.channel_sumsq / max(s.rows, 1)
-        if method == "gptq" and act not in factors:
-            factors.clear()
-            factors[act] = hessian_factor(s.hessian)
-            stats.unmap(act)  # the Hessian's pages, read once, stop counting in RSS
-        elif method != "gptq":
-            factors.clear()  # lm_head (plain rounding): no factor alive while it is quantized
-        # a weight whose input size is not a multiple of the block keeps one scale per channel
-        block = settings.block_size if bits == 4 and w.shape[0] % (settings.block_size or 1) == 0 else None
-        return quantize_weight(w, bits, act_sq, factors.get(act) if method == "gptq" else None, method, block_size=block)
-
-    projections = [n for n in matmul_inputs if is_projection(n)]
-    for wname in bar(matmul_inputs, desc=f"[quantize] {part.name}", unit="weight"):
-        if is_projection(wname):
-            weights[wname] = quantize(wname, settings.projection_bits, settings.weight_method)
-            weight_report[wname] = {"bits": settings.projection_bits, "rel_error": weights[wname].rel_error,
-                                    **({"block_size": weights[wname].block_size} if weights[wname].block_size else {})}
-        elif settings.lm_head_bits == 4:  # lm_head as the int4 projections (--lm-head int4)
-            weights[wname] = quantize(wname, 4, settings.weight_method)
-            weight_report[wname] = {"bits": 4, "rel_error": weights[wname].rel_error,
-                                    **({"block_size": weights[wname].block_size} if weights[wname].block_size else {})}
-        else:  # lm_head: int8 per output channel
-            weights[wname] = quantize(wname, 8, "mse")
-            weight_report[wname] = {"bits": 8, "rel_error": weights[wname].rel_error}
-    if settings.projection_bits == 4 and settings.int8_fraction > 0 and projections:
-        # Mixed precision by measured sensitivity: the largest relative output errors go to int8.
-        size = {n: inits[n].dims[0] * inits[n].dims[1] for n in projections}
-        budget = settings.int8_fraction * sum(size.values())
-        used = 0
-        chosen = set()
-        for n in sorted(projections, key=lambda n: -weights[n].rel_error):
-            if used + size[n] <= budget:
-                used += size[n]
-                chosen.add(n)
-        redo = [n for n in projections if n in chosen]  # graph order: k/v of a layer share one factor
-        for n in bar(redo, desc=f"[quantize] {part.name} int8", unit="weight"):
-            int4_err = weights[n].rel_error
-            weights[n] = quantize(n, 8, settings.weight_method)
-            weight_report[n] = {"bits": 8, "rel_error": weights[n].rel_error, "int4_rel_error": int4_err,
-                                "reason": f"among the largest measured int4 relative output errors ({int4_err:.4f}); "
-                                          f"int8 budget {settings.int8_fraction:.0%} of the part's projection weights"}
-        factors.clear()
-        log(f"[quantize] {part.name}: {sum(1 for w in weight_report.values() if w.get('int4_rel_error') is not None)} "
-            f"projections kept at int8 ({used / sum(size.values()):.1%} of projection weights)")
-
-    factors.clear()
-    data_name = f"{part.name}.data"
-    data = ExternalData(out_dir / (data_name + ".partial"))
-    data.location = data_name
-    graphs = {}
-    pending = []
-    projection_set = set(projections)
-    float_tensors: set[str] = set()
-    try:
-        for ar in ars:
-            fmodel = onnx.load(str(float_dir / Path(float_info["graphs"][ar]["file"]).name), load_external_data=False)
-            residual = frozenset(residual_stream(fmodel, part.hidden_in) if settings.float_residual else ())
-            float_tensors.update(residual)
-            qmodel, inputs, outputs = quantize_graph(fmodel, float_dir, enc.enc, weights, data, residual)
-            problems = check_quantized_graph(qmodel, projection_set, residual)
-            if problems:
-                raise RuntimeError(f"{part.name} AR-{ar}: quantized graph check failed: " + "; ".join(problems[:5]))
-            fname = f"{part.name}.ar{ar}.onnx"
-            tmp = out_dir / (fname + ".partial")
-            tmp.write_bytes(qmodel.SerializeToString())
-            pending.append((tmp, out_dir / fname))
-            io = lambda specs: [{**x.to_dict(), **({"encoding": enc.enc[x.name].to_dict()} if x.name in enc.enc else {})} for x in specs]  # noqa: E731
-            graphs[ar] = {"file": f"onnx/{fname}", "inputs": io(inputs), "outputs": io(outputs)}
-    finally:
-        data.close()
-    for tmp, final in pending:
-        os.replace(tmp, final)
-    os.replace(out_dir / (data_name + ".partial"), out_dir / data_name)
+    quantize = _WeightQuantizer(inits, float_dir, stats, matmul_inputs, smoothed, settings.block_size)
+    sizes = {n: inits[n].dims[0] * inits[n].dims[1] for n in matmul_inputs}
+    weights, weight_report = _quantize_weights(part, list(matmul_inputs), quantize, settings, sizes)
+    graphs, data_name, weight_bytes, float_tensors = _write_quantized_graphs(
+        part, ars, float_dir, float_info, enc, weights, settings, out_dir)
     norm_report = {
         name: {"min": s.lo, "max": s.hi, "channel_absmax_top": _top_channels(s.channel_absmax),
                "encoding_covers": bool(enc.enc[name].lo <= s.lo + 1e-6 and enc.enc[name].hi >= s.hi - 1e-6)}
@@ -208,7 +262,7 @@ def quantize_part_graphs(
     return {
         **part.to_dict(),
         "data": f"onnx/{data_name}",
-        "weight_bytes": data.nbytes,
+        "weight_bytes": weight_bytes,
         "graphs": graphs,
         "weights": weight_report,
         "kv_encodings": {n: e.to_dict() for n, e in enc.enc.items() if n.startswith("past_") and n.endswith("_out")},

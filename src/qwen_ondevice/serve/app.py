@@ -302,10 +302,7 @@ def create_app(runtime: Runtime, limits: ServerLimits | None = None, new_drafter
     """
     from contextlib import asynccontextmanager
 
-    from fastapi import FastAPI, Request
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, Response, StreamingResponse
-    from starlette.exceptions import HTTPException as StarletteHTTPException
+    from fastapi import FastAPI
 
     srv = _App(runtime, limits or ServerLimits(), new_drafter, draft_tokens)
 
@@ -320,28 +317,46 @@ def create_app(runtime: Runtime, limits: ServerLimits | None = None, new_drafter
 
     app = FastAPI(title="qwen-ondevice", version=__version__, lifespan=lifespan)
     app.state.server = srv
+    _add_error_handlers(app)
+    _add_routes(app, srv, runtime)
+    return app
 
-    def error_response(e: OpenAIError) -> JSONResponse:
-        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+def _error_response(e: OpenAIError):
+    from fastapi.responses import JSONResponse
+
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+
+def _add_error_handlers(app) -> None:
+    """Every error as OpenAI's error object: ours, request validation, unknown routes, the rest (500)."""
+    from fastapi.exceptions import RequestValidationError
+    from starlette.exceptions import HTTPException as StarletteHTTPException
 
     @app.exception_handler(OpenAIError)
     async def _openai_error(request, exc: OpenAIError):
-        return error_response(exc)
+        return _error_response(exc)
 
     @app.exception_handler(RequestValidationError)
     async def _request_validation(request, exc: RequestValidationError):
-        return error_response(validation_error(list(exc.errors())))
+        return _error_response(validation_error(list(exc.errors())))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request, exc: StarletteHTTPException):
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
         msg = f"{request.method} {request.url.path}: {exc.detail}"
-        return error_response(OpenAIError(msg, status=exc.status_code, code=code))
+        return _error_response(OpenAIError(msg, status=exc.status_code, code=code))
 
     @app.exception_handler(Exception)
     async def _internal(request, exc: Exception):
         logger.exception("internal error")
-        return error_response(OpenAIError(f"internal error: {type(exc).__name__}: {exc}", status=500, type="server_error"))
+        return _error_response(OpenAIError(f"internal error: {type(exc).__name__}: {exc}", status=500, type="server_error"))
+
+
+def _add_routes(app, srv: "_App", runtime: Runtime) -> None:
+    """The OpenAI routes (chat completions, completions, models) and /health."""
+    from fastapi import Request
+    from fastapi.responses import JSONResponse, Response, StreamingResponse
 
     async def handle(request: Request, model: type[BaseModel], kind: str):
         raw = await srv.read_body(request)
@@ -383,8 +398,6 @@ def create_app(runtime: Runtime, limits: ServerLimits | None = None, new_drafter
         w = srv.worker
         return {"status": "ok", "model": runtime.model_name, "backend": runtime.engine.backend.name,
                 "context_length": srv.context_length, "busy": w.busy, "queued": w.queued}
-
-    return app
 
 
 # ----------------------------------------------------------------------------------------------
