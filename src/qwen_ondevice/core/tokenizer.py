@@ -9,6 +9,7 @@ the tests compare token ids with ``transformers``' own tokenizer.
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from datetime import datetime
@@ -51,13 +52,10 @@ def _chat_template(folder: Path, config: dict) -> str | None:
     return t or None
 
 
-def render_chat_template(template: str, messages: list[dict], special_tokens: dict[str, str | None]) -> str:
-    """``template`` rendered over ``messages`` with a generation prompt, as ``transformers``'
-    ``apply_chat_template(tokenize=False, add_generation_prompt=True)`` renders it.
-
-    Raises:
-        UserError: the template raises (its ``raise_exception``) or does not parse.
-    """
+@functools.lru_cache(maxsize=8)
+def _compiled_template(template: str):
+    """The template compiled once (every request renders the same one) in the environment
+    ``transformers``' ``apply_chat_template`` uses."""
     import jinja2
     from jinja2.ext import loopcontrols
     from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -71,8 +69,20 @@ def render_chat_template(template: str, messages: list[dict], special_tokens: di
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
     env.filters["tojson"] = tojson
     env.globals.update(raise_exception=raise_exception, strftime_now=lambda fmt: datetime.now().strftime(fmt))
+    return env.from_string(template)
+
+
+def render_chat_template(template: str, messages: list[dict], special_tokens: dict[str, str | None]) -> str:
+    """``template`` rendered over ``messages`` with a generation prompt, as ``transformers``'
+    ``apply_chat_template(tokenize=False, add_generation_prompt=True)`` renders it.
+
+    Raises:
+        UserError: the template raises (its ``raise_exception``) or does not parse.
+    """
+    import jinja2
+
     try:
-        return env.from_string(template).render(messages=messages, add_generation_prompt=True, **special_tokens)
+        return _compiled_template(template).render(messages=messages, add_generation_prompt=True, **special_tokens)
     except jinja2.exceptions.TemplateError as e:
         raise UserError(f"the chat template refused these messages: {e}") from None
 
