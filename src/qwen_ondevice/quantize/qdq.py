@@ -154,6 +154,118 @@ def activation_encodings(model: onnx.ModelProto, stats: PartStats, mask_value: f
     return ActivationEncodings(enc, notes)
 
 
+class _QdqWriter:
+    """The nodes and initializers of one QDQ graph as :func:`quantize_graph` builds it: each
+    constant written once, big tensors to the part's external data, and ``rename`` mapping each
+    float tensor to the dequantized tensor its consumers read."""
+
+    def __init__(self, encodings: dict[str, Encoding], data: ExternalData, outputs: set[str]):
+        self.encodings = encodings
+        self.data = data
+        self.outputs = outputs
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[TensorProto] = []
+        self.rename: dict[str, str] = {}
+        self._written: set[str] = set()
+
+    def const(self, name: str, arr: np.ndarray, onnx_type: int | None = None) -> str:
+        """An inline initializer (scales, zero points), written once; returns its name."""
+        if name not in self._written:
+            if onnx_type == TensorProto.INT4:
+                t = helper.make_tensor(name, TensorProto.INT4, list(arr.shape), pack_int4(arr).tobytes(), raw=True)
+            else:
+                t = numpy_helper.from_array(arr, name)
+            self.inits.append(t)
+            self._written.add(name)
+        return name
+
+    def big(self, name: str, arr: np.ndarray, onnx_type: int | None = None, dims=None) -> str:
+        """An initializer of 1 KiB or more in the external data (inline below that), written
+        once; ``dims`` is the logical shape of packed int4 ``arr``."""
+        if name not in self._written:
+            if arr.nbytes >= 1024:
+                self.inits.append(self.data.add(name, arr, onnx_type, dims))
+            elif onnx_type == TensorProto.INT4:
+                self.inits.append(helper.make_tensor(name, TensorProto.INT4, list(dims), arr.tobytes(), raw=True))
+            else:
+                self.inits.append(numpy_helper.from_array(arr, name))
+            self._written.add(name)
+        return name
+
+    def keep(self, t: TensorProto) -> None:
+        """An initializer copied as it is (integer tensors)."""
+        self.inits.append(t)
+        self._written.add(t.name)
+
+    def enc_consts(self, t: str, e: Encoding) -> tuple[str, str]:
+        """The scale and zero point initializers of tensor ``t``'s encoding ``e``."""
+        return (self.const(f"{t}.scale", np.array(e.scale, np.float32)),
+                self.const(f"{t}.zero_point", np.array(e.zero_point, {"uint8": np.uint8, "uint16": np.uint16}[e.dtype])))
+
+    def dequantize(self, src: str, scale: str, zero_point: str, name: str, **attrs) -> None:
+        """``name_dq = DequantizeLinear(src)``; consumers of ``name`` read it from now on."""
+        self.nodes.append(helper.make_node("DequantizeLinear", [src, scale, zero_point], [name + "_dq"],
+                                           name=name + "_DQ", **attrs))
+        self.rename[name] = name + "_dq"
+
+    def graph_input(self, i: onnx.ValueInfoProto) -> onnx.ValueInfoProto:
+        """A float graph input becomes its quantized tensor, dequantized inside; others stay."""
+        t = i.type.tensor_type
+        if t.elem_type not in (TensorProto.FLOAT, TensorProto.FLOAT16):
+            return i
+        e = self.encodings[i.name]
+        s, z = self.enc_consts(i.name, e)
+        self.dequantize(i.name, s, z, i.name)
+        return helper.make_tensor_value_info(i.name, ONNX_U[e.dtype], [d.dim_value for d in t.shape.dim])
+
+    def projection_weight(self, name: str, qw: QuantizedWeight) -> None:
+        """A MatMul weight (K, N): int4 or int8 with an explicit zero point, per output channel
+        (axis 1) or per block of input rows (axis 0, ``block_size``)."""
+        K, N = qw.q.shape
+        zshape = qw.scale.shape  # (N,) or (K / B, N)
+        if qw.bits == 4:
+            qname = self.big(name + ".q", pack_int4(qw.q), TensorProto.INT4, (K, N))
+            zp = self.big(name + ".zero_point", pack_int4(np.zeros(zshape, np.int8)), TensorProto.INT4, zshape)
+        else:
+            qname = self.big(name + ".q", qw.q.astype(np.int8))
+            zp = self.big(name + ".zero_point", np.zeros(zshape, np.int8))
+        sc = self.big(name + ".scale", qw.scale.astype(np.float32))
+        attrs = {"axis": 1} if qw.block_size is None else {"axis": 0, "block_size": qw.block_size}
+        self.dequantize(qname, sc, zp, name, **attrs)
+
+    def embedding_table(self, name: str, w: np.ndarray) -> tuple[str, str, Encoding]:
+        """An embedding table (V, H): int8 rows and their uint16 scales (see _embedding_lookup)."""
+        q, scale = int8_rows(w)
+        row_enc = _row_scale_encoding(scale)
+        return self.big(name + ".q", q), self.big(name + ".row_scale.q", row_enc.quantize(scale)[:, None]), row_enc
+
+    def small_float(self, name: str, w: np.ndarray) -> None:
+        """A norm weight or bias: uint16 per tensor."""
+        e = encoding_for_range(float(w.min()), float(w.max()), "uint16")
+        qname = self.big(name + ".q", e.quantize(w))
+        s, z = self.enc_consts(name, e)
+        self.dequantize(qname, s, z, name)
+
+    def quantize_output(self, o: str) -> None:
+        """Q/DQ after the float tensor ``o`` (written as ``o_f`` when ``o`` is a graph output,
+        whose name then goes to the quantized tensor); consumers read ``o_dq``."""
+        s, z = self.enc_consts(o, self.encodings[o])
+        src = o + "_f" if o in self.outputs else o
+        qname = o if o in self.outputs else o + "_q"
+        self.nodes.append(helper.make_node("QuantizeLinear", [src, s, z], [qname], name=o + "_Q"))
+        self.dequantize(qname, s, z, o)
+
+    def copy_node(self, node: onnx.NodeProto) -> None:
+        """``node`` reading the dequantized tensors, a graph output written as ``<output>_f``."""
+        new = onnx.NodeProto()
+        new.CopyFrom(node)
+        del new.input[:]
+        new.input.extend(self.rename.get(i, i) for i in node.input)
+        del new.output[:]
+        new.output.extend(o + "_f" if o in self.outputs else o for o in node.output)
+        self.nodes.append(new)
+
+
 def quantize_graph(
     model: onnx.ModelProto,
     float_base: Path,
@@ -176,119 +288,34 @@ def quantize_graph(
         KeyError: a float activation has no encoding (calibration missed it).
     """
     g = model.graph
-    inits = {t.name: t for t in g.initializer}
-    nodes: list[onnx.NodeProto] = []
-    new_inits: list[TensorProto] = []
-    rename: dict[str, str] = {}
-    outputs = {o.name for o in g.output}
-    consts: set[str] = set()
-
-    def const(name: str, arr: np.ndarray, onnx_type: int | None = None) -> str:
-        if name not in consts:
-            if onnx_type == TensorProto.INT4:
-                t = helper.make_tensor(name, TensorProto.INT4, list(arr.shape), pack_int4(arr).tobytes(), raw=True)
-            else:
-                t = numpy_helper.from_array(arr, name)
-            new_inits.append(t)
-            consts.add(name)
-        return name
-
-    def enc_consts(t: str, e: Encoding) -> tuple[str, str]:
-        return (const(f"{t}.scale", np.array(e.scale, np.float32)),
-                const(f"{t}.zero_point", np.array(e.zero_point, {"uint8": np.uint8, "uint16": np.uint16}[e.dtype])))
-
-    def big(name: str, arr: np.ndarray, onnx_type: int | None = None, dims=None) -> str:
-        if name not in consts:
-            if arr.nbytes >= 1024:
-                new_inits.append(data.add(name, arr, onnx_type, dims))
-            elif onnx_type == TensorProto.INT4:
-                new_inits.append(helper.make_tensor(name, TensorProto.INT4, list(dims), arr.tobytes(), raw=True))
-            else:
-                new_inits.append(numpy_helper.from_array(arr, name))
-            consts.add(name)
-        return name
-
-    # Graph inputs: the quantized tensors themselves, dequantized inside.
-    new_inputs = []
-    for i in g.input:
-        t = i.type.tensor_type
-        if t.elem_type in (TensorProto.FLOAT, TensorProto.FLOAT16):
-            e = encodings[i.name]
-            new_inputs.append(helper.make_tensor_value_info(i.name, ONNX_U[e.dtype], [d.dim_value for d in t.shape.dim]))
-            s, z = enc_consts(i.name, e)
-            nodes.append(helper.make_node("DequantizeLinear", [i.name, s, z], [i.name + "_dq"], name=i.name + "_DQ"))
-            rename[i.name] = i.name + "_dq"
-        else:
-            new_inputs.append(i)
+    writer = _QdqWriter(encodings, data, {o.name for o in g.output})
+    new_inputs = [writer.graph_input(i) for i in g.input]
 
     gather_tables = {n.input[0] for n in g.node if n.op_type == "Gather"}
     embedding: dict[str, tuple[str, str, Encoding]] = {}
-    for name, t in inits.items():
+    for name, t in ((t.name, t) for t in g.initializer):
         if t.data_type not in (TensorProto.FLOAT, TensorProto.FLOAT16):
-            new_inits.append(t)
-            consts.add(name)
-            continue
-        w = read_initializer(t, float_base).astype(np.float32)
-        if name in weights:  # MatMul weight (K, N): int4/int8 per output channel (axis 1) or per block
-            qw = weights[name]
-            K, N = qw.q.shape
-            zshape = qw.scale.shape  # (N,) or (K / B, N)
-            if qw.bits == 4:
-                qname = big(name + ".q", pack_int4(qw.q), TensorProto.INT4, (K, N))
-                zp = big(name + ".zero_point", pack_int4(np.zeros(zshape, np.int8)), TensorProto.INT4, zshape)
-            else:
-                qname = big(name + ".q", qw.q.astype(np.int8))
-                zp = big(name + ".zero_point", np.zeros(zshape, np.int8))
-            sc = big(name + ".scale", qw.scale.astype(np.float32))
-            attrs = {"axis": 1} if qw.block_size is None else {"axis": 0, "block_size": qw.block_size}
-            nodes.append(helper.make_node("DequantizeLinear", [qname, sc, zp], [name + "_dq"], name=name + "_DQ", **attrs))
-        elif name in gather_tables:  # embedding (V, H): int8 symmetric per row, see _embedding_lookup
-            q, scale = int8_rows(w)
-            row_enc = _row_scale_encoding(scale)
-            embedding[name] = (big(name + ".q", q), big(name + ".row_scale.q", row_enc.quantize(scale)[:, None]), row_enc)
-            continue
-        else:  # norm weights, biases: uint16 per tensor
-            e = encoding_for_range(float(w.min()), float(w.max()), "uint16")
-            qname = big(name + ".q", e.quantize(w))
-            s, z = enc_consts(name, e)
-            nodes.append(helper.make_node("DequantizeLinear", [qname, s, z], [name + "_dq"], name=name + "_DQ"))
-        rename[name] = name + "_dq"
-
-    def quantize_output(o: str) -> None:
-        """Q/DQ after the float tensor ``o`` (written as ``o_f`` when ``o`` is a graph output,
-        whose name then goes to the quantized tensor); consumers read ``o_dq``."""
-        s, z = enc_consts(o, encodings[o])
-        src = o + "_f" if o in outputs else o
-        qname = o if o in outputs else o + "_q"
-        nodes.append(helper.make_node("QuantizeLinear", [src, s, z], [qname], name=o + "_Q"))
-        nodes.append(helper.make_node("DequantizeLinear", [qname, s, z], [o + "_dq"], name=o + "_DQ"))
-        rename[o] = o + "_dq"
+            writer.keep(t)
+        elif name in weights:
+            writer.projection_weight(name, weights[name])
+        elif name in gather_tables:
+            embedding[name] = writer.embedding_table(name, read_initializer(t, float_base).astype(np.float32))
+        else:
+            writer.small_float(name, read_initializer(t, float_base).astype(np.float32))
 
     for node in g.node:
         if node.op_type == "Gather" and node.input[0] in embedding:
-            nodes.extend(_embedding_lookup(node, *embedding[node.input[0]], const, rename, outputs))
-            quantize_output(node.output[0])
+            writer.nodes.extend(_embedding_lookup(node, *embedding[node.input[0]], writer.const, writer.rename, writer.outputs))
+            writer.quantize_output(node.output[0])
             continue
-        new = onnx.NodeProto()
-        new.CopyFrom(node)
-        del new.input[:]
-        new.input.extend(rename.get(i, i) for i in node.input)
-        del new.output[:]
-        float_outs = []
+        writer.copy_node(node)
         for o in node.output:
-            new.output.append(o + "_f" if o in outputs else o)
-            float_outs.append(o)
-        nodes.append(new)
-        for o in float_outs:
             if o not in float_tensors:
-                quantize_output(o)
+                writer.quantize_output(o)
 
-    new_outputs = []
-    for o in g.output:
-        e = encodings[o.name]
-        dims = [d.dim_value for d in o.type.tensor_type.shape.dim]
-        new_outputs.append(helper.make_tensor_value_info(o.name, ONNX_U[e.dtype], dims))
-    graph = helper.make_graph(_prune_unused(nodes, new_outputs), g.name, new_inputs, new_outputs, new_inits)
+    new_outputs = [helper.make_tensor_value_info(o.name, ONNX_U[encodings[o.name].dtype],
+                                                 [d.dim_value for d in o.type.tensor_type.shape.dim]) for o in g.output]
+    graph = helper.make_graph(_prune_unused(writer.nodes, new_outputs), g.name, new_inputs, new_outputs, writer.inits)
     out = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="qwen-ondevice")
     out.ir_version = IR_VERSION
     return out, io_signature(list(graph.input)), io_signature(list(graph.output))
