@@ -341,6 +341,63 @@ def segment_model(model: onnx.ModelProto, seg: Segment, extra_outputs: list[str]
     return onnx.helper.make_model(sub, opset_imports=model.opset_import, ir_version=model.ir_version)
 
 
+def _segment_session(float_graph: Path, model: onnx.ModelProto, seg: Segment, kinds: dict[str, set[str]]):
+    """An ONNX Runtime CPU session of one segment with every tensor in ``kinds`` it makes as an
+    output (graph optimizations off, so each tensor exists as the graph names it)."""
+    import onnxruntime as ort
+
+    aug = float_graph.with_name(float_graph.stem + ".calib.onnx")
+    onnx.save(segment_model(model, seg, list(kinds)), str(aug))
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every tensor
+    sess = ort.InferenceSession(str(aug), sess_options=so, providers=["CPUExecutionProvider"])
+    aug.unlink()
+    return sess
+
+
+def _run_segment(sess, seg: Segment, plan: CalibrationPlan, kv_shape: tuple[int, int], x_in: np.ndarray | None,
+                 tables: tuple[np.ndarray, np.ndarray, float], cal: Calibrator, mine: list[str], progress) -> np.ndarray:
+    """Feed every calibration chunk through one segment's session, sequence by sequence with the
+    segment's layers' own float KV caches, updating ``cal`` with the tensors ``mine``; returns the
+    segment's output per chunk (n_chunks, AR, H) float32 ((n_chunks, AR, 0) for the head).
+
+    ``tables`` is (cos table, sin table, mask value) of :func:`make_call_inputs`."""
+    AR, CL = plan.ar, plan.context_length
+    P = CL - AR
+    KVH, D = kv_shape
+    cos_table, sin_table, mask_value = tables
+    out_names = [o.name for o in sess.get_outputs()]
+    keys = {l: np.zeros((KVH, 1, D, P), np.float32) for l in seg.layers}
+    values = {l: np.zeros((KVH, 1, P, D), np.float32) for l in seg.layers}
+    outputs = []
+    for i, (s, c) in enumerate(plan.chunks):
+        tokens = plan.ids[s, c * AR : (c + 1) * AR]
+        n_past = c * AR
+        if x_in is None:
+            feeds = {"input_ids": tokens[None].astype(np.int32)}
+        else:
+            feeds = {seg.inputs[0]: x_in[i][None]}
+            if seg.layers:
+                x = make_call_inputs(list(tokens), AR, n_past, CL, cos_table, sin_table, mask_value)
+                feeds.update({"attention_mask": x.attention_mask, "position_ids_cos": x.cos, "position_ids_sin": x.sin})
+            for l in seg.layers:
+                if c == 0:  # a new sequence
+                    keys[l][:] = 0
+                    values[l][:] = 0
+                feeds[f"past_key_{l}_in"] = keys[l]
+                feeds[f"past_value_{l}_in"] = values[l]
+        res = dict(zip(out_names, sess.run(out_names, feeds)))
+        for name in mine:
+            cal.update(name, feeds[name] if name in feeds else res[name])
+        for l in seg.layers:
+            if n_past + AR <= P:
+                keys[l][..., n_past : n_past + AR] = res[f"past_key_{l}_out"]
+                values[l][:, :, n_past : n_past + AR, :] = res[f"past_value_{l}_out"]
+        outputs.append(res[seg.outputs[0]][0] if seg.outputs[0] != "logits" else np.zeros((AR, 0), np.float32))
+        progress.update()
+    return np.stack(outputs)
+
+
 def calibrate_part(
     float_graph: Path,
     kinds: dict[str, set[str]],
@@ -367,62 +424,22 @@ def calibrate_part(
     Hessians: they are written to ``<spill>.hessian<k>.npy`` when the layer is done and kept as
     read-only memory maps. Nothing held grows with the number of layers.
     """
-    import onnxruntime as ort
-
     model = onnx.load(str(float_graph), load_external_data=False)
     cal = Calibrator(kinds, hessians)
-    AR, CL = plan.ar, plan.context_length
-    P = CL - AR
-    KVH, D = kv_shape
-    chunks = plan.chunks
     x_in = hidden_in
     segments = part_segments(model, part)
-    progress = bar(total=len(chunks) * len(segments), desc=f"[calibrate] {label}", unit="chunk")
+    progress = bar(total=len(plan.chunks) * len(segments), desc=f"[calibrate] {label}", unit="chunk")
     for seg in segments:
         if seg.outputs == ["logits"] and "logits" not in kinds and len(segment_model(model, seg, list(kinds)).graph.output) == 1:
-            progress.update(len(chunks))  # the head, with nothing to measure (key equalization)
+            progress.update(len(plan.chunks))  # the head, with nothing to measure (key equalization)
             continue
-        aug = float_graph.with_name(float_graph.stem + ".calib.onnx")
-        onnx.save(segment_model(model, seg, list(kinds)), str(aug))
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every tensor
-        sess = ort.InferenceSession(str(aug), sess_options=so, providers=["CPUExecutionProvider"])
-        aug.unlink()
-        out_names = [o.name for o in sess.get_outputs()]
+        sess = _segment_session(float_graph, model, seg, kinds)
+        out_names = {o.name for o in sess.get_outputs()}
         # the part's boundary input is counted in the first segment; every other tensor where it is made
         mine = [n for n in kinds if n in out_names or (n == part.hidden_in and seg is segments[0])]
-        keys = {l: np.zeros((KVH, 1, D, P), np.float32) for l in seg.layers}
-        values = {l: np.zeros((KVH, 1, P, D), np.float32) for l in seg.layers}
-        outputs = []
-        for i, (s, c) in enumerate(chunks):
-            tokens = plan.ids[s, c * AR : (c + 1) * AR]
-            n_past = c * AR
-            if x_in is None:
-                feeds = {"input_ids": tokens[None].astype(np.int32)}
-            else:
-                feeds = {seg.inputs[0]: x_in[i][None]}
-                if seg.layers:
-                    x = make_call_inputs(list(tokens), AR, n_past, CL, cos_table, sin_table, mask_value)
-                    feeds.update({"attention_mask": x.attention_mask, "position_ids_cos": x.cos, "position_ids_sin": x.sin})
-                for l in seg.layers:
-                    if c == 0:
-                        keys[l][:] = 0
-                        values[l][:] = 0
-                    feeds[f"past_key_{l}_in"] = keys[l]
-                    feeds[f"past_value_{l}_in"] = values[l]
-            res = dict(zip(out_names, sess.run(out_names, feeds)))
-            for name in mine:
-                cal.update(name, feeds[name] if name in feeds else res[name])
-            for l in seg.layers:
-                if n_past + AR <= P:
-                    keys[l][..., n_past : n_past + AR] = res[f"past_key_{l}_out"]
-                    values[l][:, :, n_past : n_past + AR, :] = res[f"past_value_{l}_out"]
-            outputs.append(res[seg.outputs[0]][0] if seg.outputs[0] != "logits" else np.zeros((AR, 0), np.float32))
-            progress.update()
+        x_in = _run_segment(sess, seg, plan, kv_shape, x_in, (cos_table, sin_table, mask_value), cal, mine, progress)
         del sess
-        x_in = np.stack(outputs)
-        del outputs
         if spill is not None:
             cal.spill(mine, spill)
     progress.close()
-    return PartStats(cal.stats), (np.zeros((len(chunks), AR, 0), np.float32) if part.head else x_in)
+    return PartStats(cal.stats), (np.zeros((len(plan.chunks), plan.ar, 0), np.float32) if part.head else x_in)
