@@ -202,6 +202,28 @@ def _check_verify(out: Path, capsys) -> None:
     assert all("byte-identical" in t["how"] or "not byte-identical" in t["how"] for t in r["timings"]), r["timings"]
 
 
+def test_a_re_preparation_that_differs_byte_for_byte_is_judged_by_what_qnn_reads_back(compiled, tmp_path, monkeypatch):
+    """QNN's preparation is not deterministic: a fresh .bin whose layout shifted (every later byte
+    differs) passes only when the graphs and encodings libQnnSystem reads back equal the shipped
+    binary's, and the error then says what differed."""
+    from qwen_ondevice.qnn import context
+
+    out, m = compiled
+    part, qpart = m["parts"][1], m["qnn"]["parts"][1]
+    chip = CHIPSETS[m["qnn"]["chipset"]]
+    monkeypatch.setattr(context, "differing_bytes", lambda a, b: os.path.getsize(b))  # every byte differs
+    sessions, how = context.open_part_context(out, part, qpart, chip, "0" * 64, tmp_path / "a", strict=True,
+                                              context_length=CL, num_parts=len(m["parts"]))
+    assert sorted(sessions) == sorted(int(a) for a in qpart["graphs"])
+    assert "the graphs and encodings QNN reads back are equal" in how, how
+    real = context.read_context_binary
+    shipped = out / qpart["bin"]
+    monkeypatch.setattr(context, "read_context_binary", lambda p: real(p)[:-1] if Path(p) == shipped else real(p))
+    with pytest.raises(CompileError, match="the graphs and encodings QNN reads back differ"):
+        context.open_part_context(out, part, qpart, chip, "0" * 64, tmp_path / "b", strict=True,
+                                  context_length=CL, num_parts=len(m["parts"]))
+
+
 def test_verify_refuses_other_chipset_and_uncompiled_bundle(compiled, capsys):
     out, _ = compiled
     assert main(["--quiet", "verify", str(out), "--chipset", "snapdragon-8-gen-3"]) == 2

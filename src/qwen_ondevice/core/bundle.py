@@ -8,12 +8,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import onnx
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from qwen_ondevice.core.config import ModelConfig
-from qwen_ondevice.core.files import cache_dir, sha256_file
 from qwen_ondevice.core.errors import UserError
+from qwen_ondevice.core.files import cache_dir, sha256_file
 from qwen_ondevice.core.jsonio import write_json
+from qwen_ondevice.core.onnx_data import device_weight_bytes
 from qwen_ondevice.core.parts import PartSpec
 
 SCHEMA = "qwen-ondevice.bundle"
@@ -190,10 +192,6 @@ def bytes_per_token(m: Manifest) -> dict:
     ``weight_bytes_read_per_token``, ``kv_cache_bytes_per_token``,
     ``kv_cache_bytes_full_context`` and ``bytes_per_token_full_context``.
     """
-    import onnx
-
-    from qwen_ondevice.core.onnx_data import device_weight_bytes
-
     data = m.data
     vocab = data["model"]["config_json"]["vocab_size"]
     bins = {p["name"]: p["bin_bytes"] for p in (data.get("qnn") or {}).get("parts", [])}

@@ -19,6 +19,7 @@ from qwen_ondevice.core.config import ModelConfig
 from qwen_ondevice.core.demo import demo_gguf
 from qwen_ondevice.core.errors import UserError
 from qwen_ondevice.core.gguf_folder import gguf_to_folder
+from qwen_ondevice.core.tokenizer import Tokenizer
 
 if TYPE_CHECKING:  # torch is imported where tensors are made: opening a bundle needs none of this
     import torch
@@ -163,8 +164,6 @@ class Checkpoint:
 
     def load_tokenizer(self):
         """The checkpoint's own tokenizer (``transformers`` fast tokenizer with its chat template)."""
-        from qwen_ondevice.core.tokenizer import Tokenizer
-
         return Tokenizer.from_folder(self.path, self.config, self.generation_config)
 
     def load_transformers_model(self):

@@ -4,12 +4,16 @@ each finished stage's wall time and peak RSS."""
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import os
 import signal
 import sys
 import threading
 import time
 from dataclasses import dataclass
+
+import psutil
 
 _quiet = False
 
@@ -41,8 +45,6 @@ def bar(iterable=None, total: int | None = None, desc: str = "", unit: str = "it
 
 def rss_bytes() -> int:
     """This process's resident set size now (bytes)."""
-    import psutil
-
     return psutil.Process().memory_info().rss
 
 
@@ -107,9 +109,6 @@ def release_memory() -> None:
     """Collect garbage and hand the C heap's free pages back to the OS (glibc ``malloc_trim``;
     a no-op elsewhere), so that a stage starts from what is really held, not from the high-water
     mark of the one before."""
-    import ctypes
-    import gc
-
     gc.collect()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
@@ -118,8 +117,6 @@ def release_memory() -> None:
 
 
 def _written_bytes() -> int:
-    import psutil
-
     try:
         return psutil.Process().io_counters().write_bytes
     except (AttributeError, psutil.Error):  # not every platform counts it

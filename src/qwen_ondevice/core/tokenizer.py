@@ -15,6 +15,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+import jinja2
+from jinja2.ext import loopcontrols
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as FastTokenizer
 from tokenizers.decoders import DecodeStream
 
@@ -56,9 +59,6 @@ def _chat_template(folder: Path, config: dict) -> str | None:
 def _compiled_template(template: str):
     """The template compiled once (every request renders the same one) in the environment
     ``transformers``' ``apply_chat_template`` uses."""
-    import jinja2
-    from jinja2.ext import loopcontrols
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     def raise_exception(message):
         raise jinja2.exceptions.TemplateError(message)
@@ -79,8 +79,6 @@ def render_chat_template(template: str, messages: list[dict], special_tokens: di
     Raises:
         UserError: the template raises (its ``raise_exception``) or does not parse.
     """
-    import jinja2
-
     try:
         return _compiled_template(template).render(messages=messages, add_generation_prompt=True, **special_tokens)
     except jinja2.exceptions.TemplateError as e:

@@ -18,8 +18,14 @@ from pathlib import Path
 
 import numpy as np
 
+from qwen_ondevice.core.bundle import read_manifest
+from qwen_ondevice.core.checkpoint import load_checkpoint
 from qwen_ondevice.core.errors import UserError
 from qwen_ondevice.core.progress import bar
+from qwen_ondevice.core.texts import default_evaluation_text, text_token_ids
+from qwen_ondevice.eval.fidelity import measure_fidelity
+from qwen_ondevice.runtime.engine import Engine
+from qwen_ondevice.runtime.open_model import open_runtime
 
 DEFAULT_EVAL_TOKENS = 16384
 DEFAULT_WINDOW = 1024
@@ -147,10 +153,7 @@ def reference_engine(model: str, window: int):
     """The float reference: MODEL on the torch backend in float32, one call per window
     (AR = window), streamed layer by layer (``TorchBackend(stream=True)``): a 7B reference never
     holds the whole model."""
-    from qwen_ondevice.core.checkpoint import load_checkpoint
     from qwen_ondevice.runtime.backends.torch_backend import TorchBackend
-    from qwen_ondevice.runtime.engine import Engine
-
     ckpt = load_checkpoint(model)
     return Engine(TorchBackend(ckpt, context_length=window + 1, stream=True), prompt_length=window), ckpt
 
@@ -169,10 +172,6 @@ def evaluate_bundle(bundle: Path, reference: str | None = None, text: str | None
     Raises:
         UserError: a bad bundle, a missing reference, or a text shorter than one window.
     """
-    from qwen_ondevice.core.bundle import read_manifest
-    from qwen_ondevice.core.texts import default_evaluation_text, text_token_ids
-    from qwen_ondevice.runtime.open_model import open_runtime
-
     m = read_manifest(bundle)
     rt = open_runtime(str(bundle), backend, host_numerics=host_numerics, float_activations=float_activations)
     path = Path(text) if text else default_evaluation_text()
@@ -203,10 +202,6 @@ def evaluate_fidelity(bundle: Path, reference: str | None = None, prompts: int |
         UserError: a bad bundle, a missing reference, a bad prompt count or length, or no prompt
             that fits the bundle's context length.
     """
-    from qwen_ondevice.core.bundle import read_manifest
-    from qwen_ondevice.eval.fidelity import measure_fidelity
-    from qwen_ondevice.runtime.open_model import open_runtime
-
     m = read_manifest(bundle)
     rt = open_runtime(str(bundle), backend, host_numerics=host_numerics, float_activations=float_activations)
     report = measure_fidelity(rt.engine, rt.tokenizer, reference or m.data["model"]["source"], prompts, max_new_tokens)

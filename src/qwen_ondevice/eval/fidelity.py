@@ -27,13 +27,16 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from qwen_ondevice.core.files import cache_dir
+from qwen_ondevice.core.checkpoint import load_checkpoint
 from qwen_ondevice.core.errors import UserError
+from qwen_ondevice.core.files import cache_dir
 from qwen_ondevice.core.jsonio import write_json
 from qwen_ondevice.core.progress import bar
 from qwen_ondevice.core.texts import default_evaluation_text
 from qwen_ondevice.eval.code_tasks import CodeTask, extract_program, load_code_tasks, run_programs, task_messages
 from qwen_ondevice.eval.stats import mcnemar_exact, wilson_interval
+from qwen_ondevice.runtime.generate import generate
+from qwen_ondevice.runtime.open_model import open_runtime
 
 DEFAULT_MAX_NEW_TOKENS = 256
 #: Chat prompts built over passages of the shipped WikiText-2 test text (one per passage, in turn).
@@ -102,8 +105,6 @@ def greedy_continuations(engine, tokenizer, prompt_ids: list[list[int]], limits:
     """Greedy token ids (stop token excluded) after each prompt, at most ``limits[i]`` new tokens
     for prompt ``i``: one list per prompt. ``done``: the continuations of the first prompts, from
     an interrupted run; ``on_each(out)`` is called with the list so far after each prompt."""
-    from qwen_ondevice.runtime.generate import generate
-
     out = list(done or [])
     with bar(total=len(prompt_ids), desc=desc, unit="prompt") as progress:
         progress.update(len(out))
@@ -234,9 +235,6 @@ def reference_continuations(model: str, prompt_ids: list[list[int]], limits: lis
     Raises:
         UserError: MODEL cannot be loaded (see ``core.checkpoint.load_checkpoint``).
     """
-    from qwen_ondevice.core.checkpoint import load_checkpoint
-    from qwen_ondevice.runtime.open_model import open_runtime
-
     ckpt = load_checkpoint(model)
     path = cache_dir() / "fidelity" / f"{_reference_key(ckpt.path, prompt_ids, limits)}.json"
     if path.is_file():

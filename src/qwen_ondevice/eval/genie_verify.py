@@ -34,6 +34,11 @@ import numpy as np
 
 from qwen_ondevice.core.errors import UserError
 from qwen_ondevice.core.progress import log
+from qwen_ondevice.qnn.compile import check_boundaries, compile_in_child
+from qwen_ondevice.qnn.genie import GENIE_CONFIG, GENIE_LADE_CONFIG
+from qwen_ondevice.qnn.genie_run import genie_library, run_genie
+from qwen_ondevice.qnn.prepare import name_graphs, partition_name, wrapper_name
+from qwen_ondevice.runtime.open_model import open_bundle_runtime
 
 #: Genie log messages that mean the bundle is wrong for Genie even when the dialog starts.
 BAD_LOG = ("Unconnected input tensor", "does not follow the expected split naming",
@@ -53,9 +58,6 @@ def build_twin(root: Path, manifest, work: Path) -> list[Path]:
         UserError: a graph could not be compiled or renamed (CompileError), or the twin's parts
             do not join.
     """
-    from qwen_ondevice.qnn.compile import check_boundaries, compile_in_child
-    from qwen_ondevice.qnn.prepare import name_graphs, partition_name, wrapper_name
-
     qnn = manifest.data["qnn"]
     level = int(qnn.get("htp_optimization", 3))
     N, CL = len(manifest.parts), manifest.context_length
@@ -117,10 +119,6 @@ def verify_genie(root: Path, prompt: str, new_tokens: int = DEFAULT_NEW_TOKENS, 
     Raises:
         UserError: the bundle has no context binaries, or libGenie.so is not installed.
     """
-    from qwen_ondevice.qnn.genie import GENIE_CONFIG, GENIE_LADE_CONFIG
-    from qwen_ondevice.qnn.genie_run import genie_library, run_genie
-    from qwen_ondevice.runtime.open_model import open_bundle_runtime
-
     if genie_library() is None:
         raise UserError("verify --genie needs libGenie.so from the onnxruntime-qnn wheel (Linux x86_64)")
     # one open (one sha256 pass over the bundle): the reference runtime, its manifest and tokenizer

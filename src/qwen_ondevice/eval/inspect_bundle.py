@@ -5,13 +5,14 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
+import onnx
+
 from qwen_ondevice.core.bundle import bytes_per_token, read_manifest, verify_files
+from qwen_ondevice.qnn.describe import describe_context
 
 
 def op_histogram(path: Path) -> dict[str, int]:
     """Op-type counts of an ONNX graph (external data is not loaded)."""
-    import onnx
-
     model = onnx.load(str(path), load_external_data=False)
     return dict(sorted(Counter(n.op_type for n in model.graph.node).items(), key=lambda kv: (-kv[1], kv[0])))
 
@@ -67,8 +68,6 @@ def _qnn_report(root: Path, qnn: dict | None) -> dict:
     of nodes on the NPU (read from the EPContext wrappers)."""
     if not qnn:
         return {}
-    from qwen_ondevice.qnn.describe import describe_context
-
     return {qnn["chipset"]: {"soc_model": qnn["soc_model"], "dsp_arch": qnn["dsp_arch"],
                              "htp_optimization": qnn.get("htp_optimization"), "parts": describe_context(root, qnn)}}
 

@@ -25,9 +25,15 @@ from pathlib import Path
 
 import numpy as np
 
+from qwen_ondevice.core.bundle import read_manifest
 from qwen_ondevice.core.errors import UserError
 from qwen_ondevice.core.progress import log
 from qwen_ondevice.qnn.child import leave, read_spec, run_child
+from qwen_ondevice.qnn.chipsets import CHIPSETS, check_chipset_option
+from qwen_ondevice.qnn.context import open_part_context
+from qwen_ondevice.runtime.backends.ort_backend import DTYPES, OrtBackend
+from qwen_ondevice.runtime.backends.qnn_backend import qnn_section
+from qwen_ondevice.runtime.open_model import open_bundle_runtime
 
 MIN_COSINE = 0.999
 DEFAULT_PROMPT = "What is the capital of France? Answer in one sentence."
@@ -39,9 +45,6 @@ def capture_inputs(root: Path, prompt: str = DEFAULT_PROMPT) -> tuple[dict, list
     Returns ({(part_index, ar): {"feeds", "outputs", "n_valid", "seconds"}}, prompt ids); for each
     part and AR the last call is kept (for AR-128 the one that saw the longest past).
     """
-    from qwen_ondevice.runtime.backends.ort_backend import OrtBackend
-    from qwen_ondevice.runtime.open_model import open_bundle_runtime
-
     rt = open_bundle_runtime(root, "ort-cpu")
     backend: OrtBackend = rt.engine.backend
     backend.trim_past = False  # the recorded feeds go to the context binaries: the full static past
@@ -123,11 +126,6 @@ def verify_bundle(root: Path, chipset: str | None = None, prompt: str = DEFAULT_
         UserError: the bundle has no context binaries (or none for ``chipset``), or a part could
             not be run on the HTP (its message says which and why).
     """
-    from qwen_ondevice.core.bundle import read_manifest
-    from qwen_ondevice.qnn.chipsets import check_chipset_option
-    from qwen_ondevice.runtime.backends.ort_backend import OrtBackend
-    from qwen_ondevice.runtime.backends.qnn_backend import qnn_section
-
     m = read_manifest(root)
     qnn = qnn_section(m, chipset)
     check_chipset_option(qnn["chipset"], m.precision)
@@ -186,12 +184,6 @@ def _child() -> None:
     spec = read_spec()
     tmp = Path(spec["tmp"])
     try:
-        from qwen_ondevice.core.bundle import read_manifest
-        from qwen_ondevice.qnn.chipsets import CHIPSETS
-        from qwen_ondevice.qnn.context import open_part_context
-        from qwen_ondevice.runtime.backends.ort_backend import DTYPES
-        from qwen_ondevice.runtime.backends.qnn_backend import qnn_section
-
         root = Path(spec["root"])
         m = read_manifest(root, verify=False)
         qnn = qnn_section(m)

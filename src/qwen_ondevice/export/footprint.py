@@ -14,6 +14,8 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
+
 from qwen_ondevice.core.config import ModelConfig
 from qwen_ondevice.core.errors import UserError
 from qwen_ondevice.core.parts import PartSpec
@@ -130,8 +132,6 @@ def estimate_footprint(cfg: ModelConfig, parts: list[PartSpec], *, precision: st
 def machine_memory_bytes() -> int:
     """Memory this export may use: what the OS reports available now (page cache counts as
     free) plus this process's own resident set."""
-    import psutil
-
     return psutil.virtual_memory().available + psutil.Process().memory_info().rss
 
 

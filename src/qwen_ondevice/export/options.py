@@ -7,12 +7,13 @@ import shutil
 from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 
-from qwen_ondevice.core.export_layout import MANIFEST_STAGE, REPORT_STAGE, STATE_DIR, STATE_FILE
 from qwen_ondevice.core.bundle import MANIFEST
 from qwen_ondevice.core.checkpoint import Checkpoint
 from qwen_ondevice.core.errors import UserError
+from qwen_ondevice.core.export_layout import MANIFEST_STAGE, REPORT_STAGE, STATE_DIR, STATE_FILE
 from qwen_ondevice.core.jsonio import write_json
 from qwen_ondevice.core.progress import log
+from qwen_ondevice.qnn.chipsets import check_chipset_option
 from qwen_ondevice.qnn.ep_options import DEFAULT_HTP_OPTIMIZATION
 
 PRECISIONS = ("fp32", "fp16", "w8a16", "w4a16")
@@ -175,6 +176,4 @@ def check_options(options: ExportOptions, ckpt: Checkpoint) -> None:
             f"--context-length {options.context_length} exceeds what the checkpoint reaches "
             f"(max_position_embeddings {ckpt.config.max_position_embeddings})"
         )
-    from qwen_ondevice.qnn.chipsets import check_chipset_option
-
     check_chipset_option(options.chipset, options.precision)

@@ -9,6 +9,7 @@ SIGKILL) resumes from the last finished stage. ``--force`` starts over.
 
 from __future__ import annotations
 
+import importlib.metadata as md
 import json
 import os
 import platform
@@ -32,11 +33,31 @@ from qwen_ondevice.core.export_layout import (
 )
 from qwen_ondevice.core.files import sha256_file
 from qwen_ondevice.core.jsonio import write_json
+from qwen_ondevice.core.onnx_io import ExternalData
 from qwen_ondevice.core.parts import MASK_VALUE, PartSpec
 from qwen_ondevice.core.progress import format_seconds, log, stage_meter
+from qwen_ondevice.core.texts import default_calibration_text, text_token_ids
 from qwen_ondevice.export.footprint import Footprint, check_fits, estimate_footprint
+from qwen_ondevice.export.onnx_graph import build_part_graph
 from qwen_ondevice.export.options import QUANTIZED, ExportOptions, ExportState, check_options, prepare_output
 from qwen_ondevice.export.plan import check_weights_present, describe_plan, part_bytes, plan_parts, plan_reason
+from qwen_ondevice.export.report import write_report
+from qwen_ondevice.qnn.chipsets import check_chipset_option
+from qwen_ondevice.qnn.compile import compile_stage
+from qwen_ondevice.quantize.calibrate import CalibrationPlan, PartStats
+from qwen_ondevice.quantize.rotation import ROTATION_SEED, RotatedWeights
+from qwen_ondevice.quantize.stages import (
+    FLOAT_RESIDUAL_REASON,
+    QuantSettings,
+    boundary_encoding,
+    calibrate_stage,
+    cleanup,
+    equalize_stage,
+    natural_key,
+    quantize_part_graphs,
+    remove_part_intermediates,
+    summarize_weights,
+)
 
 
 def export(options: ExportOptions, out: Path, force: bool = False) -> Path:
@@ -57,8 +78,6 @@ def export(options: ExportOptions, out: Path, force: bool = False) -> Path:
     # whether this machine holds the plan, before anything is written (a resume has the same plan)
     check_weights_present(ckpt.weights, cfg)
     if options.rotate:  # exact in float: the graphs read the rotated weights (quantize/rotation.py)
-        from qwen_ondevice.quantize.rotation import ROTATION_SEED, RotatedWeights
-
         ckpt = ckpt.with_weights(RotatedWeights(ckpt.weights, cfg.hidden_size, ROTATION_SEED))
     planned = plan_parts(cfg, options.precision, options.num_parts, options.max_part_bytes)
     fp = export_footprint(cfg, planned, options)
@@ -92,21 +111,13 @@ def export(options: ExportOptions, out: Path, force: bool = False) -> Path:
         ckpt.weights.release()
         state.mark(stage, info)
         if quantized and not options.keep_intermediates:
-            from qwen_ondevice.quantize.stages import remove_part_intermediates
-
             remove_part_intermediates(out, part, state.done[stage_key(FLOAT, part.name)])
         _stage_delay()
     if quantized and not options.keep_intermediates:
-        from qwen_ondevice.quantize.stages import cleanup
-
         cleanup(out)
-
-    from qwen_ondevice.qnn.compile import compile_stage
 
     extra = compile_stage(out, ckpt, options, parts, state)  # QNN context binaries + Genie files
     if options.eval_tokens > 0 and REPORT_STAGE not in state.done:
-        from qwen_ondevice.export.report import write_report
-
         manifest = {**build_manifest(out, ckpt, options, parts, state), **extra}
         with stage_meter(REPORT_STAGE) as rec:
             summary = write_report(out, manifest, options.eval_tokens, options.eval_window,
@@ -148,8 +159,6 @@ def format_stage_table(done: dict[str, dict]) -> str:
 
 def export_footprint(cfg, parts: list[PartSpec], options: ExportOptions) -> Footprint:
     """:func:`qwen_ondevice.export.footprint.estimate_footprint` of this export's plan and options."""
-    from qwen_ondevice.qnn.chipsets import check_chipset_option
-
     quantized = options.precision in QUANTIZED
     return estimate_footprint(cfg, parts, precision=options.precision, prompt_length=options.prompt_length,
                               context_length=options.context_length,
@@ -160,9 +169,6 @@ def export_footprint(cfg, parts: list[PartSpec], options: ExportOptions) -> Foot
 
 
 def _calibration_plan(ckpt: Checkpoint, options: ExportOptions):
-    from qwen_ondevice.core.texts import default_calibration_text, text_token_ids
-    from qwen_ondevice.quantize.calibrate import CalibrationPlan
-
     path = Path(options.calibration_text) if options.calibration_text else default_calibration_text()
     ids = text_token_ids(ckpt.load_tokenizer(), path, options.calibration_tokens, "calibration")
     return CalibrationPlan.from_tokens(ids, options.prompt_length, options.context_length)
@@ -175,9 +181,6 @@ def _quantized_part(ckpt: Checkpoint, part: PartSpec, options: ExportOptions, ou
     the float weights in place, so it is not a stage of its own: the float stage is stamped
     after it, and an export killed anywhere before that stamp writes the float graphs again.
     """
-    from qwen_ondevice.quantize.calibrate import PartStats
-    from qwen_ondevice.quantize.stages import QuantSettings, boundary_encoding, calibrate_stage, quantize_part_graphs
-
     float_dir, calib_dir = work_dir(out, FLOAT), work_dir(out, CALIB)
     float_dir.mkdir(parents=True, exist_ok=True)
     calib_dir.mkdir(parents=True, exist_ok=True)
@@ -190,8 +193,6 @@ def _quantized_part(ckpt: Checkpoint, part: PartSpec, options: ExportOptions, ou
             info = export_part(ckpt, part, options.ar_lengths, options.context_length, "fp32", float_dir, options.key_center)
         info.update(_measured(rec))
         if (options.kv_equalize or options.key_center) and len(part.layers):
-            from qwen_ondevice.quantize.stages import equalize_stage
-
             with stage_meter(stage_key(KVEQ, part.name)) as rec:
                 report = equalize_stage(part, float_dir, info, plan, ckpt.config, calib_dir, MASK_VALUE,
                                         scale=options.kv_equalize, center=options.key_center)
@@ -228,9 +229,6 @@ def export_part(ckpt: Checkpoint, part: PartSpec, ar_lengths: list[int], context
     Files are written under temporary names and renamed at the end, so a killed export never
     leaves a file that looks finished.
     """
-    from qwen_ondevice.core.onnx_io import ExternalData
-    from qwen_ondevice.export.onnx_graph import build_part_graph
-
     onnx_dir.mkdir(parents=True, exist_ok=True)
     data_name = f"{part.name}.data"
     tmp_data = onnx_dir / (data_name + ".partial")
@@ -284,9 +282,6 @@ def copy_checkpoint_files(src: Path, out: Path) -> None:
 def _quantization_summary(options: ExportOptions, parts: list[dict]) -> dict | None:
     if options.precision not in QUANTIZED:
         return None
-    from qwen_ondevice.quantize.rotation import ROTATION_SEED
-    from qwen_ondevice.quantize.stages import FLOAT_RESIDUAL_REASON, natural_key, summarize_weights
-
     return {
         "precision": options.precision,
         "weights": {"projections": f"int{4 if options.precision == 'w4a16' else 8} symmetric "
@@ -307,8 +302,6 @@ def _quantization_summary(options: ExportOptions, parts: list[dict]) -> dict | N
 
 
 def tool_versions() -> dict:
-    import importlib.metadata as md
-
     versions = {"python": platform.python_version()}
     for pkg in ("qwen-ondevice", "torch", "transformers", "onnx", "onnxruntime", "onnxruntime-qnn", "numpy"):
         try:

@@ -5,9 +5,17 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import psutil
+
 from qwen_ondevice.core.bundle import Manifest, bytes_per_token
 from qwen_ondevice.core.jsonio import write_json
 from qwen_ondevice.core.progress import log
+from qwen_ondevice.core.texts import default_evaluation_text, text_token_ids
+from qwen_ondevice.core.tokenizer import Tokenizer
+from qwen_ondevice.eval.evaluate import evaluate_engines, reference_engine
+from qwen_ondevice.eval.fidelity import measure_fidelity
+from qwen_ondevice.runtime.backends.ort_backend import OrtBackend
+from qwen_ondevice.runtime.engine import Engine
 
 
 def write_report(out: Path, manifest: dict, eval_tokens: int, window: int, fidelity_prompts: int = 0,
@@ -23,12 +31,6 @@ def write_report(out: Path, manifest: dict, eval_tokens: int, window: int, fidel
 
     The bundle is opened from the in-memory ``manifest`` (the file is written after the report,
     so that it can list report.json's sha256)."""
-    from qwen_ondevice.core.tokenizer import Tokenizer
-    from qwen_ondevice.eval.evaluate import evaluate_engines, reference_engine
-    from qwen_ondevice.core.texts import default_evaluation_text, text_token_ids
-    from qwen_ondevice.runtime.backends.ort_backend import OrtBackend
-    from qwen_ondevice.runtime.engine import Engine
-
     m = Manifest(out, manifest)
     window = min(window, m.context_length)
     tokens = max(eval_tokens // window, 1) * window
@@ -59,10 +61,6 @@ def write_report(out: Path, manifest: dict, eval_tokens: int, window: int, fidel
 def _fidelity(engine, tok, m: Manifest, prompts: int, max_new_tokens: int) -> dict:
     """The fidelity block of report.json: :func:`measure_fidelity` without its per-prompt rows,
     or ``{"skipped": reason}`` when the float model does not fit in memory or no prompt fits CL."""
-    import psutil
-
-    from qwen_ondevice.eval.fidelity import measure_fidelity
-
     float_bytes = 4 * m.config.parameter_count()
     available = psutil.virtual_memory().available
     if float_bytes > available / 2:

@@ -22,17 +22,25 @@ after the last compiled part. The stage also writes the Genie files (:mod:`qwen_
 from __future__ import annotations
 
 import json
+import mmap
 import os
+import re
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+import onnx
+
 from qwen_ondevice.core.export_layout import PART, QNN, qnn_key, stage_key, work_dir
 from qwen_ondevice.core.progress import log
 from qwen_ondevice.qnn.child import leave, read_spec, run_child
 from qwen_ondevice.qnn.chipsets import CHIPSETS, Chipset, check_chipset_option
+from qwen_ondevice.qnn.context_binary import read_context_binary
 from qwen_ondevice.qnn.ep_options import DEFAULT_HTP_OPTIMIZATION
+from qwen_ondevice.qnn.genie import write_genie_files
+from qwen_ondevice.qnn.graph_names import parse_graph_name
 from qwen_ondevice.qnn.prepare import (
     QNN_DIR,
     CompileError,
@@ -105,8 +113,6 @@ def compile_in_child(spec: dict) -> tuple[dict, int, str]:
 
 def _qnn_messages(stderr: str, limit: int = 4) -> str:
     """The error lines ONNX Runtime / QNN printed (ANSI colours removed)."""
-    import re
-
     lines = [re.sub(r"\x1b\[[0-9;]*m", "", l).strip() for l in stderr.splitlines()]
     errs = [l for l in lines if "[E:" in l or "error" in l.lower()]
     errs = [re.sub(r"^\d{4}-\d\d-\d\d [\d:.]+ \[E:onnxruntime:[^\]]*\]\s*", "", l) for l in errs]
@@ -202,9 +208,6 @@ def check_part_binary(bin_path: Path, part: dict, names: dict[str, str], context
     Raises:
         CompileError: naming the part and what disagrees.
     """
-    from qwen_ondevice.qnn.context_binary import read_context_binary
-    from qwen_ondevice.qnn.graph_names import parse_graph_name
-
     where = f"{part['name']} ({bin_path.name})"
     graphs = {g.name: g for g in read_context_binary(bin_path)}
     if sorted(graphs) != sorted(names.values()):
@@ -241,8 +244,6 @@ def check_boundaries(parts: list[tuple[str, dict[int, tuple[Path, str]]]]) -> di
     Raises:
         CompileError: an unconnected boundary or one with two encodings, naming the part.
     """
-    from qwen_ondevice.qnn.context_binary import read_context_binary
-
     read: dict[Path, dict] = {}
     by_ar: dict[int, list] = {}
     for name, graphs in parts:
@@ -274,16 +275,12 @@ HOST_INPUTS = ("input_ids", "attention_mask", "position_ids_cos", "position_ids_
 
 def _same_encoding(t, enc: dict) -> bool:
     """Whether a QNN tensor's scale/offset is the ONNX encoding ``enc`` (float32 scale)."""
-    import numpy as np
-
     return (t.scale is not None and np.float32(t.scale) == np.float32(enc["scale"])
             and t.offset == -int(enc["zero_point"]))
 
 
 def _contains(path: Path, needle: bytes) -> bool:
     """Whether the file holds ``needle`` (memory-mapped: a part's .bin can be gigabytes)."""
-    import mmap
-
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
         return mm.find(needle) != -1
 
@@ -294,8 +291,6 @@ def _check_wrapper(wrapper: Path, source: Path, old_bin: str, new_bin: str, part
     Every node outside an EPContext node must be a Quantize/DequantizeLinear reading a graph input
     or writing a graph output; anything else fell back to the CPU.
     """
-    import onnx
-
     model = onnx.load(str(wrapper), load_external_data=False)
     g = model.graph
     src = onnx.load(str(source), load_external_data=False)
@@ -367,8 +362,6 @@ def compile_stage(out: Path, ckpt, options, parts, state) -> dict:
     qnn = {**chip.to_dict(), "folder": f"{QNN_DIR}/{chip.name}", "weight_sharing": True,
            "htp_optimization": options.htp_optimization,
            "qairt": next(iter(entries[0]["graphs"].values())).get("qairt", ""), "parts": entries}
-    from qwen_ondevice.qnn.genie import write_genie_files
-
     # the same values write_manifest records (model.config, context_length) plus this section
     write_genie_files(out, {"model": {"config": ckpt.config.to_dict()}, "context_length": options.context_length, "qnn": qnn})
     return {"qnn": qnn}

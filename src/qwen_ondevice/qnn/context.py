@@ -10,10 +10,20 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import numpy as np
+
 from qwen_ondevice.core.files import sha256_file
 from qwen_ondevice.qnn.chipsets import Chipset
+from qwen_ondevice.qnn.context_binary import read_context_binary
 from qwen_ondevice.qnn.ep_options import DEFAULT_HTP_OPTIMIZATION, qnn_session_options, simulator_host
-from qwen_ondevice.qnn.prepare import CompileError, PrepareError, name_graphs, partition_name, prepare_part, wrapper_name
+from qwen_ondevice.qnn.prepare import (
+    CompileError,
+    PrepareError,
+    name_graphs,
+    partition_name,
+    prepare_part,
+    wrapper_name,
+)
 
 #: The share of a context binary's bytes (and of its size) allowed to differ between the shipped
 #: binary and a fresh preparation of the same graphs (open_part_context): QNN's preparation varies
@@ -36,8 +46,6 @@ def allowed_difference(size: int) -> float:
 
 def differing_bytes(a: Path, b: Path, chunk: int = 1 << 24) -> int:
     """The number of byte positions at which two files of one size differ."""
-    import numpy as np
-
     n = 0
     with open(a, "rb") as fa, open(b, "rb") as fb:
         while True:
@@ -88,6 +96,7 @@ def open_part_context(root: Path, part: dict, qnn_part: dict, chip: Chipset, bin
         if strict and len(bins) == 1 and context_length is not None and num_parts is not None:
             name_graphs(bins[0], {int(ar): (Path(w), {"qnn_graph": partition_name(Path(w))}) for ar, _, w in graphs},
                         context_length, int(part["index"]), num_parts)
+        detail = f"{len(bins)} context binaries" if len(bins) != 1 else "a different sha256"
         if strict:
             same = len(bins) == 1 and (bin_sha256 is None or sha256_file(bins[0]) == bin_sha256)
             how = f"re-prepared on this x86_64 host, byte-identical to {Path(qnn_part['bin']).name}"
@@ -98,22 +107,30 @@ def open_part_context(root: Path, part: dict, qnn_part: dict, chip: Chipset, bin
                 # of graph description, and on the demo model in size by one 4 KiB page
                 size, fresh = shipped.stat().st_size, bins[0].stat().st_size
                 diff = differing_bytes(bins[0], shipped) if fresh == size else None
+                detail = f"{diff} of {size} bytes differ" if diff is not None else f"{fresh} bytes against {size}"
                 same = abs(fresh - size) <= allowed_difference(size) and (diff is None or diff <= allowed_difference(size))
+                if not same and abs(fresh - size) <= allowed_difference(size):
+                    # a layout shifted by a few bytes makes every later byte differ: then what QNN
+                    # reads back (every graph, its inputs and outputs with their encodings) decides
+                    same = sorted(read_context_binary(bins[0]), key=lambda g: g.name) == sorted(
+                        read_context_binary(shipped), key=lambda g: g.name)
+                    detail += ", the graphs and encodings QNN reads back " + ("are equal" if same else "differ")
                 how = (f"re-prepared on this x86_64 host, not byte-identical to {shipped.name} (QNN's preparation "
-                       f"varies between runs): " + (f"{diff} of {size} bytes differ" if diff is not None
-                                                    else f"{fresh} bytes against {size}"))
+                       f"varies between runs): {detail}")
         else:
             # the QNN graph names are ONNX Runtime partition ids, which vary between preparations
             # of the same graphs: the count is compared, not the names
             size = int(qnn_part["bin_bytes"])
+            if len(bins) == 1:
+                detail = f"{bins[0].stat().st_size} bytes against {size}"
             same = (len(bins) == 1 and abs(bins[0].stat().st_size - size) <= allowed_difference(size)
                     and len({partition_name(Path(g[2])) for g in graphs}) == len(qnn_part["graphs"]))
             how = f"re-prepared on this x86_64 host (the size and number of QNN graphs of {Path(qnn_part['bin']).name})"
         if not same:
             raise CompileError(
                 f"{qnn_part['bin']}: preparing {part['name']} again on this host does not give the same context binary "
-                "(exported with another onnxruntime-qnn / QAIRT?); the x86_64 simulator cannot load a weight-shared "
-                "binary directly, so it cannot run it here; re-export the bundle"
+                f"({detail}; exported with another onnxruntime-qnn / QAIRT?); the x86_64 "
+                "simulator cannot load a weight-shared binary directly, so it cannot run it here; re-export the bundle"
             )
     finally:
         shutil.rmtree(work, ignore_errors=True)

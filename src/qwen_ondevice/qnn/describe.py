@@ -5,16 +5,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import onnx
+
 from qwen_ondevice.qnn.context_binary import QnnBinaryError, read_context_binary
 from qwen_ondevice.qnn.prepare import QNN_DIR
+
 
 def describe_context(root: Path, qnn: dict) -> list[dict]:
     """What the bundle's files say (for ``inspect``): per part the .bin, its size, the QNN graphs
     its wrappers point into and the fraction of nodes on the NPU, and (``binary``) the graphs QNN
     itself reads from the .bin with each graph's I/O tensors (name, QNN data type, shape,
     scale/offset), as the device sees them."""
-    import onnx
-
     folder = root / QNN_DIR / qnn["chipset"]
     rows = []
     for p in qnn["parts"]:

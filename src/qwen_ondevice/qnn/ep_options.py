@@ -4,6 +4,7 @@ compile, simulator run and ``qnn-htp`` session uses."""
 from __future__ import annotations
 
 import os
+import platform
 
 from qwen_ondevice.core.errors import UserError
 from qwen_ondevice.qnn.chipsets import Chipset
@@ -71,6 +72,5 @@ def simulator_host() -> bool:
     mode = os.environ.get("QWEN_ONDEVICE_QNN_SESSIONS", "").lower()
     if mode in ("reprepare", "context"):
         return mode == "reprepare"
-    import platform
 
     return platform.machine().lower() in ("x86_64", "amd64")

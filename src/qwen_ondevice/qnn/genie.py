@@ -27,6 +27,7 @@ from pathlib import Path
 
 from qwen_ondevice.core.config import ModelConfig
 from qwen_ondevice.core.jsonio import write_json
+from qwen_ondevice.core.tokenizer import Tokenizer
 
 GENIE_CONFIG = "genie_config.json"
 GENIE_LADE_CONFIG = "genie_config_lade.json"
@@ -45,8 +46,6 @@ def token_ids(root: Path, cfg: ModelConfig) -> dict:
     it in front of text (Llama-2 style); otherwise -1: Qwen2's chat template starts with
     ``<|im_start|>`` and nothing before it (AI Hub's Qwen2-7B config also gives -1).
     """
-    from qwen_ondevice.core.tokenizer import Tokenizer
-
     gen = _generation_config(root)
     tok = Tokenizer.from_folder(root, cfg, gen)
     plain, special = tok.encode("x"), tok.encode("x", add_special_tokens=True)

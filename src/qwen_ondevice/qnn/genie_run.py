@@ -17,6 +17,7 @@ log levels ERROR 1, WARN 2, INFO 3, VERBOSE 4; the log callback receives
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import sys
@@ -126,8 +127,6 @@ def _child() -> None:
     """The child: ctypes calls into libGenie (spec JSON on stdin); prints ``GENIE_LOG <level>
     <json string>`` per log line and ``GENIE_RESULT {json}`` after each step, then leaves with
     ``os._exit`` (skipping the QNN libraries' exit-time destructors)."""
-    import ctypes
-
     spec = read_spec()
     lib = ctypes.CDLL(spec["lib"], mode=ctypes.RTLD_GLOBAL)
     libc = ctypes.CDLL(None)

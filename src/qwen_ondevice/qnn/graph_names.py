@@ -22,6 +22,8 @@ import mmap
 import re
 from pathlib import Path
 
+import onnx
+
 from qwen_ondevice.core.errors import UserError
 
 #: Padding for a renamed graph: no ``ar``/``cl`` and no digit, so Genie's name parse reads only
@@ -115,8 +117,6 @@ def set_partition_name(wrapper: Path, old: str, new: str) -> None:
     Raises:
         RenameError: the wrapper has no EPContext node with ``partition_name`` ``old``.
     """
-    import onnx
-
     model = onnx.load(str(wrapper), load_external_data=False)
     hits = 0
     for node in model.graph.node:

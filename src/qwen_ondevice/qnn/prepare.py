@@ -10,9 +10,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import onnx
+
 from qwen_ondevice.core.errors import UserError
 from qwen_ondevice.qnn.chipsets import Chipset
 from qwen_ondevice.qnn.ep_options import DEFAULT_HTP_OPTIMIZATION, qnn_session_options
+from qwen_ondevice.qnn.graph_names import RenameError, graph_name, padded_name, rename_graph, set_partition_name
 
 QNN_DIR = "qnn"
 
@@ -66,8 +69,6 @@ def bin_name(part_name: str) -> str:
 
 def partition_name(wrapper: Path) -> str:
     """The QNN graph name an EPContext wrapper model runs (its EPContext node's ``partition_name``)."""
-    import onnx
-
     node = next(n for n in onnx.load(str(wrapper), load_external_data=False).graph.node if n.op_type == "EPContext")
     return next(onnx.helper.get_attribute_value(a).decode() for a in node.attribute if a.name == "partition_name")
 
@@ -81,8 +82,6 @@ def name_graphs(bin_path: Path, graphs: dict[int, tuple[Path, dict]], context_le
     Raises:
         CompileError: a name does not fit or is not found (see :mod:`qwen_ondevice.qnn.graph_names`).
     """
-    from qwen_ondevice.qnn.graph_names import RenameError, graph_name, padded_name, rename_graph, set_partition_name
-
     for ar, (wrapper, info) in graphs.items():
         old = info["qnn_graph"]
         try:

@@ -13,19 +13,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
 
 from qwen_ondevice.core.encodings import DATA_MOVEMENT
 from qwen_ondevice.core.errors import UserError
+from qwen_ondevice.core.parts import PartSpec
 from qwen_ondevice.core.progress import bar
 from qwen_ondevice.runtime.engine import make_call_inputs
-
-if TYPE_CHECKING:
-    from qwen_ondevice.core.parts import PartSpec
-
 
 #: Calibration sequence length cap (tokens). Tried for the demo at CL 4096, so that the KV-cache
 #: encodings cover every position: one 4096-token sequence instead of two of 2048 (clearly worse),
@@ -281,7 +277,7 @@ class Segment:
     layers: list[int]
 
 
-def part_segments(model: onnx.ModelProto, part: "PartSpec") -> list[Segment]:
+def part_segments(model: onnx.ModelProto, part: PartSpec) -> list[Segment]:
     """Split a part's float graph (``onnx_graph.build_part_graph``) at the residual stream
     between its decoder layers: each layer starts at its ``input_layernorm``, whose input is the
     residual tensor entering the layer (the part's boundary input for the first); the head
@@ -402,7 +398,7 @@ def calibrate_part(
     float_graph: Path,
     kinds: dict[str, set[str]],
     plan: CalibrationPlan,
-    part: "PartSpec",
+    part: PartSpec,
     kv_shape: tuple[int, int],
     hidden_in: np.ndarray | None,
     cos_table: np.ndarray,

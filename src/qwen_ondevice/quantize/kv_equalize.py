@@ -30,6 +30,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
+from qwen_ondevice.core.parts import key_offset_name
+
 
 def pair_norm_max(absmax: np.ndarray, heads: int, head_dim: int) -> np.ndarray:
     """(heads * D,) per-channel max|x| -> (heads, D/2) bound on the pair norm sqrt(x_j^2 + x_{j+D/2}^2)."""
@@ -100,8 +102,6 @@ def equalize_part(graph_path: Path, layers: range, absmax: dict[str, np.ndarray]
     measurements are in docs/numerics.md). o is updated as ``(o - midrange) / s``, so a re-run
     on a finished part changes nothing.
     """
-    from qwen_ondevice.core.parts import key_offset_name
-
     model = onnx.load(str(graph_path), load_external_data=False)
     inits = {t.name: t for t in model.graph.initializer}
     names = qk_output_names(model, layers)

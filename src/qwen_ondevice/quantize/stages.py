@@ -31,6 +31,7 @@ from qwen_ondevice.core.parts import PartSpec
 from qwen_ondevice.core.progress import bar, log
 from qwen_ondevice.core.rope import rope_tables
 from qwen_ondevice.quantize.calibrate import CalibrationPlan, PartStats, calibrate_part, tracked_tensors
+from qwen_ondevice.quantize.kv_equalize import equalize_part, qk_output_names
 from qwen_ondevice.quantize.qdq import activation_encodings, check_quantized_graph, quantize_graph, residual_stream
 from qwen_ondevice.quantize.smoothing import smooth_mlp
 from qwen_ondevice.quantize.weight_quant import QuantizedWeight, hessian_factor, quantize_weight
@@ -332,8 +333,6 @@ def equalize_stage(part: PartSpec, float_dir: Path, float_info: dict, plan: Cali
     range of the keys after RoPE over the first ``tokens`` calibration tokens, then fold the
     scales into the part's float weights and write the key centers, in place. Returns the
     per-layer report."""
-    from qwen_ondevice.quantize.kv_equalize import equalize_part, qk_output_names
-
     ar = str(plan.ar)
     graph = float_dir / Path(float_info["graphs"][ar]["file"]).name
     names = qk_output_names(onnx.load(str(graph), load_external_data=False), part.layers)

@@ -7,8 +7,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qwen_ondevice.core.bundle import read_manifest
+from qwen_ondevice.core.checkpoint import load_checkpoint
 from qwen_ondevice.core.errors import UserError
 from qwen_ondevice.core.tokenizer import Tokenizer
+from qwen_ondevice.runtime.backends.ort_backend import OrtBackend
+from qwen_ondevice.runtime.backends.qnn_backend import QnnBackend
 from qwen_ondevice.runtime.engine import Engine
 
 BACKENDS = ("torch", "ort-cpu", "qnn-htp")
@@ -52,7 +55,6 @@ def open_runtime(model: str, backend: str | None = None, context_length: int = 4
         return open_bundle_runtime(Path(model), backend or "ort-cpu", host_numerics, float_activations)
     if backend not in (None, "torch"):
         raise UserError(f"backend {backend!r} runs an exported bundle; {model} is a checkpoint (use --backend torch or export it first)")
-    from qwen_ondevice.core.checkpoint import load_checkpoint
     from qwen_ondevice.runtime.backends.torch_backend import TorchBackend
 
     ckpt = load_checkpoint(model)
@@ -78,12 +80,8 @@ def open_bundle_runtime(root: Path, backend: str, host_numerics: str = "exact", 
     if backend == "torch":
         raise UserError("the torch backend runs a checkpoint, not a bundle; pass the checkpoint folder or use --backend ort-cpu")
     if backend == "ort-cpu":
-        from qwen_ondevice.runtime.backends.ort_backend import OrtBackend
-
         be = OrtBackend(m, numerics=host_numerics, float_pattern=float_activations)
     elif backend == "qnn-htp":
-        from qwen_ondevice.runtime.backends.qnn_backend import QnnBackend
-
         be = QnnBackend(m)
     else:
         raise UserError(f"backend {backend!r} is not available for this bundle yet")

@@ -23,9 +23,12 @@ method of transformers' ``prompt_lookup_num_tokens``, vLLM's ngram and llama.cpp
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
+
+from qwen_ondevice.runtime.open_model import open_runtime
+from qwen_ondevice.runtime.sampling import Sampler
 
 #: Tokens drafted per verify call by default (the verify graph is AR-(k + 1)).
 DEFAULT_DRAFT_TOKENS = 4
@@ -258,11 +261,6 @@ def drafter_factory(spec: str | None, target_vocab: int, context_length: int):
         return None
     if spec == LOOKUP:
         return lambda sampling: PromptLookup()
-    from dataclasses import replace
-
-    from qwen_ondevice.runtime.open_model import open_runtime
-    from qwen_ondevice.runtime.sampling import Sampler
-
     draft = open_runtime(spec, context_length=context_length)
 
     def new(sampling) -> DraftModel:

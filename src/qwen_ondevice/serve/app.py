@@ -27,13 +27,16 @@ server has one model and names it in every response.
 import asyncio
 import json
 import logging
+import socket
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from qwen_ondevice import __version__
 from qwen_ondevice.core.errors import UserError
@@ -300,8 +303,6 @@ def create_app(runtime: Runtime, limits: ServerLimits | None = None, new_drafter
     The engine's worker thread starts with the app's lifespan (or at the first request) and stops
     at shutdown. ``app.state.server.worker`` is the :class:`GenerationWorker`.
     """
-    from contextlib import asynccontextmanager
-
     from fastapi import FastAPI
 
     srv = _App(runtime, limits or ServerLimits(), new_drafter, draft_tokens)
@@ -331,7 +332,6 @@ def _error_response(e: OpenAIError):
 def _add_error_handlers(app) -> None:
     """Every error as OpenAI's error object: ours, request validation, unknown routes, the rest (500)."""
     from fastapi.exceptions import RequestValidationError
-    from starlette.exceptions import HTTPException as StarletteHTTPException
 
     @app.exception_handler(OpenAIError)
     async def _openai_error(request, exc: OpenAIError):
@@ -410,8 +410,6 @@ def bind_socket(host: str, port: int):
     Raises:
         UserError: the address cannot be bound (in use, not local, ...).
     """
-    import socket
-
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -28,9 +28,13 @@ with less work; none is ever written into the bundle, the device graphs stay as 
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
+import onnx
+import psutil
+from onnx import TensorProto, helper, numpy_helper
 
 from qwen_ondevice.core.encodings import DATA_MOVEMENT
 from qwen_ondevice.core.onnx_data import read_initializer
@@ -51,8 +55,6 @@ def host_float_budget(machine_bytes: int | None = None) -> int:
     """The float-copy budget for this machine (bytes): :data:`HOST_FLOAT_SHARE` of its memory
     (``machine_bytes``, default the total RAM psutil reports), at most :data:`HOST_FLOAT_BUDGET`."""
     if machine_bytes is None:
-        import psutil
-
         machine_bytes = psutil.virtual_memory().total
     return int(min(HOST_FLOAT_BUDGET, machine_bytes * HOST_FLOAT_SHARE))
 
@@ -76,8 +78,6 @@ def gather_before_dequantize(model) -> int:
     ``(x - zero_point) * scale``). Only DQs whose sole consumer is the Gather's data input are
     swapped. Returns the number of swaps; ``model`` (an ``onnx.ModelProto``) is edited in place.
     """
-    from onnx import helper
-
     g = model.graph
     inits = {t.name: t for t in g.initializer}
     users = _users(g)
@@ -142,8 +142,6 @@ def float_matmul_weights(model, base: Path, budget: int = HOST_FLOAT_BUDGET) -> 
     ``model`` is edited in place (its external data is read from ``base``); returns
     {initializer name: float32 (K, N) array} to pass to ``SessionOptions.add_external_initializers``.
     """
-    from onnx import TensorProto
-
     g = model.graph
     inits = {t.name: t for t in g.initializer}
     users = _users(g)
@@ -198,8 +196,6 @@ def fold_constant_dequantize(model, base: Path) -> int:
     DQs read by a MatMul are left to ONNX Runtime's weight fusions and :func:`float_matmul_weights`.
     Returns the number folded; ``model`` is edited in place.
     """
-    from onnx import helper, numpy_helper
-
     g = model.graph
     inits = {t.name: t for t in g.initializer}
     users = _users(g)
@@ -281,8 +277,6 @@ def float_activations(model, pattern: str) -> int:
     Raises:
         ValueError: ``pattern`` is not a valid regular expression.
     """
-    import re
-
     try:
         rx = re.compile(pattern)
     except re.error as e:
@@ -323,8 +317,6 @@ def host_model(model_path: Path, float_weights: bool, dynamic_past: bool = True,
     stays in its file, so open it with ``session.model_external_initializers_file_folder_path``
     set to ``model_path.parent``.
     """
-    import onnx
-
     model = onnx.load(str(model_path), load_external_data=False)
     base = model_path.parent
     if float_pattern:

@@ -16,9 +16,12 @@ size (to 0.1%) and number of QNN graphs of the shipped .bin (``verify`` checks t
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 from qwen_ondevice.core.errors import UserError
+from qwen_ondevice.qnn.chipsets import CHIPSETS, check_chipset_option
+from qwen_ondevice.qnn.context import open_part_context
 from qwen_ondevice.runtime.backends.ort_backend import DTYPES, OrtBackend
 
 
@@ -42,8 +45,6 @@ class QnnBackend(OrtBackend):
     name = "qnn-htp"
 
     def __init__(self, manifest, chipset: str | None = None):
-        from qwen_ondevice.qnn.chipsets import CHIPSETS, check_chipset_option
-
         qnn = qnn_section(manifest, chipset)
         check_chipset_option(qnn["chipset"], manifest.precision)
         super().__init__(manifest)
@@ -55,10 +56,6 @@ class QnnBackend(OrtBackend):
     def session(self, part_index: int, ar: int):
         key = (part_index, ar)
         if key not in self._sessions:
-            import tempfile
-
-            from qwen_ondevice.qnn.context import open_part_context
-
             part = self.manifest.parts[part_index]
             qpart = self.qnn["parts"][part_index]
             sha = self.manifest.data["files"].get(qpart["bin"], {}).get("sha256")
