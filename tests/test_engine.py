@@ -115,6 +115,26 @@ def test_prefill_reuses_common_prefix(tiny_factory, text_ids):
     assert np.abs(out - ref2[-1]).max() < TINY_TOL
 
 
+def test_a_prompt_tail_goes_through_the_smallest_graph_that_holds_it(tiny_factory, text_ids):
+    """With a verify graph beside the prompt processor, a prompt's tail runs through the smallest
+    graph that holds it, as Genie runs it (its log on the simulator, a part with AR-8, AR-5 and
+    AR-1 graphs: 3 and 5 tokens through AR-5, 7 through AR-8, 13 through AR-8 then AR-5), and
+    the logits still equal transformers'."""
+
+    class ThreeGraphs(TorchBackend):
+        ar_lengths = (1, 5, 8)
+
+    ckpt = load_checkpoint(tiny_factory())
+    ids = text_ids[:62]
+    ref = hf_logits(ckpt.load_transformers_model(), ids)
+    engine = Engine(ThreeGraphs(ckpt, context_length=64), prompt_length=8)
+    assert [engine.prompt_ars(n) for n in (3, 5, 7, 13)] == [[5], [5], [8], [8, 5]]
+    assert engine.prompt_ars(61) == [8] * 7 + [5]  # the last chunk starts at n_past 56 = CL - AR
+    assert Engine(TorchBackend(ckpt, context_length=64), prompt_length=8).prompt_ars(13) == [8, 8]
+    for n in (3, 13, 61):
+        check_chunked(engine, ids, ref, n, TINY_TOL)
+
+
 def greedy_full_recompute(model, prompt: list[int], steps: int) -> list[int]:
     """Greedy decoding without a KV cache: a full transformers forward over the whole sequence
     at every step, argmax of the last position."""

@@ -377,8 +377,17 @@ def test_genie_runs_a_three_part_bundle_like_the_runtime(compiled_3):
     the templated prompt) decodes to the same text; the weight-shared bundle parses too."""
     from qwen_ondevice.eval.genie_verify import verify_genie
 
-    r = verify_genie(compiled_3, "Hi", new_tokens=4, timeout=900)
+    from qwen_ondevice.runtime.open_model import open_bundle_runtime
+
+    # a prompt whose tail (2 to K + 1 tokens after the AR-8 chunks) Genie runs through the verify graph
+    tok = open_bundle_runtime(compiled_3, "ort-cpu").tokenizer
+    prompt = next(p for p in ("Hi", "Hi there", "Hello, who are you?", "Say hello.", "What is 2 + 2?", "Name a colour.")
+                  if 2 <= len(tok.apply_chat_template([{"role": "user", "content": p}])) % AR <= K + 1)
+    r = verify_genie(compiled_3, prompt, new_tokens=4, timeout=900)
     t, s = r["twin"], r["shared"]
+    # Genie picks the smallest graph that holds the prompt's tail (its log); the runtime does the same
+    assert t["prompt_graphs"][-1] == K + 1 and set(t["prompt_graphs"][:-1]) <= {AR}, t["prompt_graphs"]
+    assert t["prompt_graphs"] == t["reference_prompt_graphs"] and t["prompt_graphs_equal"]
     assert t["dialog_status"] == 0 and [q["status"] for q in t["queries"]] == [0, 0], t
     assert t["graphs_loaded"] == {f"{AR},{CL}": 3, f"{K + 1},{CL}": 3, f"1,{CL}": 3}
     genie_tokens = t["queries"][0]["tokens"]

@@ -37,6 +37,7 @@ from qwen_ondevice.core.progress import log
 from qwen_ondevice.qnn.compile import check_boundaries, compile_in_child
 from qwen_ondevice.qnn.genie import GENIE_CONFIG, GENIE_LADE_CONFIG
 from qwen_ondevice.qnn.genie_run import genie_library, run_genie
+from qwen_ondevice.qnn.graph_names import parse_graph_name
 from qwen_ondevice.qnn.prepare import name_graphs, partition_name, wrapper_name
 from qwen_ondevice.runtime.open_model import open_bundle_runtime
 
@@ -90,6 +91,25 @@ def graphs_loaded(run) -> dict | None:
     if not lines:
         return None
     return {tuple(k): v for k, v in ast.literal_eval(lines[-1].split(GRAPHS_LOADED, 1)[1].strip()).items()}
+
+
+def prompt_graph_ars(run) -> list[int]:
+    """The ARs of the graphs Genie ran for the first query's prompt, in order: its log's
+    "Executing graph 0 - <name>" lines (the first part of each call) up to the first token it
+    generates; [] when the log has none."""
+    ars: list[int] = []
+    started = False
+    for _, msg in run.log:
+        if msg.startswith(("Entering GenieDialog_tokenQuery", "Entering GenieDialog_query")):
+            if started:
+                break
+            started = True
+        elif started and msg.startswith("Executing graph 0 - "):
+            ar = parse_graph_name(msg[len("Executing graph 0 - "):].strip())[0]
+            ars.append(ar)
+        elif started and msg.startswith("input-logits"):  # the prompt's logits: generation follows
+            break
+    return ars
 
 
 def log_problems(run) -> list[str]:
@@ -171,7 +191,10 @@ def verify_genie(root: Path, prompt: str, new_tokens: int = DEFAULT_NEW_TOKENS, 
         "reference_tokens": ref, "tokens_equal": q_ids is not None and q_ids.tokens == ref_cut,
         "text_equal": q_text is not None and q_text.text == tok.decode(ref_cut),
         "reference_text": tok.decode(ref_cut), "log_problems": log_problems(run)[:10],
+        "prompt_graphs": prompt_graph_ars(run), "reference_prompt_graphs": rt.engine.prompt_ars(len(ids)),
     }
+    t = report["twin"]
+    t["prompt_graphs_equal"] = t["prompt_graphs"] == t["reference_prompt_graphs"]
     if lrun is not None:  # lookahead must give plain greedy decoding's tokens
         got = (lq.tokens or [])[:n_ref] if lq is not None else None
         report["lade"] = {"config_status": lrun.config_status, "dialog_status": lrun.dialog_status,
@@ -185,14 +208,17 @@ def verify_genie(root: Path, prompt: str, new_tokens: int = DEFAULT_NEW_TOKENS, 
                         "graphs_loaded": {f"{k[0]},{k[1]}": v for k, v in (loaded_shared or {}).items()},
                         "graphs_ok": loaded_shared == want, "log_problems": log_problems(shared)[:10],
                         "refusal": next((msg.strip() for msg in shared.messages("error") if "Shared weights" in msg), "")}
-    t = report["twin"]
     report["expected_graphs"] = {f"{k[0]},{k[1]}": v for k, v in want.items()}
     report["ok"] = bool(run.config_status == 0 and run.dialog_status == 0 and q_ids and q_ids.status == 0
                         and q_text and q_text.status == 0 and t["tokens_equal"] and t["text_equal"]
-                        and not t["log_problems"] and loaded == want and loaded_shared == want
+                        and t["prompt_graphs_equal"] and not t["log_problems"] and loaded == want and loaded_shared == want
                         and report.get("lade", {"tokens_equal": True})["tokens_equal"])
     report["seconds"] = round(time.perf_counter() - t0, 1)
     return report
+
+
+def _ars(ars: list[int]) -> str:
+    return ", ".join(f"AR-{a}" for a in ars) or "none found"
 
 
 def format_genie_report(r: dict) -> str:
@@ -203,6 +229,8 @@ def format_genie_report(r: dict) -> str:
         f"{r['new_tokens']} greedy tokens",
         f"  non-shared twin: config {t['config_status']}, dialog {t['dialog_status']}, token query {q[0].get('status')}, "
         f"text query {q[1].get('status')}; graphs loaded {t['graphs_loaded']} (expected {r['expected_graphs']})",
+        f"  prompt graphs {_ars(t['prompt_graphs'])} in Genie vs {_ars(t['reference_prompt_graphs'])} in the runtime: "
+        + ("equal" if t["prompt_graphs_equal"] else "DIFFER"),
         f"  Genie tokens {q[0].get('tokens')} vs qnn-htp {t['reference_tokens']}: " + ("equal" if t["tokens_equal"] else "DIFFER"),
         f"  Genie text {q[1].get('text')!r} vs decoded {t['reference_text']!r}: " + ("equal" if t["text_equal"] else "DIFFER"),
         "  Genie log: " + ("no unconnected tensor, naming warning, encoding mismatch or error"

@@ -166,8 +166,9 @@ class Engine:
     def feed(self, tokens: list[int]) -> np.ndarray:
         """Append ``tokens`` to the sequence; return the logits (V,) float32 after the last one.
 
-        Tokens go in AR-sized chunks (the last one padded) while they fit the prompt processor's
-        past (n_past <= CL - AR), the rest one at a time through the AR-1 graph.
+        Tokens go in chunks of :meth:`chunk_ar` (the last one padded): AR-sized while they fit the
+        prompt processor's past (n_past <= CL - AR), a tail through the smallest graph that holds
+        it, the rest one at a time through the AR-1 graph.
 
         Raises:
             UserError: the sequence would exceed the context length.
@@ -182,15 +183,33 @@ class Engine:
         logits = None
         i = 0
         while i < len(tokens):
-            rest = len(tokens) - i
-            if rest > 1 and self.ar > 1 and len(self.tokens) <= self.context_length - self.ar:
-                n = min(rest, self.ar)
-                logits = self._call(tokens[i : i + n], self.ar, last_only=True)
-            else:
-                n = 1
-                logits = self._call(tokens[i : i + 1], 1)
+            ar = self.chunk_ar(len(tokens) - i, len(self.tokens))
+            n = min(len(tokens) - i, ar)
+            logits = self._call(tokens[i : i + n], ar, last_only=ar > 1)
             i += n
         return logits[-1]
+
+    def chunk_ar(self, rest: int, n_past: int) -> int:
+        """AR of the call that feeds the next of ``rest`` (>= 1) tokens after ``n_past`` cached
+        ones, chosen as Genie's qnn-htp engine chooses its graph for a prompt (observed in its
+        log on the simulator, docs/device.md): while the prompt processor's past fits (n_past <=
+        CL - AR), the smallest graph above AR-1 whose AR holds all ``rest`` tokens, else the
+        prompt processor; AR-1 for a single token and past that point. With the usual AR-128 and
+        AR-1 graphs that is AR-128 for every chunk; a bundle's verify graph (AR-(k + 1)) takes a
+        prompt's tail of 2 to k + 1 tokens. A backend that takes any AR (torch) has one choice."""
+        if rest == 1 or self.ar == 1 or n_past > self.context_length - self.ar:
+            return 1
+        ars = self.backend.ar_lengths or (self.ar,)
+        return min(a for a in ars if a >= min(rest, self.ar) and 1 < a <= self.ar)
+
+    def prompt_ars(self, n: int) -> list[int]:
+        """The ARs of the calls :meth:`feed` makes for ``n`` tokens on an empty cache, in order."""
+        out, done = [], 0
+        while done < n:
+            ar = self.chunk_ar(n - done, done)
+            out.append(ar)
+            done += min(n - done, ar)
+        return out
 
     def prefill(self, prompt: list[int]) -> np.ndarray:
         """Make the sequence equal ``prompt`` (reusing a cached common prefix) and return the
@@ -264,17 +283,14 @@ class Engine:
         self.exact = min(self.exact, n)
 
     def logits_all(self, prompt: list[int]) -> np.ndarray:
-        """Logits (n, V) float32 of every position of ``prompt``, fed from an empty cache in
-        AR-sized chunks (used by tests and perplexity evaluation)."""
+        """Logits (n, V) float32 of every position of ``prompt``, fed from an empty cache in the
+        chunks of :meth:`feed` (used by tests and perplexity evaluation)."""
         self.reset()
         out = []
         i = 0
         while i < len(prompt):
-            if len(self.tokens) > self.context_length - self.ar:
-                out.append(self._call(prompt[i : i + 1], 1))
-                i += 1
-                continue
-            n = min(self.ar, len(prompt) - i)
-            out.append(self._call(prompt[i : i + n], self.ar))
+            ar = self.chunk_ar(len(prompt) - i, len(self.tokens))
+            n = min(ar, len(prompt) - i)
+            out.append(self._call(prompt[i : i + n], ar))
             i += n
         return np.concatenate(out, axis=0)
