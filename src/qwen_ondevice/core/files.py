@@ -6,14 +6,14 @@ import hashlib
 import os
 from pathlib import Path
 
+import platformdirs
+
 
 def cache_dir() -> Path:
     """Cache root: ``$QWEN_ONDEVICE_CACHE``, else the user's cache dir (``~/.cache/qwen-ondevice``)."""
     env = os.environ.get("QWEN_ONDEVICE_CACHE")
     if env:
         return Path(env).expanduser()
-    import platformdirs
-
     return Path(platformdirs.user_cache_dir("qwen-ondevice"))
 
 

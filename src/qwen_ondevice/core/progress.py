@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 
 import psutil
+from tqdm import tqdm
 
 _quiet = False
 
@@ -35,8 +36,6 @@ def bar(iterable=None, total: int | None = None, desc: str = "", unit: str = "it
     """A ``tqdm`` progress bar on stderr showing done/total, rate and time remaining (disabled
     by ``set_quiet(True)``, and for nothing to do). Off a terminal it redraws at most every 10 s,
     so logs stay short."""
-    from tqdm import tqdm
-
     tty = sys.stderr.isatty()
     size = total if total is not None else (len(iterable) if hasattr(iterable, "__len__") else None)
     return tqdm(iterable, total=total, desc=desc, unit=unit, file=sys.stderr, disable=_quiet or size == 0, leave=True,

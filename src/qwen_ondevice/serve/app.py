@@ -33,8 +33,11 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -53,8 +56,6 @@ from qwen_ondevice.serve.protocol import (
 )
 from qwen_ondevice.serve.worker import ClientGone, GenerationWorker, Job, QueueFull
 
-if TYPE_CHECKING:
-    from fastapi import FastAPI
 
 logger = logging.getLogger(__name__)
 
@@ -303,8 +304,6 @@ def create_app(runtime: Runtime, limits: ServerLimits | None = None, new_drafter
     The engine's worker thread starts with the app's lifespan (or at the first request) and stops
     at shutdown. ``app.state.server.worker`` is the :class:`GenerationWorker`.
     """
-    from fastapi import FastAPI
-
     srv = _App(runtime, limits or ServerLimits(), new_drafter, draft_tokens)
 
     @asynccontextmanager
@@ -324,14 +323,12 @@ def create_app(runtime: Runtime, limits: ServerLimits | None = None, new_drafter
 
 
 def _error_response(e: OpenAIError):
-    from fastapi.responses import JSONResponse
 
     return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
 
 def _add_error_handlers(app) -> None:
     """Every error as OpenAI's error object: ours, request validation, unknown routes, the rest (500)."""
-    from fastapi.exceptions import RequestValidationError
 
     @app.exception_handler(OpenAIError)
     async def _openai_error(request, exc: OpenAIError):
@@ -355,8 +352,6 @@ def _add_error_handlers(app) -> None:
 
 def _add_routes(app, srv: "_App", runtime: Runtime) -> None:
     """The OpenAI routes (chat completions, completions, models) and /health."""
-    from fastapi import Request
-    from fastapi.responses import JSONResponse, Response, StreamingResponse
 
     async def handle(request: Request, model: type[BaseModel], kind: str):
         raw = await srv.read_body(request)
