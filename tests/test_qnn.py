@@ -46,7 +46,8 @@ def tiny_ckpt(tiny_factory):
 @pytest.fixture(scope="module")
 def compiled(tiny_ckpt, tmp_path_factory):
     out = tmp_path_factory.mktemp("qnn") / "bundle"
-    export(_options(tiny_ckpt, chipset=CHIP, verify_tokens=K), out)
+    # the int8 mix (not the default) so that the HTP also meets per-channel int8 projections
+    export(_options(tiny_ckpt, chipset=CHIP, verify_tokens=K, int8_fraction=0.1), out)
     return out, json.loads((out / "manifest.json").read_text())
 
 
@@ -551,8 +552,8 @@ def test_onnx_runtime_runs_a_renamed_binary_bit_identically(compiled, tmp_path):
         np.testing.assert_array_equal(x, y)
 
 
-def test_default_w4a16_keeps_the_worst_int4_projections_at_int8(compiled):
-    """The default quantization path (GPTQ and the int8 mix) in the fast suite: per part, the
+def test_int8_fraction_keeps_the_worst_int4_projections_at_int8(compiled):
+    """GPTQ and the int8 mix (``--int8-fraction 0.1``) in the fast suite: per part, the
     projections kept at int8 are those with the largest measured int4 output error, taken
     greedily while they fit 10% of the part's projection weights, and the graph stores exactly
     those as int8 (the rest int4)."""

@@ -39,7 +39,7 @@ class ExportOptions:
     calibration_text: str | None = None  # None: the WikiText-2 validation text shipped with the package
     calibration_tokens: int = DEFAULT_CALIBRATION_TOKENS
     weight_method: str = "gptq"
-    int8_fraction: float = 0.1
+    int8_fraction: float = 0.0  # w4a16: share of projection weights kept at int8 (docs/numerics.md "Ablations")
     # w4a16: int4 scales per block of this many input rows, on the LPBQ grid (weight_quant.lpbq_scales);
     # None: one scale per output channel
     weight_block_size: int | None = DEFAULT_WEIGHT_BLOCK_SIZE

@@ -54,7 +54,7 @@ class QuantSettings:
 
     precision: str
     weight_method: str = "gptq"
-    int8_fraction: float = 0.1
+    int8_fraction: float = 0.0
     block_size: int | None = None  # int4 scales per block of this many input rows (None: per channel)
     smooth_alpha: float = 0.0  # SmoothQuant migration strength for the down_proj input (0: off)
     down_proj_headroom: float = 1.0  # the down_proj input's uint16 range, widened this many times
