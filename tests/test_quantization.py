@@ -1184,6 +1184,39 @@ def test_uint16_kv_cache_option(bundles, tiny, tmp_path):
     assert generate(rt.engine, rt.tokenizer, ids, max_new_tokens=4).token_ids
 
 
+def test_int8_projections_option_stores_those_kinds_as_int8_in_every_layer(tiny, tmp_path):
+    """``--int8-projections q_proj,k_proj``: every layer's q_proj and k_proj weights are stored
+    as INT8 in every graph of the part (the other projections INT4), the manifest says so, and an
+    unknown kind is refused before anything is written."""
+    out = tmp_path / "qk8"
+    opts = dict(model=str(tiny), precision="w4a16", prompt_length=AR, context_length=CL, num_parts=3,
+                calibration_tokens=CALIB_TOKENS, eval_tokens=0, chipset="none", weight_block_size=32,
+                weight_method="mse")
+    with pytest.raises(UserError, match="unknown projection qproj"):
+        export(ExportOptions(**opts, int8_projections="qproj"), out)
+    assert not out.exists()
+    export(ExportOptions(**opts, int8_projections="q_proj,k_proj"), out)
+    m = read_manifest(out)
+    seen = set()
+    for part in m.parts[1:]:
+        for ar in part["graphs"]:
+            graph = onnx.load(str(m.graph_path(part, int(ar))), load_external_data=False).graph
+            inits = {t.name: t for t in graph.initializer}
+            for node in graph.node:
+                if node.op_type != "DequantizeLinear" or not node.input[0].endswith(".q") or node.input[0] not in inits:
+                    continue
+                name = node.input[0].removesuffix(".q")
+                if not (is_projection(name) and name.endswith(".weight")):
+                    continue
+                kind = name.split(".")[-2]
+                expected = TensorProto.INT8 if kind in ("q_proj", "k_proj") else TensorProto.INT4
+                assert inits[node.input[0]].data_type == expected, (ar, name)
+                assert part["weights"][name]["bits"] == (8 if kind in ("q_proj", "k_proj") else 4), name
+                seen.add(name)
+    assert seen == {f"model.layers.{i}.{'self_attn' if p in ('q_proj', 'k_proj', 'v_proj', 'o_proj') else 'mlp'}.{p}.weight"
+                    for i in range(LAYERS) for p in PROJECTIONS}
+
+
 def test_float_activations_diagnostic_removes_only_inner_pairs(bundles):
     """``evaluate --float-activations``: the matching inner QuantizeLinear/DequantizeLinear pairs
     go (the graph I/O keep their encodings), a pattern matching nothing changes no bit, and the

@@ -29,6 +29,9 @@ def register(sub) -> None:
     p.add_argument("--int8-fraction", type=float, default=0.0,
                    help="w4a16: share of projection weights kept at int8, chosen by measured int4 error (default 0: "
                         "all int4, AI Hub's size; 0.1 costs about 0.33 GB more per Qwen2-7B token)")
+    p.add_argument("--int8-projections", default="", metavar="KINDS",
+                   help="w4a16: projection kinds kept at int8 in every layer, comma-separated (e.g. q_proj,k_proj; "
+                        "default none)")
     p.add_argument("--prompt-length", type=int, default=128, help="AR of the prompt processor (default 128)")
     p.add_argument("--context-length", type=int, default=4096, help="CL (default 4096)")
     p.add_argument("--verify-tokens", type=int, default=0, metavar="K",
@@ -102,6 +105,7 @@ def run(args: argparse.Namespace) -> int:
         calibration_tokens=args.calibration_tokens,
         weight_method=args.weight_method,
         int8_fraction=args.int8_fraction,
+        int8_projections=args.int8_projections,
         weight_block_size=args.weight_block_size or None,
         smooth_alpha=args.smooth_alpha,
         down_proj_headroom=args.down_proj_headroom,

@@ -15,6 +15,7 @@ from qwen_ondevice.core.jsonio import write_json
 from qwen_ondevice.core.progress import log
 from qwen_ondevice.qnn.chipsets import check_chipset_option
 from qwen_ondevice.qnn.ep_options import DEFAULT_HTP_OPTIMIZATION
+from qwen_ondevice.quantize.stages import PROJECTIONS
 
 PRECISIONS = ("fp32", "fp16", "w8a16", "w4a16")
 QUANTIZED = ("w8a16", "w4a16")
@@ -40,6 +41,7 @@ class ExportOptions:
     calibration_tokens: int = DEFAULT_CALIBRATION_TOKENS
     weight_method: str = "gptq"
     int8_fraction: float = 0.0  # w4a16: share of projection weights kept at int8 (docs/numerics.md "Ablations")
+    int8_projections: str = ""  # w4a16: comma-separated projection kinds kept at int8 in every layer ("q_proj,k_proj")
     # w4a16: int4 scales per block of this many input rows, on the LPBQ grid (weight_quant.lpbq_scales);
     # None: one scale per output channel
     weight_block_size: int | None = DEFAULT_WEIGHT_BLOCK_SIZE
@@ -160,9 +162,14 @@ def prepare_output(out: Path, options: ExportOptions, force: bool) -> ExportStat
 
 
 def check_options(options: ExportOptions, ckpt: Checkpoint) -> None:
-    """Raises UserError for an unknown precision, AR >= CL, or CL beyond the checkpoint."""
+    """Raises UserError for an unknown precision, AR >= CL, CL beyond the checkpoint, a verify
+    graph that does not fit between AR-1 and the prompt processor, or an unknown projection kind
+    in ``int8_projections``."""
     if options.precision not in PRECISIONS:
         raise UserError(f"unknown precision {options.precision!r}; choose one of {', '.join(PRECISIONS)}")
+    unknown = [p for p in options.int8_projections.split(",") if p and p not in PROJECTIONS]
+    if unknown:
+        raise UserError(f"--int8-projections: unknown projection {', '.join(unknown)}; choose among {', '.join(PROJECTIONS)}")
     if options.prompt_length < 1 or options.prompt_length >= options.context_length:
         raise UserError(
             f"--prompt-length (AR) {options.prompt_length} must be at least 1 and below --context-length (CL) {options.context_length}"

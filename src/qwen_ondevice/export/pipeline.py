@@ -187,7 +187,8 @@ def _quantized_part(ckpt: Checkpoint, part: PartSpec, options: ExportOptions, ou
     settings = QuantSettings(options.precision, options.weight_method, options.int8_fraction, options.weight_block_size,
                              options.smooth_alpha, options.down_proj_headroom, key_minmax=options.key_center,
                              float_residual=options.residual == "fp16", kv_dtype=options.kv_cache,
-                             lm_head_bits=4 if options.lm_head == "int4" else 8)
+                             lm_head_bits=4 if options.lm_head == "int4" else 8,
+                             int8_projections=tuple(p for p in options.int8_projections.split(",") if p))
     if stage_key(FLOAT, part.name) not in state.done:
         with stage_meter(stage_key(FLOAT, part.name)) as rec:
             info = export_part(ckpt, part, options.ar_lengths, options.context_length, "fp32", float_dir, options.key_center)

@@ -47,7 +47,8 @@ class QuantSettings:
     activations uint16 in both. weight_method: ``mse`` or ``gptq``. int8_fraction (w4a16): the
     share of a part's projection weights kept at int8, given to the projections with the largest
     measured relative output error at int4 (the mixed precision of docs/numerics.md; 0 keeps
-    every projection at int4). smooth_alpha: when > 0, the down_proj input's range is migrated
+    every projection at int4). int8_projections (w4a16): projection kinds (``"q_proj"``, ...) kept at
+    int8 in every layer, whatever their measured error; the int8 share then picks among the rest. smooth_alpha: when > 0, the down_proj input's range is migrated
     into the weights (:mod:`qwen_ondevice.quantize.smoothing`) before quantization. down_proj_headroom:
     see :func:`qwen_ondevice.quantize.qdq.activation_encodings`.
     """
@@ -61,6 +62,7 @@ class QuantSettings:
     key_minmax: bool = False  # uint8 key cache over the observed min/max (centered keys), not MSE-clipped
     float_residual: bool = True  # the residual stream stays float (fp16 on the HTP), see qdq.residual_stream
     kv_dtype: str = "uint8"  # the KV cache's dtype (core.encodings.KV_CACHE_DTYPES)
+    int8_projections: tuple[str, ...] = ()  # w4a16: projection kinds kept at int8 in every layer
     lm_head_bits: int = 8  # 8: int8 per output channel (MSE clipping); 4: int4 like the projections (blocks, weight_method)
 
     @property
@@ -70,6 +72,14 @@ class QuantSettings:
 
 def is_projection(name: str) -> bool:
     return name.startswith("model.layers.") and any(f".{p}." in name for p in PROJECTIONS)
+
+
+def projection_kind(name: str) -> str | None:
+    """``"q_proj"`` for ``model.layers.3.self_attn.q_proj.weight``; None for a weight that is no
+    projection (the lm_head)."""
+    if not name.startswith("model.layers."):
+        return None
+    return next((p for p in PROJECTIONS if f".{p}." in name), None)
 
 
 def _smooth_mlps(part: PartSpec, inits: dict, float_dir: Path, stats: PartStats, matmul_inputs: dict,
@@ -136,7 +146,10 @@ def _quantize_weights(part: PartSpec, names: list[str], quantize: _WeightQuantiz
     share of the projections (:func:`_promote_to_int8`); returns the weights and their report."""
     weights, report = {}, {}
     for wname in bar(names, desc=f"[quantize] {part.name}", unit="weight"):
-        if is_projection(wname):
+        if projection_kind(wname) in settings.int8_projections and settings.projection_bits == 4:
+            weights[wname] = quantize(wname, 8, settings.weight_method)
+            report[wname] = {**_weight_entry(weights[wname], 8), "reason": "--int8-projections"}
+        elif is_projection(wname):
             weights[wname] = quantize(wname, settings.projection_bits, settings.weight_method)
             report[wname] = _weight_entry(weights[wname], settings.projection_bits)
         elif settings.lm_head_bits == 4:  # lm_head as the int4 projections (--lm-head int4)
@@ -145,7 +158,7 @@ def _quantize_weights(part: PartSpec, names: list[str], quantize: _WeightQuantiz
         else:  # lm_head: int8 per output channel
             weights[wname] = quantize(wname, 8, "mse")
             report[wname] = {"bits": 8, "rel_error": weights[wname].rel_error}
-    projections = [n for n in names if is_projection(n)]
+    projections = [n for n in names if is_projection(n) and weights[n].bits == 4]
     if settings.projection_bits == 4 and settings.int8_fraction > 0 and projections:
         _promote_to_int8(part, projections, weights, report, quantize, settings, sizes)
     quantize.release()
