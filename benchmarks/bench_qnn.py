@@ -6,7 +6,9 @@ on x86_64) time per AR-128 and AR-1 call per part, and bytes moved per generated
 - compile: each part's AR graphs compiled again into one weight-shared context, in a child
   process (time and that process's peak RSS), at each HTP graph finalization optimization level
   of ``--levels`` (default: the bundle's own), with ratios against the first level listed (the
-  QNN EP's default is 0); ``--from-manifest`` prints the export's own numbers.
+  QNN EP's default is 0); ``--from-manifest`` prints the export's own numbers;
+  ``--verify-graph-cost`` (a bundle exported with ``--verify-tokens K``) compiles each part also
+  without its AR-(K+1) verify graph, the baseline of the ratios: what the third graph costs.
 - simulator: the calls of ``qwen-ondevice verify`` (one AR-128 and one AR-1 call per part on a
   short chat prompt), with the ORT CPU time of the same QDQ call as the baseline in the same run.
 - bytes per generated token: every decoder weight read once (the embedding part reads one row)
@@ -51,14 +53,16 @@ def bundle_bytes_per_token(root: Path) -> dict:
     return {"weights": r["bytes_read_per_token_full_context"] - kv, "kv": kv, "total": r["bytes_read_per_token_full_context"]}
 
 
-def recompile(root: Path, level: int) -> list[dict]:
+def recompile(root: Path, level: int, drop: frozenset[int] = frozenset()) -> list[dict]:
+    """Compile each part's AR graphs (less those in ``drop``) again into one context binary in a
+    child process: per part its wall time (s), the child's peak RSS (bytes) and the .bin size."""
     from qwen_ondevice.qnn.compile import compile_in_child
     from qwen_ondevice.qnn.prepare import wrapper_name
 
     m = read_manifest(root, verify=False)
     rows = []
     for part in m.parts:
-        ars = sorted((int(a) for a in part["graphs"]), reverse=True)
+        ars = sorted((int(a) for a in part["graphs"] if int(a) not in drop), reverse=True)
         with tempfile.TemporaryDirectory() as tmp:
             graphs = [[ar, str(root / part["graphs"][str(ar)]["file"]), str(Path(tmp) / wrapper_name(part["name"], ar))] for ar in ars]
             t0 = time.perf_counter()
@@ -68,7 +72,7 @@ def recompile(root: Path, level: int) -> list[dict]:
                 raise SystemExit(f"{part['name']}: {res['error']}")
             bin_bytes = sum(b.stat().st_size for b in Path(tmp).glob("*.bin"))
         rows.append({"name": part["name"], "compile_seconds": seconds, "peak_rss_bytes": peak, "bin_bytes": bin_bytes,
-                     "weight_bytes": part["weight_bytes"], "htp_optimization": level})
+                     "weight_bytes": part["weight_bytes"], "htp_optimization": level, "graphs": ars})
     return rows
 
 
@@ -80,6 +84,8 @@ def main() -> int:
     ap.add_argument("--json", type=Path, default=None, help="also write the numbers to this JSON file")
     ap.add_argument("--levels", default=None,
                     help="comma-separated HTP graph optimization levels to compile at (0-3; default: the bundle's own)")
+    ap.add_argument("--verify-graph-cost", action="store_true",
+                    help="also compile each part without its verify graph, and give the ratios against that")
     args = ap.parse_args()
     from qwen_ondevice.core.progress import set_quiet
 
@@ -94,16 +100,30 @@ def main() -> int:
     out = {"bundle": str(args.bundle), "chipset": q["chipset"]}
 
     levels = [int(x) for x in args.levels.split(",")] if args.levels else [int(q.get("htp_optimization", 3))]
-    rows = q["parts"] if args.from_manifest else [r for lv in levels for r in recompile(args.bundle, lv)]
+    drops = [frozenset()]
+    if args.verify_graph_cost:
+        if len(m.ar_lengths) != 3:
+            raise SystemExit(f"{args.bundle}: no verify graph (AR {m.ar_lengths}); export with --verify-tokens K")
+        drops = [frozenset({sorted(m.ar_lengths)[1]}), frozenset()]
+    if args.from_manifest:
+        rows = q["parts"]
+    else:
+        rows = [r for lv in levels for drop in drops for r in recompile(args.bundle, lv, drop)]
+    baseline = "the same part without its verify graph" if args.verify_graph_cost else f"level {levels[0]}"
     print(f"\ncompile ({'export manifest' if args.from_manifest else 'compiled again now, one child process per part'};"
-          f" ratios against level {levels[0]}):")
-    print(f"  {'part':<14} {'level':>5} {'seconds':>9} {'ratio':>6} {'peak RSS GB':>12} {'ratio':>6} {'bin MB':>9} {'bin/weights':>12}")
-    base = {r["name"]: r for r in rows if r.get("htp_optimization", levels[0]) == levels[0]}
+          f" ratios against {baseline}):")
+    print(f"  {'part':<14} {'graphs':<14} {'level':>5} {'seconds':>9} {'ratio':>6} {'peak RSS GB':>12} {'ratio':>6} "
+          f"{'bin MB':>9} {'ratio':>6} {'bin/weights':>12}")
+    base: dict[str, dict] = {}
     for r in rows:
-        b = base.get(r["name"], r)
-        print(f"  {r['name']:<14} {r.get('htp_optimization', '?'):>5} {r['compile_seconds']:>9.1f} "
+        base.setdefault(r["name"], r)  # the first row of each part: the first level, without the verify graph if asked
+    for r in rows:
+        b = base[r["name"]]
+        graphs = ",".join(f"AR-{a}" for a in r.get("graphs", m.ar_lengths))
+        print(f"  {r['name']:<14} {graphs:<14} {r.get('htp_optimization', '?'):>5} {r['compile_seconds']:>9.1f} "
               f"{r['compile_seconds'] / b['compile_seconds']:>6.2f} {r['peak_rss_bytes'] / 1e9:>12.2f} "
-              f"{r['peak_rss_bytes'] / b['peak_rss_bytes']:>6.2f} {r['bin_bytes'] / 1e6:>9.1f} {r['bin_bytes'] / r['weight_bytes']:>12.3f}")
+              f"{r['peak_rss_bytes'] / b['peak_rss_bytes']:>6.2f} {r['bin_bytes'] / 1e6:>9.1f} "
+              f"{r['bin_bytes'] / b['bin_bytes']:>6.3f} {r['bin_bytes'] / r['weight_bytes']:>12.3f}")
     out["compile"] = rows
 
     if not args.skip_simulator:

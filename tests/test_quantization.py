@@ -1247,3 +1247,22 @@ def test_float_activations_diagnostic_removes_only_inner_pairs(bundles):
     assert not np.array_equal(a, c)
     with pytest.raises(UserError, match="ort-cpu"):
         open_runtime(str(bundle), backend="qnn-htp", float_activations=".")
+
+
+def test_evaluate_skip_tokens_scores_the_later_text_at_the_start_of_a_window(bundles):
+    """``evaluate --skip-tokens``: two windows of W scored separately, the second with
+    ``skip_tokens=W``, give the perplexities whose geometric mean is the two-window run's (the
+    windows are independent and hold equal token counts), for the bundle and the float model;
+    skipping past the end of the text is refused."""
+    from qwen_ondevice.eval.evaluate import evaluate_bundle
+
+    bundle, w = bundles["w4a16_b32"], 16
+    both = evaluate_bundle(bundle, tokens=2 * w, window=w)
+    first = evaluate_bundle(bundle, tokens=w, window=w)
+    second = evaluate_bundle(bundle, tokens=w, window=w, skip_tokens=w)
+    assert second.perplexity != pytest.approx(first.perplexity, rel=1e-3)  # other text
+    assert both.perplexity == pytest.approx(math.sqrt(first.perplexity * second.perplexity), rel=1e-5)
+    assert both.reference_perplexity == pytest.approx(
+        math.sqrt(first.reference_perplexity * second.reference_perplexity), rel=1e-5)
+    with pytest.raises(UserError, match="fewer than"):
+        evaluate_bundle(bundle, tokens=w, window=w, skip_tokens=10**7)

@@ -35,6 +35,9 @@ def register(sub) -> None:
                    help="the first N prompts of the fidelity set (default: all, 81 code tasks and 40 chat prompts)")
     p.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS,
                    help=f"fidelity: new tokens per continuation at most (default {DEFAULT_MAX_NEW_TOKENS})")
+    p.add_argument("--skip-tokens", type=int, default=0, metavar="N",
+                   help="start scoring N tokens into the text (e.g. to score the tokens a deep window sees "
+                        "at depth 3072 at the start of a window instead)")
     p.add_argument("--details", type=Path, default=None, metavar="FILE",
                    help="fidelity: write every prompt's row (identical, tokens shared, tests passed) to this JSON file")
     p.add_argument("--float-activations", default=None, metavar="REGEX",
@@ -55,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     out = {}
     if args.tokens:
         acc = evaluate_bundle(args.bundle, args.reference, args.text, args.tokens, args.window, args.backend,
-                              args.host_numerics, args.by_position, args.float_activations)
+                              args.host_numerics, args.by_position, args.float_activations, args.skip_tokens)
         out["accuracy"] = acc.to_dict()
         if not args.json:
             print(acc.format(), flush=True)

@@ -161,8 +161,12 @@ def reference_engine(model: str, window: int):
 def evaluate_bundle(bundle: Path, reference: str | None = None, text: str | None = None,
                     tokens: int = DEFAULT_EVAL_TOKENS, window: int = DEFAULT_WINDOW, backend: str = "ort-cpu",
                   host_numerics: str = "exact", by_position: int | None = None,
-                  float_activations: str | None = None) -> AccuracyReport:
+                  float_activations: str | None = None, skip_tokens: int = 0) -> AccuracyReport:
     """Evaluate a bundle against its float reference (default: the model it was exported from).
+
+    ``skip_tokens``: the scored text starts this many tokens into the held-out text, so the
+    tokens a long window scores deep in its context can be scored again at the start of a short
+    one (whether a loss deep in the context comes from the depth or from that text).
 
     ``host_numerics``: ``exact`` (the device simulation) or ``fast`` (ort-cpu only; see
     ``runtime.backends.ort_backend.HOST_NUMERICS``), to measure what the fast mode costs.
@@ -170,8 +174,11 @@ def evaluate_bundle(bundle: Path, reference: str | None = None, text: str | None
     expression, the bundle's activations it matches run in float (``host_graph.float_activations``).
 
     Raises:
-        UserError: a bad bundle, a missing reference, or a text shorter than one window.
+        UserError: a bad bundle, a missing reference, a negative ``skip_tokens``, or a text shorter
+            than ``skip_tokens`` plus one window.
     """
+    if skip_tokens < 0:
+        raise UserError(f"--skip-tokens must be 0 or more, got {skip_tokens}")
     m = read_manifest(bundle)
     rt = open_runtime(str(bundle), backend, host_numerics=host_numerics, float_activations=float_activations)
     path = Path(text) if text else default_evaluation_text()
@@ -179,7 +186,7 @@ def evaluate_bundle(bundle: Path, reference: str | None = None, text: str | None
     if tokens < window:
         raise UserError(f"--tokens {tokens} is shorter than one window of {window}")
     try:
-        ids = text_token_ids(rt.tokenizer, path, tokens, "evaluation")
+        ids = text_token_ids(rt.tokenizer, path, skip_tokens + tokens, "evaluation")[skip_tokens:]
     except UserError as e:
         if "fewer than" in str(e):
             raise UserError(f"{e} (at least one window of {window} tokens is needed)") from None
