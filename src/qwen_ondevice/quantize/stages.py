@@ -47,10 +47,11 @@ class QuantSettings:
     activations uint16 in both. weight_method: ``mse`` or ``gptq``. int8_fraction (w4a16): the
     share of a part's projection weights kept at int8, given to the projections with the largest
     measured relative output error at int4 (the mixed precision of docs/numerics.md; 0 keeps
-    every projection at int4). int8_projections (w4a16): projection kinds (``"q_proj"``, ...) kept at
-    int8 in every layer, whatever their measured error; the int8 share then picks among the rest. smooth_alpha: when > 0, the down_proj input's range is migrated
-    into the weights (:mod:`qwen_ondevice.quantize.smoothing`) before quantization. down_proj_headroom:
-    see :func:`qwen_ondevice.quantize.qdq.activation_encodings`.
+    every projection at int4). int8_projections (w4a16): projection kinds (``"q_proj"``, ...)
+    kept at int8 in every layer, whatever their measured error; the int8 share then picks among
+    the rest. smooth_alpha: when > 0, the down_proj input's range is migrated into the weights
+    (:mod:`qwen_ondevice.quantize.smoothing`) before quantization. down_proj_headroom: see
+    :func:`qwen_ondevice.quantize.qdq.activation_encodings`.
     """
 
     precision: str
