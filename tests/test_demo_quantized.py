@@ -10,6 +10,7 @@ import re
 import subprocess
 import sys
 
+import onnx
 import pytest
 
 from qwen_ondevice.cli.main import main
@@ -125,13 +126,29 @@ def test_mid_model_boundaries_keep_the_accuracy(demo_w4a16, demo_w4a16_5_parts):
     assert five["perplexity_ratio"] <= 1.10 and five["top1_agreement"] >= 0.85, five
 
 
-def test_w4a16_bundle_is_all_int4_and_smaller(demo_w4a16):
-    """The default w4a16 keeps no projection at int8 (``--int8-fraction 0``: AI Hub's size); the
-    int8 mix is covered by the tiny QNN tests."""
+def test_w4a16_default_keeps_v_and_o_at_int8_and_the_lm_head_at_int4(demo_w4a16):
+    """The default w4a16, as its graphs store it: v_proj and o_proj INT8 in every layer, the
+    other projections and the lm_head INT4 (in blocks of 32, as the manifest says), no int8 share
+    (``--int8-fraction 0``); the int8 mix is covered by the tiny QNN tests."""
     m = json.loads((demo_w4a16 / "manifest.json").read_text())
-    assert m["quantization"]["mixed_precision"]["count"] == 0
-    decoder = [w for p in m["parts"] for n, w in p["weights"].items() if n.startswith("model.layers.")]
-    assert decoder and all(w["bits"] == 4 and w["block_size"] == 32 for w in decoder)
+    layers = m["model"]["config"]["num_hidden_layers"]
+    mixed = m["quantization"]["mixed_precision"]
+    assert mixed["count"] == 2 * layers and {w["reason"] for w in mixed["int8_projections"].values()} == {"--int8-projections"}
+    assert m["quantization"]["weights"]["int8_projections"] == ["v_proj", "o_proj"]
+    stored = {}  # weight name -> ONNX data type of its quantized initializer
+    for part in m["parts"]:
+        graph = onnx.load(str(demo_w4a16 / part["graphs"]["1"]["file"]), load_external_data=False).graph
+        inits = {t.name: t for t in graph.initializer}
+        for node in graph.node:
+            q = node.input[0] if node.op_type == "DequantizeLinear" else ""
+            if q in inits and (q.endswith("_proj.weight.q") or q == "lm_head.weight.q"):
+                stored[q.removesuffix(".q")] = inits[q].data_type
+    assert len(stored) == 7 * layers + 1
+    for n, dtype in stored.items():
+        eight = ".v_proj." in n or ".o_proj." in n
+        assert dtype == (onnx.TensorProto.INT8 if eight else onnx.TensorProto.INT4), n
+    blocks = {n: w.get("block_size") for p in m["parts"] for n, w in p["weights"].items() if n in stored}
+    assert all(b == 32 for n, b in blocks.items() if stored[n] == onnx.TensorProto.INT4)
     weights = sum(p["weight_bytes"] for p in m["parts"])
     # fp32 is 2.5 GB; per output channel 0.44 GB; blocks of 32 0.52 GB (a float32 scale per 32
     # int4 weights is one more bit per weight)

@@ -23,6 +23,7 @@ from qwen_ondevice.core.bundle import read_manifest
 from qwen_ondevice.core.checkpoint import load_checkpoint
 from qwen_ondevice.core.encodings import Encoding
 from qwen_ondevice.core.errors import UserError
+from qwen_ondevice.core.layer import PROJECTIONS
 from qwen_ondevice.core.modeling import rope_tables
 from qwen_ondevice.core.parts import MASK_VALUE
 from qwen_ondevice.eval.evaluate import evaluate_engines, reference_engine
@@ -30,7 +31,7 @@ from qwen_ondevice.core.onnx_io import ExternalData
 from qwen_ondevice.export.options import ExportOptions
 from qwen_ondevice.export.pipeline import export
 from qwen_ondevice.quantize import qdq
-from qwen_ondevice.quantize.stages import PROJECTIONS, is_projection
+from qwen_ondevice.quantize.stages import is_projection
 from qwen_ondevice.quantize.weight_quant import quantize_weight
 from qwen_ondevice.runtime.backends.ort_backend import qdq_session_options
 from qwen_ondevice.runtime.engine import make_call_inputs
@@ -49,7 +50,8 @@ LAYERS = 3
 def _export(ckpt: Path, out: Path, precision: str, block_size: int | None = None, residual: str = "fp16") -> Path:
     export(ExportOptions(model=str(ckpt), precision=precision, prompt_length=AR, context_length=CL, num_parts=3,
                          calibration_tokens=CALIB_TOKENS, eval_tokens=0, chipset="none", weight_block_size=block_size,
-                         weight_method="mse", int8_fraction=0.0, residual=residual), out)  # plain rounding: the checks below assume it
+                         weight_method="mse", int8_fraction=0.0, int8_projections="", lm_head="int8",
+                         residual=residual), out)  # plain rounding, every projection at the precision's width, an int8 lm_head: the checks below assume them
     return out
 
 

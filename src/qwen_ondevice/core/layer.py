@@ -17,6 +17,9 @@ from qwen_ondevice.core.config import ModelConfig
 
 T = TypeVar("T")
 
+#: The seven projections of a decoder layer (the MatMul weights ``model.layers.N.<attn|mlp>.<kind>.weight``).
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
 
 class LayerOps(Protocol[T]):
     """The ops :func:`decoder_layer` is written in, over one layer's weights.

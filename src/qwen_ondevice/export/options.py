@@ -12,10 +12,10 @@ from qwen_ondevice.core.checkpoint import Checkpoint
 from qwen_ondevice.core.errors import UserError
 from qwen_ondevice.core.export_layout import MANIFEST_STAGE, REPORT_STAGE, STATE_DIR, STATE_FILE
 from qwen_ondevice.core.jsonio import write_json
+from qwen_ondevice.core.layer import PROJECTIONS
 from qwen_ondevice.core.progress import log
 from qwen_ondevice.qnn.chipsets import check_chipset_option
 from qwen_ondevice.qnn.ep_options import DEFAULT_HTP_OPTIMIZATION
-from qwen_ondevice.quantize.stages import PROJECTIONS
 
 PRECISIONS = ("fp32", "fp16", "w8a16", "w4a16")
 QUANTIZED = ("w8a16", "w4a16")
@@ -25,6 +25,10 @@ DEFAULT_CALIBRATION_TOKENS = 4096
 #: agreement than one scale per output channel (the measurements are in docs/numerics.md "Accuracy of the bundle"). 32 is
 #: also the block of the GGUF Q4_K weights the demo comes from.
 DEFAULT_WEIGHT_BLOCK_SIZE = 32
+#: w4a16: projection kinds kept at int8 in every layer, paid for by an int4 lm_head. Chosen on the
+#: off-grid model against all int4 with an int8 lm_head (docs/numerics.md "Ablations"): lower KL and
+#: longer identical prefixes in free-running generation, at fewer bytes per Qwen2-7B token.
+DEFAULT_INT8_PROJECTIONS = "v_proj,o_proj"
 
 
 @dataclass
@@ -41,7 +45,8 @@ class ExportOptions:
     calibration_tokens: int = DEFAULT_CALIBRATION_TOKENS
     weight_method: str = "gptq"
     int8_fraction: float = 0.0  # w4a16: share of projection weights kept at int8 (docs/numerics.md "Ablations")
-    int8_projections: str = ""  # w4a16: comma-separated projection kinds kept at int8 in every layer ("q_proj,k_proj")
+    # w4a16: comma-separated projection kinds kept at int8 in every layer ("" keeps every projection int4)
+    int8_projections: str = DEFAULT_INT8_PROJECTIONS
     # w4a16: int4 scales per block of this many input rows, on the LPBQ grid (weight_quant.lpbq_scales);
     # None: one scale per output channel
     weight_block_size: int | None = DEFAULT_WEIGHT_BLOCK_SIZE
@@ -50,7 +55,9 @@ class ExportOptions:
     kv_equalize: bool = True  # per-RoPE-pair key scales folded into q_proj/k_proj before calibration (quantize/kv_equalize.py)
     key_center: bool = True  # keys stored minus their calibrated per-channel midrange (quantize/kv_equalize.py)
     rotate: bool = False  # fold a random orthogonal rotation of the residual stream into the weights (quantize/rotation.py)
-    lm_head: str = "int8"  # quantized precisions: the lm_head's weights, int8 per channel or int4 (as the projections)
+    # quantized precisions: the lm_head's weights, "int8" per channel or "int4" (as the projections);
+    # None: int4 at w4a16 (DEFAULT_INT8_PROJECTIONS), int8 at w8a16
+    lm_head: str | None = None
     kv_cache: str = "uint8"  # quantized precisions: the KV cache's dtype, uint8 or uint16 (core.encodings.KV_CACHE_DTYPES)
     residual: str = "fp16"  # the residual stream's precision: "fp16" (float, fp16 on the HTP) or "uint16"
     eval_tokens: int = 2048  # held-out tokens scored for report.json (0 skips the accuracy report)
@@ -65,6 +72,11 @@ class ExportOptions:
     # speculative decoding: an AR-(k + 1) verify graph beside AR-128 and AR-1 in each part, sharing
     # their weights (runtime/speculative.py); 0: none
     verify_tokens: int = 0
+
+    @property
+    def lm_head_precision(self) -> str:
+        """``int8`` or ``int4``: the lm_head's weights as asked, else the precision's default."""
+        return self.lm_head or ("int4" if self.precision == "w4a16" else "int8")
 
     @property
     def ar_lengths(self) -> list[int]:

@@ -32,9 +32,11 @@ from qwen_ondevice.qnn.prepare import (
 MAX_DIFFERING_FRACTION = 1e-3
 
 
-#: The size difference allowed whatever the binary's size: two 4 KiB pages. A tiny test bundle's
-#: 256 KiB part differs by one page between preparations now and then, over 0.1% of it.
-MIN_ALLOWED_DIFFERENCE = 2 * 4096
+#: The size difference allowed whatever the binary's size: 32 4 KiB pages. A tiny test bundle's
+#: 256 KiB part differs by one page between preparations now and then, over 0.1% of it, and a tiny
+#: part with an int4 lm_head of 151936 output channels by up to 12 pages (docs/bundle-format.md);
+#: what QNN reads back must be equal all the same.
+MIN_ALLOWED_DIFFERENCE = 32 * 4096
 
 
 def allowed_difference(size: int) -> float:

@@ -25,6 +25,7 @@ import onnx
 
 from qwen_ondevice.core.encodings import Encoding
 from qwen_ondevice.core.export_layout import CALIB, FLOAT, work_dir
+from qwen_ondevice.core.layer import PROJECTIONS
 from qwen_ondevice.core.onnx_data import read_initializer
 from qwen_ondevice.core.onnx_io import ExternalData
 from qwen_ondevice.core.parts import PartSpec
@@ -35,8 +36,6 @@ from qwen_ondevice.quantize.kv_equalize import equalize_part, qk_output_names
 from qwen_ondevice.quantize.qdq import activation_encodings, check_quantized_graph, quantize_graph, residual_stream
 from qwen_ondevice.quantize.smoothing import smooth_mlp
 from qwen_ondevice.quantize.weight_quant import QuantizedWeight, hessian_factor, quantize_weight
-
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclass
