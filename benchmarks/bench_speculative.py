@@ -1,5 +1,6 @@
-"""Speculative decoding with prompt lookup on a bundle: tokens per target forward, host speedup,
-and the projected Snapdragon 8 Elite decode rate of the Qwen2-7B bundle, in one table.
+"""Speculative decoding on a bundle, with prompt lookup or a draft model (``--draft MODEL``): tokens
+per target forward, host speedup, and the projected Snapdragon 8 Elite decode rate of the Qwen2-7B
+bundle, in one table.
 
 Three workloads built from text the package ships, greedy, ``--max-new-tokens`` (128) each:
 
@@ -36,7 +37,13 @@ per token) and a cost model of one forward over N tokens:
 The roofline is W_peak / B: 84.8 GB/s over the bundle's bytes per token (one token per weight read).
 
     python benchmarks/bench_speculative.py BUNDLE [--prompts 10] [--draft-tokens 2,4,7]
-        [--host-numerics exact,fast] [--max-new-tokens 128]
+        [--host-numerics exact,fast] [--max-new-tokens 128] [--draft lookup|MODEL]
+
+With ``--draft MODEL`` (a bundle or a checkpoint with the target's tokenizer) the draft model
+proposes the k tokens, one draft forward per drafted token, each projected to cost D / W with D
+the draft's bytes per token: ``--draft-bytes``, by default what a draft bundle's own .bin files
+and KV cache give (``core.bundle.bytes_per_token``, the figure of its ``report.json``; the demo's
+w4a16 bundle is a Qwen2-0.5B-sized model, the natural draft of Qwen2-7B).
 
 BUNDLE needs a verify graph able to take the largest k: ``qwen-ondevice export demo --out DIR
 --verify-tokens 7``.
@@ -129,16 +136,17 @@ class Tally:
         return self.tokens / self.calls if self.calls else 0.0
 
 
-def run(engine, tokenizer, prompts: list[list[int]], k: int | None, max_new: int) -> Tally:
-    """Greedy decoding of each prompt, plain (``k`` None) or with prompt lookup drafting ``k``."""
+def run(engine, tokenizer, prompts: list[list[int]], k: int | None, max_new: int, new_drafter=None) -> Tally:
+    """Greedy decoding of each prompt, plain (``k`` None) or speculative with ``new_drafter(params)``
+    (``runtime.speculative.drafter_factory``) drafting ``k``."""
     from qwen_ondevice.runtime.generate import generate
-    from qwen_ondevice.runtime.speculative import PromptLookup
+    from qwen_ondevice.runtime.sampling import SamplingParams
 
     tally = Tally()
     for ids in prompts:
         t0 = time.perf_counter()
         r = generate(engine, tokenizer, ids, max_new_tokens=max_new,
-                     drafter=None if k is None else PromptLookup(), draft_tokens=k or 1)
+                     drafter=None if k is None else new_drafter(SamplingParams()), draft_tokens=k or 1)
         prefill = len(ids) / r.prompt_tps if r.prompt_tps else 0.0
         tally.add(r, time.perf_counter() - t0 - prefill)  # decode time: the prefill is alike in both
     return tally
@@ -151,15 +159,33 @@ def forward_seconds(n: int, bytes_per_token: float, prefill_tps: float) -> float
     return weights + (n - 1) * per_token
 
 
-def projected_tps(t: Tally, k: int | None, bytes_per_token: float, prefill_tps: float) -> float:
-    """Projected 7B decode tokens/s from the measured calls: verify calls at AR-(k+1), the rest AR-1."""
+def projected_tps(t: Tally, k: int | None, bytes_per_token: float, prefill_tps: float, draft_bytes: float = 0.0) -> float:
+    """Projected 7B decode tokens/s from the measured calls: verify calls at AR-(k+1), the rest AR-1,
+    and one draft forward of ``draft_bytes`` / W per drafted token (0 for prompt lookup)."""
     if not t.calls:
         return 0.0
     ar1 = t.calls - t.verify_calls
     secs = ar1 * forward_seconds(1, bytes_per_token, prefill_tps)
     if k is not None:
         secs += t.verify_calls * forward_seconds(k + 1, bytes_per_token, prefill_tps)
+    secs += t.drafted * draft_bytes / (AI_HUB_TPS * AI_HUB_BYTES)
     return t.tokens / secs
+
+
+def draft_bytes_per_token(draft: str, given: float | None) -> float:
+    """The draft's bytes per token on the device: ``given``, else a draft bundle's own count, else 0
+    (prompt lookup reads nothing)."""
+    from pathlib import Path
+
+    from qwen_ondevice.core.bundle import MANIFEST, bytes_per_token, read_manifest
+
+    if given is not None:
+        return given
+    if draft == "lookup":
+        return 0.0
+    if not (Path(draft) / MANIFEST).is_file():
+        raise SystemExit(f"--draft {draft}: not a bundle, so its bytes per token are unknown; pass --draft-bytes")
+    return float(bytes_per_token(read_manifest(Path(draft), verify=False))["bytes_per_token_full_context"])
 
 
 def main() -> int:
@@ -171,12 +197,18 @@ def main() -> int:
     ap.add_argument("--host-numerics", default="exact,fast", help="comma-separated: exact, fast")
     ap.add_argument("--prefill-tps", type=float, default=500.0,
                     help="assumed Qwen2-7B prompt-processor tokens/s on Snapdragon 8 Elite (compute term)")
+    ap.add_argument("--draft", default="lookup", help="lookup (prompt lookup, the default) or MODEL: a draft model "
+                    "(bundle or checkpoint) with the target's tokenizer")
+    ap.add_argument("--draft-bytes", type=float, default=None,
+                    help="the draft's bytes per token on the device (default: a draft bundle's own count)")
     ap.add_argument("--bytes", type=float, default=None, help="7B bytes per token to project with (default: both of docs/numerics.md)")
     args = ap.parse_args()
 
     from qwen_ondevice.runtime.open_model import open_runtime
+    from qwen_ondevice.runtime.speculative import drafter_factory
 
     ks = [int(x) for x in args.draft_tokens.split(",") if x]
+    draft_b = draft_bytes_per_token(args.draft, args.draft_bytes)
     sizes = {"given": args.bytes} if args.bytes else BUNDLE_BYTES
     rows = []
     for numerics in [x for x in args.host_numerics.split(",") if x]:
@@ -184,17 +216,19 @@ def main() -> int:
         if rt.engine.verify_ar is None or rt.engine.verify_ar - 1 < max(ks):
             raise SystemExit(f"{args.bundle}: its verify graph takes {None if rt.engine.verify_ar is None else rt.engine.verify_ar - 1} "
                              f"drafted tokens, k up to {max(ks)} asked; export it with --verify-tokens {max(ks)}")
+        new_drafter = drafter_factory(args.draft, rt.engine.config.vocab_size, rt.engine.context_length)
         for name, messages in workloads(args.prompts).items():
             prompts = [rt.tokenizer.apply_chat_template(m) for m in messages]
             print(f"[{numerics}] {name}: plain", file=sys.stderr, flush=True)
             plain = run(rt.engine, rt.tokenizer, prompts, None, args.max_new_tokens)
             for k in ks:
-                print(f"[{numerics}] {name}: lookup k={k}", file=sys.stderr, flush=True)
-                spec = run(rt.engine, rt.tokenizer, prompts, k, args.max_new_tokens)
+                print(f"[{numerics}] {name}: {args.draft} k={k}", file=sys.stderr, flush=True)
+                spec = run(rt.engine, rt.tokenizer, prompts, k, args.max_new_tokens, new_drafter)
                 same = sum(a == b for a, b in zip(spec.outputs, plain.outputs))
                 rows.append((numerics, name, k, plain, spec, same))
 
-    print(f"\nPrompt lookup on {args.bundle}, {args.prompts} prompts per workload, greedy, up to "
+    drafter = "Prompt lookup" if args.draft == "lookup" else f"Draft model {args.draft}"
+    print(f"\n{drafter} on {args.bundle}, {args.prompts} prompts per workload, greedy, up to "
           f"{args.max_new_tokens} new tokens; host rates measured on this machine (ort-cpu), 7B rates projected\n")
     cols = ["numerics", "workload", "k", "tokens/forward", "accepted/drafted", "host speedup", "same as AR-1"]
     for label, b in sizes.items():
@@ -206,13 +240,16 @@ def main() -> int:
         cells = [numerics, name, str(k), f"{spec.per_forward:.2f}", f"{spec.accepted}/{spec.drafted}", f"{speed:.2f}x",
                  f"{same}/{len(plain.outputs)}"]
         for b in sizes.values():
-            cells += [f"{projected_tps(spec, k, b, args.prefill_tps):.1f}", f"{projected_tps(spec, k, b, args.prefill_tps / 2):.1f}"]
+            cells += [f"{projected_tps(spec, k, b, args.prefill_tps, draft_b):.1f}",
+                      f"{projected_tps(spec, k, b, args.prefill_tps / 2, draft_b):.1f}"]
         print("| " + " | ".join(cells) + " |")
     print()
     for label, b in sizes.items():
         plain_tps = 1.0 / forward_seconds(1, b, args.prefill_tps)
         print(f"7B {label}: {b / 1e9:.2f} GB per token; plain decode projected {plain_tps:.1f} tok/s "
               f"(AI Hub measured {AI_HUB_TPS} tok/s at {AI_HUB_BYTES / 1e9:.2f} GB); roofline {PEAK_BANDWIDTH / b:.1f} tok/s")
+    if draft_b:
+        print(f"Draft: {draft_b / 1e9:.3f} GB per token, one draft forward of {draft_b / 1e9:.3f} GB / W per drafted token")
     print("Cost model: t(N) = B / W + (N - 1) c, W = 13.65 tok/s x 4.09 GB = "
           f"{AI_HUB_TPS * AI_HUB_BYTES / 1e9:.1f} GB/s (AI Hub's achieved rate), c = (128/R - B/W) / 127, R assumed")
     return 0

@@ -322,6 +322,34 @@ def test_genie_accepts_the_config(compiled):
     assert run_genie(config, out, create_dialog=False, timeout=120).config_status not in (0, None)
 
 
+def test_genie_spd_config_names_the_draft_bundle_and_genie_accepts_it(compiled, compiled_3, tmp_path, capsys):
+    """``genie-spd`` writes Genie's draft-model dialog: the target's engine and the draft bundle's
+    (its .bin files, relative to the target folder that Genie runs in), draft-len from the verify
+    graph; libGenie parses it; a draft that is no compiled bundle, or a draft-len past the verify
+    graph, is refused with one line."""
+    from qwen_ondevice.qnn.genie_run import run_genie
+
+    target, _ = compiled
+    assert main(["genie-spd", str(target), "--draft", str(compiled_3)]) == 0
+    spd = json.loads((target / "genie_config_spd.json").read_text())
+    basic = json.loads((target / "genie_config.json").read_text())
+    d = spd["dialog"]
+    assert d["type"] == "spd" and d["spd"] == {"version": 1, "draft-len": K}
+    assert [e["role"] for e in d["engine"]] == ["target", "draft"]
+    assert {k: v for k, v in d["engine"][0].items() if k != "role"} == basic["dialog"]["engine"]
+    draft_bins = [(target / b).resolve() for b in d["engine"][1]["model"]["binary"]["ctx-bins"]]
+    shipped = json.loads((compiled_3 / "manifest.json").read_text())["qnn"]["parts"]
+    assert draft_bins == [(compiled_3 / p["bin"]).resolve() for p in shipped] and len(draft_bins) == 3
+    assert (target / d["engine"][1]["backend"]["extensions"]).resolve() == (compiled_3 / "htp_backend_ext_config.json").resolve()
+    assert d["context"] == basic["dialog"]["context"]  # the same vocabulary: no draft-n-vocab
+    r = run_genie(spd, target, create_dialog=False, timeout=120)
+    assert r.config_status == 0, r.log[-5:]
+    capsys.readouterr()
+    assert "--draft-len 9" in _one_line_error(capsys, ["genie-spd", str(target), "--draft", str(compiled_3), "--draft-len", "9"])
+    assert "compiled bundle" in _one_line_error(capsys, ["genie-spd", str(target), "--draft", str(tmp_path)])
+    (target / "genie_config_spd.json").unlink()  # the bundle fixture is shared
+
+
 def test_binaries_carry_ai_hub_graph_names_read_back_by_qnn(compiled):
     """The graph names inside each .bin (read by QNN itself, not from our manifest) are AI Hub's,
     and Genie's parse of them gives the AR and CL of their own tensors."""
@@ -366,8 +394,8 @@ def test_boundaries_join_with_one_encoding(compiled):
 def test_genie_parses_every_graph_of_the_weight_shared_bundle(compiled):
     """The real (weight-shared) bundle in Genie: it sorts every graph into its (AR, CL) variant
     and split before the x86_64 simulator refuses the shared context."""
-    from qwen_ondevice.qnn.genie_run import run_genie
     from qwen_ondevice.eval.genie_verify import graphs_loaded, log_problems
+    from qwen_ondevice.qnn.genie_run import run_genie
 
     out, m = compiled
     r = run_genie(json.loads((out / "genie_config.json").read_text()), out, create_dialog=True, timeout=300)
@@ -389,14 +417,17 @@ def test_genie_runs_a_three_part_bundle_like_the_runtime(compiled_3):
     and its greedy tokens equal the qnn-htp runtime's; the text query (Genie's own tokenizer on
     the templated prompt) decodes to the same text; the weight-shared bundle parses too."""
     from qwen_ondevice.eval.genie_verify import verify_genie
-
     from qwen_ondevice.runtime.open_model import open_bundle_runtime
 
     # a prompt whose tail (2 to K + 1 tokens after the AR-8 chunks) Genie runs through the verify graph
     tok = open_bundle_runtime(compiled_3, "ort-cpu").tokenizer
     prompt = next(p for p in ("Hi", "Hi there", "Hello, who are you?", "Say hello.", "What is 2 + 2?", "Name a colour.")
                   if 2 <= len(tok.apply_chat_template([{"role": "user", "content": p}])) % AR <= K + 1)
+    # Genie's draft-model dialog with the bundle as its own draft: reported, and equal to plain
+    # greedy decoding then (Genie 1.21's spd departs from it only after a rejected draft token)
+    assert main(["genie-spd", str(compiled_3), "--draft", str(compiled_3)]) == 0
     r = verify_genie(compiled_3, prompt, new_tokens=4, timeout=900)
+    (compiled_3 / "genie_config_spd.json").unlink()
     t, s = r["twin"], r["shared"]
     # Genie picks the smallest graph that holds the prompt's tail (its log); the runtime does the same
     assert t["prompt_graphs"][-1] == K + 1 and set(t["prompt_graphs"][:-1]) <= {AR}, t["prompt_graphs"]
@@ -415,6 +446,10 @@ def test_genie_runs_a_three_part_bundle_like_the_runtime(compiled_3):
     assert lade["tokens"][:4] == genie_tokens and len(lade["tokens"]) >= 8, lade
     assert lade["tokens"] == lade["reference_tokens"][:len(lade["tokens"])] and lade["tokens_equal"], lade
     assert lade["log_problems"] == [], lade
+    spd = r["spd"]
+    assert (spd["config_status"], spd["dialog_status"], spd["query_status"]) == (0, 0, 0), spd
+    assert spd["settings"] == {"version": 1, "draft-len": K} and spd["text"].startswith(t["reference_text"]), spd
+    assert spd["reference_text"].startswith(spd["text"]) and spd["text_equal"] and spd["log_problems"] == [], spd
     assert r["ok"]
     from qwen_ondevice.eval.genie_verify import format_genie_report
 
@@ -538,9 +573,9 @@ def test_onnx_runtime_runs_a_renamed_binary_bit_identically(compiled, tmp_path):
     since the x86_64 simulator cannot load a weight-shared context."""
     import onnxruntime as ort
 
-    from qwen_ondevice.qnn.prepare import name_graphs, partition_name
     from qwen_ondevice.qnn.context_binary import read_context_binary
     from qwen_ondevice.qnn.ep_options import qnn_session_options
+    from qwen_ondevice.qnn.prepare import name_graphs, partition_name
 
     out, m = compiled
     part = m["parts"][1]

@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from qwen_ondevice.cli import chat, evaluate, export, generate, inspect_bundle, serve, verify
+from qwen_ondevice.cli import chat, evaluate, export, generate, genie_spd, inspect_bundle, serve, verify
 from qwen_ondevice.core.errors import UserError
 from qwen_ondevice.core.progress import set_quiet
 
@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quiet", action="store_true", help="no progress messages on stderr")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    for command in (generate, chat, export, inspect_bundle, evaluate, serve, verify):
+    for command in (generate, chat, export, inspect_bundle, evaluate, serve, verify, genie_spd):
         command.register(sub)
     return parser
 

@@ -15,6 +15,13 @@ sampler (``top-k`` 1), on a short chat prompt rendered with the bundle's chat te
    decoded greedy tokens, which proves that Genie's tokenization of the templated prompt, with
    the config's ``bos-token``, gives the chat template's token ids.
 
+With a verify graph the bundle's lookahead dialog (``genie_config_lade.json``) runs on the twin
+too and must give plain greedy decoding's tokens. Where ``qwen-ondevice genie-spd`` wrote a
+draft-model dialog (``genie_config_spd.json``), it runs with the draft's twin (the bundle's own
+twin when the draft is the bundle) on the text query (spd refuses token ids) and its text is
+reported beside plain greedy decoding's, without deciding the verdict: Genie 1.21's spd is not
+lossless.
+
 It passes when both queries succeed, the tokens and text agree, and Genie's log holds none of
 :data:`BAD_LOG` and no error line. It also loads the real weight-shared bundle in Genie as far as
 the simulator lets it and checks Genie's "Graphs loaded ((AR-n, CL-x): #splits)" line: every AR
@@ -32,10 +39,11 @@ from pathlib import Path
 
 import numpy as np
 
+from qwen_ondevice.core.bundle import MANIFEST, read_manifest
 from qwen_ondevice.core.errors import UserError
 from qwen_ondevice.core.progress import log
 from qwen_ondevice.qnn.compile import check_boundaries, compile_in_child
-from qwen_ondevice.qnn.genie import GENIE_CONFIG, GENIE_LADE_CONFIG
+from qwen_ondevice.qnn.genie import GENIE_CONFIG, GENIE_LADE_CONFIG, GENIE_SPD_CONFIG
 from qwen_ondevice.qnn.genie_run import genie_library, run_genie
 from qwen_ondevice.qnn.graph_names import parse_graph_name
 from qwen_ondevice.qnn.prepare import name_graphs, partition_name, wrapper_name
@@ -122,6 +130,28 @@ def log_problems(run) -> list[str]:
 LADE_MAX_COMPARED = 32
 
 
+def draft_twin(root: Path, manifest, spd: dict, bins: list[Path], work: Path) -> list[Path]:
+    """The twin ``ctx-bins`` of the draft engine of the spd dialog ``spd`` (paths relative to
+    ``root``): the bundle's own twin ``bins`` when the draft is the bundle, else the draft
+    bundle's twin, built in ``work``.
+
+    Raises:
+        UserError: the draft's binaries are in no bundle folder, or its twin cannot be built.
+    """
+    draft = next(e for e in spd["dialog"]["engine"] if e["role"] == "draft")
+    paths = [(root / b).resolve() for b in draft["model"]["binary"]["ctx-bins"]]
+    own = [(root / p["bin"]).resolve() for p in manifest.data["qnn"]["parts"]]
+    if paths == own:
+        return bins
+    folder = paths[0].parent
+    while not (folder / MANIFEST).is_file():
+        if folder == folder.parent:
+            raise UserError(f"{GENIE_SPD_CONFIG}: the draft's {paths[0]} is in no bundle folder")
+        folder = folder.parent
+    log(f"[genie] building the draft's non-shared twin ({folder})")
+    return build_twin(folder, read_manifest(folder), work)
+
+
 def reference_tokens(rt, ids: list[int], n: int) -> list[int]:
     """The greedy tokens (argmax, no stop) of the runtime ``rt`` after ``ids``."""
     logits, out = rt.engine.prefill(ids), []
@@ -167,10 +197,23 @@ def verify_genie(root: Path, prompt: str, new_tokens: int = DEFAULT_NEW_TOKENS, 
             lade["dialog"]["engine"], lade["dialog"]["sampler"] = twin["dialog"]["engine"], twin["dialog"]["sampler"]
             log(f"[genie] Genie's lookahead dialog ({GENIE_LADE_CONFIG}) on the twin, {new_tokens} greedy tokens")
             lrun = run_genie(lade, root, [{"ids": ids}], max_new_tokens=new_tokens, timeout=timeout)
-    # lookahead does not stop at max_new_tokens (it emits whole accepted runs, and Genie 1.21 goes
-    # on to an end token): its tokens are compared as far as they go, up to LADE_MAX_COMPARED
+        spd, srun = None, None
+        if (root / GENIE_SPD_CONFIG).is_file():  # Genie's draft-model dialog, reported only
+            spd = json.loads((root / GENIE_SPD_CONFIG).read_text())
+            dbins = draft_twin(root, m, spd, bins, Path(tmp) / "draft")
+            for e in spd["dialog"]["engine"]:
+                e["model"]["binary"]["ctx-bins"] = [str(b) for b in (bins if e["role"] == "target" else dbins)]
+            spd["dialog"]["sampler"] = twin["dialog"]["sampler"]
+            log(f"[genie] Genie's draft-model dialog ({GENIE_SPD_CONFIG}) on the twins, {new_tokens} greedy tokens")
+            # spd refuses token-id queries (GenieDialog_tokenQuery status -6 in Genie 1.21): the text query
+            srun = run_genie(spd, root, [{"text": text}], max_new_tokens=new_tokens, timeout=timeout)
+    # lookahead and spd do not stop at max_new_tokens (they emit whole accepted runs, and Genie 1.21
+    # goes on to an end token): their tokens are compared as far as they go, up to LADE_MAX_COMPARED
     lq = (lrun.queries + [None])[0] if lrun is not None else None
+    sq = (srun.queries + [None])[0] if srun is not None else None
     n_ref = max(new_tokens, min(len(lq.tokens), LADE_MAX_COMPARED)) if lq is not None and lq.tokens else new_tokens
+    if sq is not None:  # a text query: compared with as many decoded tokens as it may hold
+        n_ref = max(n_ref, min(LADE_MAX_COMPARED, m.context_length - len(ids)))
     log("[genie] the project's runtime (qnn-htp) on the same ids")
     t2 = time.perf_counter()
     ref_long = reference_tokens(rt, ids, n_ref)
@@ -202,6 +245,14 @@ def verify_genie(root: Path, prompt: str, new_tokens: int = DEFAULT_NEW_TOKENS, 
                           "query_status": lq.status if lq is not None else None,
                           "tokens_equal": lq is not None and len(got) >= len(ref_cut) and got == cut(ref_long)[:len(got)],
                           "log_problems": log_problems(lrun)[:10]}
+    if srun is not None:  # reported beside plain greedy decoding; not part of the verdict
+        got = sq.text if sq is not None else None
+        ref_text = tok.decode(cut(ref_long))
+        report["spd"] = {"config_status": srun.config_status, "dialog_status": srun.dialog_status,
+                         "settings": spd["dialog"]["spd"], "text": got, "reference_text": ref_text,
+                         "query_status": sq.status if sq is not None else None,
+                         "text_equal": bool(got) and len(got) >= len(tok.decode(ref_cut)) and ref_text.startswith(got),
+                         "log_problems": log_problems(srun)[:10]}
     shared = run_genie(config, root, create_dialog=True, timeout=timeout)
     loaded_shared = graphs_loaded(shared)
     report["shared"] = {"config_status": shared.config_status, "dialog_status": shared.dialog_status, "exit": shared.exit,
@@ -238,6 +289,9 @@ def format_genie_report(r: dict) -> str:
         *([f"  lookahead dialog {r['lade']['settings']}: tokens {r['lade']['tokens']} "
            + ("equal plain greedy decoding" if r["lade"]["tokens_equal"] else "DIFFER from plain greedy decoding")]
           if "lade" in r else []),
+        *([f"  draft-model dialog {r['spd']['settings']} (reported only; not lossless in Genie 1.21): text "
+           f"{r['spd']['text']!r} " + ("equals" if r["spd"]["text_equal"] else "differs from")
+           + " plain greedy decoding's"] if "spd" in r else []),
         f"  weight-shared bundle: config {s['config_status']}, dialog {s['dialog_status']} (exit {s['exit']}); "
         f"graphs loaded {s['graphs_loaded']} " + ("as expected" if s["graphs_ok"] else "NOT as expected")
         + (f"; the simulator stops there: {s['refusal'][:160]}" if s["refusal"] else ""),

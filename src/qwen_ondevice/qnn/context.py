@@ -25,17 +25,16 @@ from qwen_ondevice.qnn.prepare import (
     wrapper_name,
 )
 
-#: The share of a context binary's bytes (and of its size) allowed to differ between the shipped
-#: binary and a fresh preparation of the same graphs (open_part_context): QNN's preparation varies
-#: by a few hundred bytes of graph description, sometimes by a page in size (measured differences:
-#: docs/bundle-format.md).
-MAX_DIFFERING_FRACTION = 1e-3
+#: The share of a context binary's size allowed to differ between the shipped binary and a fresh
+#: preparation of the same graphs (open_part_context): QNN's preparation varies by a few hundred
+#: bytes of graph description, by a page in size on the demo, and on a tiny part with an int4
+#: lm_head of 151936 output channels by up to 4.8% (measured differences: docs/bundle-format.md);
+#: what QNN reads back (graphs, inputs, outputs, encodings) must be equal all the same.
+MAX_DIFFERING_FRACTION = 0.1
 
 
-#: The size difference allowed whatever the binary's size: 32 4 KiB pages. A tiny test bundle's
-#: 256 KiB part differs by one page between preparations now and then, over 0.1% of it, and a tiny
-#: part with an int4 lm_head of 151936 output channels by up to 12 pages (docs/bundle-format.md);
-#: what QNN reads back must be equal all the same.
+#: The size difference allowed whatever the binary's size: 32 4 KiB pages (a tiny test bundle's
+#: 256 KiB part differs by a page between preparations now and then).
 MIN_ALLOWED_DIFFERENCE = 32 * 4096
 
 

@@ -9,8 +9,12 @@ A bundle with a verify graph (``export --verify-tokens K``) also gets ``genie_co
 Genie's lookahead dialog (``lade``) over the same engine, with ngram 2, the one setting that kept
 Genie 1.21's output equal to plain greedy decoding in our simulator runs (its warm-up KV is never
 rolled back at larger n-grams), window + gcap = the verify graph's AR (lade needs
-AR >= (ngram - 1)(window + gcap)). Genie's ``spd`` dialog is not written: it is not lossless in
-Genie 1.21 (after a rejected draft token the kept cache slot holds the rejected token's K/V).
+AR >= (ngram - 1)(window + gcap)). Genie's draft-model dialog (``spd``) is not written by the
+export: it is not lossless in Genie 1.21 (after a rejected draft token the kept cache slot holds
+the rejected token's K/V, so the text departs from plain greedy decoding). Given a draft bundle,
+:func:`write_spd_config` (``qwen-ondevice genie-spd``) writes it as ``genie_config_spd.json`` for
+those who want Genie's own speculative decoding anyway: two engines with the roles ``target`` and
+``draft``, ``"spd": {"version": 1, "draft-len": k}`` with k + 1 at most the target's verify AR.
 
 Every value comes from the manifest (model config, context length, the ``qnn`` section) or from
 the tokenizer and generation config the bundle carries, never typed a second time. Genie rejects
@@ -22,15 +26,21 @@ Genie itself runs on this host through :mod:`qwen_ondevice.qnn.genie_run`, and `
 
 from __future__ import annotations
 
+import copy
 import json
+import os
 from pathlib import Path
 
+from qwen_ondevice.core.bundle import MANIFEST
 from qwen_ondevice.core.config import ModelConfig
+from qwen_ondevice.core.errors import UserError
+from qwen_ondevice.core.files import sha256_file
 from qwen_ondevice.core.jsonio import write_json
 from qwen_ondevice.core.tokenizer import Tokenizer
 
 GENIE_CONFIG = "genie_config.json"
 GENIE_LADE_CONFIG = "genie_config_lade.json"
+GENIE_SPD_CONFIG = "genie_config_spd.json"
 #: Genie lookahead n-gram size: 2 is the setting measured lossless in Genie 1.21 (module docstring).
 LADE_NGRAM = 2
 HTP_EXT_CONFIG = "htp_backend_ext_config.json"
@@ -172,3 +182,74 @@ def write_genie_files(root: Path, manifest: dict) -> None:
         files.append((GENIE_LADE_CONFIG, lade_config(doc, verify_ar)))
     for name, obj in files:
         write_json(root / name, obj, indent=2, newline=True)
+
+
+def spd_config(doc: dict, draft_doc: dict, draft_len: int, draft_dir: str) -> dict:
+    """Genie's draft-model dialog (``spd``) over the target's basic dialog ``doc`` and the draft's
+    ``draft_doc``: the target's context, sampler and tokenizer; the two engines with ``role``
+    ``target`` and ``draft``; the draft's ``ctx-bins`` and backend extensions prefixed with
+    ``draft_dir`` (the draft bundle's folder as Genie will resolve it: relative to the working
+    directory, which is the target bundle for ``genie-t2t-run``); ``draft-n-vocab`` where the
+    vocabularies differ. The schema is libGenie's (Genie 1.21): ``engine`` a list of exactly one
+    target and one draft, ``spd`` only ``version`` and ``draft-len``.
+
+    Raises:
+        ValueError: ``draft_len`` < 1.
+    """
+    if draft_len < 1:
+        raise ValueError(f"spd needs draft-len >= 1, got {draft_len}")
+    d = copy.deepcopy(doc)
+    target = d["dialog"]["engine"]
+    draft = copy.deepcopy(draft_doc["dialog"]["engine"])
+    binary = draft["model"]["binary"]
+    binary["ctx-bins"] = [f"{draft_dir}/{b}" for b in binary["ctx-bins"]]
+    if "extensions" in draft["backend"]:
+        draft["backend"]["extensions"] = f"{draft_dir}/{draft['backend']['extensions']}"
+    d["dialog"]["type"] = "spd"
+    d["dialog"]["spd"] = {"version": 1, "draft-len": int(draft_len)}
+    d["dialog"]["engine"] = [{"role": "target", **target}, {"role": "draft", **draft}]
+    draft_vocab = draft_doc["dialog"]["context"]["n-vocab"]
+    if draft_vocab != d["dialog"]["context"]["n-vocab"]:
+        d["dialog"]["context"]["draft-n-vocab"] = draft_vocab
+    return d
+
+
+def write_spd_config(root: Path, draft_root: Path, draft_len: int | None = None) -> Path:
+    """Write ``genie_config_spd.json`` into the compiled bundle ``root`` with the compiled bundle
+    ``draft_root`` as Genie's draft (:func:`spd_config`); returns its path. ``draft_len`` defaults
+    to what the target's verify graph takes (its AR - 1). Not lossless in Genie 1.21 (module
+    docstring).
+
+    Raises:
+        UserError: either bundle has no Genie config (not compiled), the target has no verify graph
+            (``export --verify-tokens K``) or one too small for ``draft_len``, the two context
+            lengths differ (Genie's dialog has one), or their tokenizers differ (Genie tokenizes
+            once, for both).
+    """
+    root, draft_root = Path(root), Path(draft_root)
+    docs = {}
+    for name, folder in (("bundle", root), ("draft", draft_root)):
+        f = folder / GENIE_CONFIG
+        if not f.is_file():
+            raise UserError(f"{folder}: no {GENIE_CONFIG}; the {name} must be a compiled bundle (export with a --chipset)")
+        docs[name] = json.loads(f.read_text())
+    manifest = json.loads((root / MANIFEST).read_text())
+    verify_ar = verify_graph_ar(manifest["qnn"])
+    if verify_ar is None:
+        raise UserError(f"{root} has no verify graph; Genie's spd needs a target graph of AR >= draft-len + 1: "
+                        "export it with --verify-tokens K")
+    draft_len = verify_ar - 1 if draft_len is None else draft_len
+    if not 1 <= draft_len <= verify_ar - 1:
+        raise UserError(f"--draft-len {draft_len}: the verify graph of {root} is AR-{verify_ar}, so 1 to {verify_ar - 1}")
+    sizes = [docs[k]["dialog"]["context"]["size"] for k in ("bundle", "draft")]
+    if sizes[0] != sizes[1]:
+        raise UserError(f"context lengths differ: {root} CL {sizes[0]}, draft {draft_root} CL {sizes[1]}; "
+                        "Genie's spd dialog has one context: export the draft with --context-length "
+                        f"{sizes[0]}")
+    tokenizers = [folder / "tokenizer.json" for folder in (root, draft_root)]
+    if sha256_file(tokenizers[0]) != sha256_file(tokenizers[1]):
+        raise UserError(f"{tokenizers[1]} differs from {tokenizers[0]}: the draft must use the target's tokenizer")
+    draft_dir = Path(os.path.relpath(draft_root.resolve(), root.resolve())).as_posix()
+    out = root / GENIE_SPD_CONFIG
+    write_json(out, spd_config(docs["bundle"], docs["draft"], draft_len, draft_dir), indent=2, newline=True)
+    return out
