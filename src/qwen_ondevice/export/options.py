@@ -74,6 +74,11 @@ class ExportOptions:
     verify_tokens: int = 0
 
     @property
+    def int8_projection_kinds(self) -> tuple[str, ...]:
+        """The projection kinds of ``int8_projections`` (``("v_proj", "o_proj")``; () for "")."""
+        return tuple(p for p in self.int8_projections.split(",") if p)
+
+    @property
     def lm_head_precision(self) -> str:
         """``int8`` or ``int4``: the lm_head's weights as asked, else the precision's default."""
         return self.lm_head or ("int4" if self.precision == "w4a16" else "int8")
@@ -179,7 +184,7 @@ def check_options(options: ExportOptions, ckpt: Checkpoint) -> None:
     in ``int8_projections``."""
     if options.precision not in PRECISIONS:
         raise UserError(f"unknown precision {options.precision!r}; choose one of {', '.join(PRECISIONS)}")
-    unknown = [p for p in options.int8_projections.split(",") if p and p not in PROJECTIONS]
+    unknown = [p for p in options.int8_projection_kinds if p not in PROJECTIONS]
     if unknown:
         raise UserError(f"--int8-projections: unknown projection {', '.join(unknown)}; choose among {', '.join(PROJECTIONS)}")
     if options.prompt_length < 1 or options.prompt_length >= options.context_length:

@@ -188,7 +188,7 @@ def _quantized_part(ckpt: Checkpoint, part: PartSpec, options: ExportOptions, ou
                              options.smooth_alpha, options.down_proj_headroom, key_minmax=options.key_center,
                              float_residual=options.residual == "fp16", kv_dtype=options.kv_cache,
                              lm_head_bits=4 if options.lm_head_precision == "int4" else 8,
-                             int8_projections=tuple(p for p in options.int8_projections.split(",") if p))
+                             int8_projections=options.int8_projection_kinds)
     if stage_key(FLOAT, part.name) not in state.done:
         with stage_meter(stage_key(FLOAT, part.name)) as rec:
             info = export_part(ckpt, part, options.ar_lengths, options.context_length, "fp32", float_dir, options.key_center)
@@ -288,7 +288,7 @@ def _quantization_summary(options: ExportOptions, parts: list[dict]) -> dict | N
         "weights": {"projections": f"int{4 if options.precision == 'w4a16' else 8} symmetric "
                     + (f"per block of {options.weight_block_size} input rows" if options.weight_block_size and options.precision == "w4a16" else "per output channel"),
                     "lm_head": "int8 symmetric per output channel" if options.lm_head_precision == "int8" else "int4 as the projections", "embedding": "int8 symmetric per row",
-                    "int8_projections": [k for k in options.int8_projections.split(",") if k] if options.precision == "w4a16" else [],
+                    "int8_projections": list(options.int8_projection_kinds) if options.precision == "w4a16" else [],
                     "norms_and_biases": "uint16 per tensor", "method": options.weight_method},
         "activations": "uint16 asymmetric per tensor"
         + ("; the residual stream float (fp16 on the HTP), see float_islands" if options.residual == "fp16" else "")

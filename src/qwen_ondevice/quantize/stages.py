@@ -71,7 +71,7 @@ class QuantSettings:
 
 
 def is_projection(name: str) -> bool:
-    return name.startswith("model.layers.") and any(f".{p}." in name for p in PROJECTIONS)
+    return projection_kind(name) is not None
 
 
 def projection_kind(name: str) -> str | None:
