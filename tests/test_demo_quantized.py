@@ -155,6 +155,35 @@ def test_w4a16_default_keeps_v_and_o_at_int8_and_the_lm_head_at_int4(demo_w4a16)
     assert weights < 0.55e9
 
 
+def test_w4a16_default_rotates_the_residual_stream(demo_w4a16, demo_hf_model):
+    """The default w4a16 folds an orthogonal rotation into the weights (``--rotate``, on by default
+    at w4a16): the embedding part's output for 128 token ids keeps the float embedding rows'
+    lengths and inner products, which an orthogonal map preserves, while pointing elsewhere.
+    Bound: a stored element is off by at most one int8 step of its row (max |row| / 127; the
+    uint16 output and row-scale steps are far below it), so a row by at most sqrt(H) steps."""
+    import numpy as np
+    import onnxruntime as ort
+
+    m = json.loads((demo_w4a16 / "manifest.json").read_text())
+    assert m["quantization"]["rotation"] is not None
+    part = m["parts"][0]
+    assert part["embedding"]
+    graph = part["graphs"]["128"]
+    ids = np.linspace(0, demo_hf_model.config.vocab_size - 1, 128).astype(np.int32)
+    sess = ort.InferenceSession(str(demo_w4a16 / graph["file"]), providers=["CPUExecutionProvider"])
+    (out,) = sess.run(None, {graph["inputs"][0]["name"]: ids[None]})
+    enc = graph["outputs"][0]["encoding"]
+    x = (out[0].astype(np.float64) - enc["zero_point"]) * enc["scale"]  # (128, H)
+    e = demo_hf_model.model.embed_tokens.weight.detach().double().numpy()[ids]
+    bound = np.sqrt(x.shape[1]) * np.abs(x).max(axis=1) / 127  # (128,)
+    nx, ne = np.linalg.norm(x, axis=1), np.linalg.norm(e, axis=1)
+    assert np.all(np.abs(nx - ne) <= bound)
+    gram_bound = bound[:, None] * nx[None, :] + ne[:, None] * bound[None, :]
+    assert np.all(np.abs(x @ x.T - e @ e.T) <= gram_bound)
+    # rotated, not the rows themselves: a random rotation moves a row by about sqrt(2) of its length
+    assert np.all(np.linalg.norm(x - e, axis=1) > 0.5 * ne)
+
+
 #: Runs model-written code in a child Python: define it, find its Fibonacci function, print fn(2..11).
 _FIB_HARNESS = """
 import json, sys

@@ -50,8 +50,8 @@ LAYERS = 3
 def _export(ckpt: Path, out: Path, precision: str, block_size: int | None = None, residual: str = "fp16") -> Path:
     export(ExportOptions(model=str(ckpt), precision=precision, prompt_length=AR, context_length=CL, num_parts=3,
                          calibration_tokens=CALIB_TOKENS, eval_tokens=0, chipset="none", weight_block_size=block_size,
-                         weight_method="mse", int8_fraction=0.0, int8_projections="", lm_head="int8",
-                         residual=residual), out)  # plain rounding, every projection at the precision's width, an int8 lm_head: the checks below assume them
+                         weight_method="mse", int8_fraction=0.0, int8_projections="", lm_head="int8", rotate=False,
+                         residual=residual), out)  # plain rounding, every projection at the precision's width, an int8 lm_head, the checkpoint's own weights: the checks below assume them
     return out
 
 

@@ -89,3 +89,21 @@ def test_export_rotate_is_exact_in_float(tmp_path, tiny_factory, tied):
 
     assert not np.allclose(down_proj(outs[True]), down_proj(outs[False]), atol=1e-3)
     assert json.loads((outs[True] / "manifest.json").read_text())["quantization"] is None  # fp32: no quantization block
+
+
+def test_rotation_is_on_by_default_at_w4a16_only():
+    """The default export rotates at w4a16 (ROTATE_BY_DEFAULT), not at the other precisions;
+    ``--no-rotate`` / ``--rotate`` override it, and the option is resolved to a bool so a resumed
+    export compares what was done."""
+    from qwen_ondevice.cli.main import build_parser
+    from qwen_ondevice.export.options import ExportOptions
+
+    assert ExportOptions(model="demo").rotate is True
+    assert ExportOptions(model="demo", precision="w8a16").rotate is False
+    assert ExportOptions(model="demo", precision="fp32").rotate is False
+    assert ExportOptions(model="demo", rotate=False).rotate is False
+    assert ExportOptions(model="demo", precision="w8a16", rotate=True).rotate is True
+    parse = build_parser().parse_args
+    assert parse(["export", "demo", "--out", "x"]).rotate is None
+    assert parse(["export", "demo", "--out", "x", "--no-rotate"]).rotate is False
+    assert parse(["export", "demo", "--out", "x", "--rotate"]).rotate is True

@@ -57,9 +57,10 @@ def register(sub) -> None:
     p.add_argument("--no-key-center", dest="key_center", action="store_false",
                    help="store the keys as they are (by default each layer's keys are stored minus their calibrated "
                         "per-channel midrange, which softmax ignores: smaller scores and a finer uint8 key cache)")
-    p.add_argument("--rotate", action="store_true",
+    p.add_argument("--rotate", action=argparse.BooleanOptionalAction, default=None,
                    help="fold a random orthogonal rotation of the residual stream into the weights (exact in float; "
-                        "spreads the outlier channels that activation and weight quantization meet, as QuaRot does)")
+                        "spreads the outlier channels that activation and weight quantization meet, as QuaRot does); "
+                        "default on at w4a16, off at the other precisions")
     p.add_argument("--lm-head", choices=("int8", "int4"), default=None,
                    help="quantized precisions: the lm_head's weights, int8 per output channel or int4 in blocks like "
                         "the projections (half the bytes); default int4 at w4a16, int8 at w8a16")

@@ -29,6 +29,12 @@ DEFAULT_WEIGHT_BLOCK_SIZE = 32
 #: off-grid model against all int4 with an int8 lm_head (docs/numerics.md "Ablations"): lower KL and
 #: longer identical prefixes in free-running generation, at fewer bytes per Qwen2-7B token.
 DEFAULT_INT8_PROJECTIONS = "v_proj,o_proj"
+#: Precisions whose export folds the residual-stream rotation into the weights unless told not to
+#: (``--no-rotate``). Chosen at w4a16 on both test models (docs/numerics.md "Rotation"): on the demo
+#: it lowers the perplexity loss and the KL, on the off-grid model (already rotated once) it
+#: changes nothing measurable; exact in float, so only export time pays for it. w8a16 keeps its
+#: weights as they are: not measured there.
+ROTATE_BY_DEFAULT = ("w4a16",)
 
 
 @dataclass
@@ -54,7 +60,9 @@ class ExportOptions:
     down_proj_headroom: float = 1.0  # uint16 range of the down_proj input, widened (qdq.activation_encodings)
     kv_equalize: bool = True  # per-RoPE-pair key scales folded into q_proj/k_proj before calibration (quantize/kv_equalize.py)
     key_center: bool = True  # keys stored minus their calibrated per-channel midrange (quantize/kv_equalize.py)
-    rotate: bool = False  # fold a random orthogonal rotation of the residual stream into the weights (quantize/rotation.py)
+    # fold a random orthogonal rotation of the residual stream into the weights (quantize/rotation.py);
+    # None: the precision's default, on at w4a16 (ROTATE_BY_DEFAULT), off otherwise
+    rotate: bool | None = None
     # quantized precisions: the lm_head's weights, "int8" per channel or "int4" (as the projections);
     # None: int4 at w4a16 (DEFAULT_INT8_PROJECTIONS), int8 at w8a16
     lm_head: str | None = None
@@ -72,6 +80,10 @@ class ExportOptions:
     # speculative decoding: an AR-(k + 1) verify graph beside AR-128 and AR-1 in each part, sharing
     # their weights (runtime/speculative.py); 0: none
     verify_tokens: int = 0
+
+    def __post_init__(self) -> None:
+        if self.rotate is None:  # resolved here, so a resume compares what was done, not "default"
+            self.rotate = self.precision in ROTATE_BY_DEFAULT
 
     @property
     def int8_projection_kinds(self) -> tuple[str, ...]:
