@@ -2,7 +2,8 @@
 ``generate`` from the bundle.
 
     PYTHONPATH=src python benchmarks/bench_export.py WORK [--layers 28] [--checkpoint CKPT] \
-        [--context-length 4096] [--chipset snapdragon-8-elite] [--num-parts N] [--skip-generate]
+        [--context-length 4096] [--chipset snapdragon-8-elite] [--num-parts N] [--skip-generate] \
+        [--export-arg=--no-rotate ...]
 
 Writes the checkpoint (``make_qwen2_7b_checkpoint.py``, seeded random bf16 weights with the
 published Qwen2-7B-Instruct config; ``--layers`` fewer for a 7B-wide slice) into WORK once, runs
@@ -67,6 +68,8 @@ def main() -> int:
     ap.add_argument("--chipset", default="snapdragon-8-elite")
     ap.add_argument("--num-parts", type=int, default=None)
     ap.add_argument("--skip-generate", action="store_true")
+    ap.add_argument("--export-arg", action="append", default=[], metavar="ARG",
+                    help="one more option for export, repeatable (e.g. --export-arg=--no-rotate)")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
 
@@ -83,6 +86,7 @@ def main() -> int:
            "--context-length", str(args.context_length), "--chipset", args.chipset]
     if args.num_parts:
         cmd += ["--num-parts", str(args.num_parts)]
+    cmd += args.export_arg
     print("$ " + " ".join(cmd[1:]))
     code, seconds, peak = _run(cmd, args.work / "export.log")
     log_text = (args.work / "export.log").read_text(errors="replace")

@@ -107,3 +107,28 @@ def test_rotation_is_on_by_default_at_w4a16_only():
     assert parse(["export", "demo", "--out", "x"]).rotate is None
     assert parse(["export", "demo", "--out", "x", "--no-rotate"]).rotate is False
     assert parse(["export", "demo", "--out", "x", "--rotate"]).rotate is True
+
+
+@pytest.mark.demo
+def test_rotated_weights_give_the_demo_logits_of_transformers(demo_checkpoint, demo_hf_model, hf_tokenizer):
+    """What the default w4a16 export reads (``RotatedWeights`` over the demo, float32 products)
+    computes transformers' logits of the unrotated demo: the same argmax at every position and a
+    difference within float32 rounding (a bound of 1e-4 of the largest logit, about 800 float32
+    epsilons, for sums over H = 896 and 24 layers)."""
+    from qwen_ondevice.quantize.rotation import ROTATION_SEED, RotatedWeights
+    from qwen_ondevice.runtime.backends.torch_backend import TorchBackend
+    from qwen_ondevice.runtime.engine import Engine
+
+    cfg = demo_checkpoint.config
+    rotated = demo_checkpoint.with_weights(RotatedWeights(demo_checkpoint.weights, cfg.hidden_size, ROTATION_SEED))
+    msgs = [{"role": "user", "content": "Write a Python function that returns the n-th Fibonacci number."}]
+    ids = hf_tokenizer(hf_tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False))["input_ids"]
+    got = Engine(TorchBackend(rotated, context_length=256)).logits_all(ids)
+    with torch.no_grad():
+        ref = demo_hf_model(torch.tensor([ids])).logits[0].numpy()
+    assert np.array_equal(got.argmax(-1), ref.argmax(-1))
+    assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max()
+    # the rotated weights are other numbers: q_proj of layer 0 moved by about its own size
+    w0 = demo_checkpoint.weights.get("model.layers.0.self_attn.q_proj.weight").float()
+    w1 = rotated.weights.get("model.layers.0.self_attn.q_proj.weight").float()
+    assert torch.linalg.norm(w1 - w0) > 0.5 * torch.linalg.norm(w0)
