@@ -523,3 +523,36 @@ def test_rerunning_a_finished_export_says_it_is_complete(tiny_bundle, capsys):
     err = capsys.readouterr().err
     assert "this bundle is complete" in err and "resuming the export" not in err
     assert _files_sha(out) == before
+
+
+def test_footprint_counts_the_fidelity_reference_only_where_the_report_runs_it(tiny_factory):
+    """The report stage's estimate holds the whole float32 model (4 bytes per parameter, counted
+    from the config here) when the generation-fidelity slice runs, which it does only when that
+    is at most half the memory available (export/report.py asks the same function)."""
+    from qwen_ondevice.core.checkpoint import load_checkpoint
+    from qwen_ondevice.core.parts import PartSpec
+    from qwen_ondevice.export.footprint import estimate_footprint, fidelity_reference_fits
+
+    cfg = load_checkpoint(str(tiny_factory(layers=3))).config
+    parts = [PartSpec(1, 2, range(0, 0), embedding=True), PartSpec(2, 2, range(0, cfg.num_hidden_layers), head=True)]
+    float_model = 4 * sum(p.numel() for p in _hf_params(cfg))
+
+    def report(prompts: int, memory: int) -> int:
+        return estimate_footprint(cfg, parts, precision="w4a16", prompt_length=AR, context_length=CL, calibration_tokens=256,
+                                  eval_tokens=256, eval_window=8, compile=False, fidelity_prompts=prompts,
+                                  memory_bytes=memory).stages["report"]
+
+    big = 1 << 40
+    assert fidelity_reference_fits(cfg, 2 * float_model) and not fidelity_reference_fits(cfg, 2 * float_model - 8)
+    assert report(8, big) > report(0, big) and report(8, big) >= float_model
+    assert report(8, 2 * float_model - 8) == report(0, 2 * float_model - 8)  # skipped there: not counted
+
+
+def _hf_params(cfg):
+    """transformers' own parameters of a Qwen2 model of this config (an independent count)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    hf = Qwen2ForCausalLM(Qwen2Config(**{k: getattr(cfg, k) for k in (
+        "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+        "num_key_value_heads", "tie_word_embeddings")}))
+    return list(hf.parameters())

@@ -20,6 +20,7 @@ from qwen_ondevice.core.config import ModelConfig
 from qwen_ondevice.core.errors import UserError
 from qwen_ondevice.core.parts import PartSpec
 from qwen_ondevice.export.plan import layer_bytes, part_bytes
+from qwen_ondevice.runtime.backends.host_graph import host_float_budget
 
 F32 = 4
 #: Python with torch, onnxruntime, onnx and tokenizers imported, before any model work.
@@ -67,9 +68,17 @@ def _layer_hessian_bytes(cfg: ModelConfig) -> int:
     return (H * H + attn * attn + H * H + F * F) * F32
 
 
+def fidelity_reference_fits(cfg: ModelConfig, available_bytes: int) -> bool:
+    """Whether the report's generation-fidelity slice runs: it decodes with the whole float model
+    in memory (torch, float32: 4 bytes per parameter), and runs only when that is at most half of
+    ``available_bytes`` (Qwen2-7B: 30 GB, so not on a 24 GB machine)."""
+    return cfg.parameter_count() * F32 <= available_bytes / 2
+
+
 def estimate_footprint(cfg: ModelConfig, parts: list[PartSpec], *, precision: str, prompt_length: int,
                        context_length: int, calibration_tokens: int, eval_tokens: int, eval_window: int,
-                       compile: bool, gptq: bool = True, quantized: bool = True) -> Footprint:
+                       compile: bool, gptq: bool = True, quantized: bool = True, fidelity_prompts: int = 0,
+                       memory_bytes: int | None = None) -> Footprint:
     """Estimate an export's peak memory per stage and its peak disk use (``quantized`` False: a
     float export, which has no calibration, quantization or float intermediates).
 
@@ -84,8 +93,12 @@ def estimate_footprint(cfg: ModelConfig, parts: list[PartSpec], *, precision: st
       weight, its float32 copy three times (weight, GPTQ working copy, result), the Hessian and
       two K x K factors, or the column-block temporaries of lm_head/embedding;
     - ``compile``: :data:`COMPILE_BYTES_PER_PARAM` per parameter of the largest part;
-    - ``report``: the bundle's weights in ONNX Runtime, one float32 layer of the streamed
-      reference, and four (window x V) float32 arrays (both logits, both log-softmaxes).
+    - ``report``: the bundle's weights in ONNX Runtime with the float copies of its int8 weights
+      (a quantized bundle: twice the host float budget of ``runtime/backends/host_graph.py``, as
+      ONNX Runtime prepacks each copy), and either one float32 layer of the streamed reference
+      with four (window x V) float32 arrays (both logits, both log-softmaxes) or, when the
+      generation-fidelity slice runs (``fidelity_prompts`` and :func:`fidelity_reference_fits`
+      of ``memory_bytes``, default :func:`machine_memory_bytes`), the whole float32 model.
     Disk: the finished bundle (ONNX weights, plus as much again in context binaries when
     compiling), plus one part's float32 graphs and its Hessians while it is quantized.
     """
@@ -122,7 +135,11 @@ def estimate_footprint(cfg: ModelConfig, parts: list[PartSpec], *, precision: st
     bundle_weights = sum(part_bytes(cfg, precision, p) for p in parts)
     if eval_tokens > 0:
         W = min(eval_window, CL)
-        fp.stages["report"] = BASE_BYTES + bundle_weights + layer_f32 + 4 * W * V * F32
+        scoring = layer_f32 + 4 * W * V * F32
+        memory_bytes = machine_memory_bytes() if memory_bytes is None else memory_bytes
+        fidelity = cfg.parameter_count() * F32 if fidelity_prompts > 0 and fidelity_reference_fits(cfg, memory_bytes) else 0
+        host_copies = 2 * host_float_budget() if quantized else 0
+        fp.stages["report"] = BASE_BYTES + bundle_weights + host_copies + max(scoring, fidelity)
     largest_f32 = max(part_bytes(cfg, "fp32", p) for p in parts)
     largest_layers = max(len(p.layers) for p in parts)
     fp.disk_bytes = bundle_weights * (2 if compile else 1) + (largest_f32 + largest_layers * hess if quantized else 0)

@@ -165,7 +165,8 @@ def export_footprint(cfg, parts: list[PartSpec], options: ExportOptions) -> Foot
                               calibration_tokens=options.calibration_tokens if quantized else 0,
                               eval_tokens=options.eval_tokens, eval_window=options.eval_window,
                               compile=quantized and check_chipset_option(options.chipset, options.precision) is not None,
-                              gptq=quantized and options.weight_method == "gptq", quantized=quantized)
+                              gptq=quantized and options.weight_method == "gptq", quantized=quantized,
+                              fidelity_prompts=options.fidelity_prompts)
 
 
 def _calibration_plan(ckpt: Checkpoint, options: ExportOptions):

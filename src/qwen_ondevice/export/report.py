@@ -14,6 +14,7 @@ from qwen_ondevice.core.texts import default_evaluation_text, text_token_ids
 from qwen_ondevice.core.tokenizer import Tokenizer
 from qwen_ondevice.eval.evaluate import evaluate_engines, reference_engine
 from qwen_ondevice.eval.fidelity import measure_fidelity
+from qwen_ondevice.export.footprint import fidelity_reference_fits
 from qwen_ondevice.runtime.backends.ort_backend import OrtBackend
 from qwen_ondevice.runtime.engine import Engine
 
@@ -63,7 +64,7 @@ def _fidelity(engine, tok, m: Manifest, prompts: int, max_new_tokens: int) -> di
     or ``{"skipped": reason}`` when the float model does not fit in memory or no prompt fits CL."""
     float_bytes = 4 * m.config.parameter_count()
     available = psutil.virtual_memory().available
-    if float_bytes > available / 2:
+    if not fidelity_reference_fits(m.config, available):
         reason = (f"the float reference needs {float_bytes / 1e9:.1f} GB in float32, more than half of the "
                   f"{available / 1e9:.1f} GB available; run `qwen-ondevice evaluate BUNDLE --fidelity` on a bigger machine")
         log(f"[report] generation fidelity skipped: {reason}")
