@@ -36,7 +36,8 @@ class ExternalData:
     def add(self, name: str, array: np.ndarray, onnx_type: int | None = None, dims: tuple[int, ...] | None = None) -> TensorProto:
         """Write ``array`` (once per name) and return an initializer that points at it.
 
-        ``onnx_type``/``dims`` override the array's own (for int4, ``array`` holds packed bytes)."""
+        ``onnx_type``/``dims`` override the array's own (for int4, ``array`` holds packed bytes);
+        ``array`` may be None for a name already written."""
         if name not in self.entries:
             raw = np.ascontiguousarray(array)  # written from its own buffer: no bytes copy of a 2 GB lm_head
             pad = (-self._pos) % ALIGN

@@ -12,6 +12,7 @@ Letters: AR, CL, P = CL - AR, H, D, NH, KVH, G = NH / KVH, I, V (see core/modeli
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import onnx
@@ -56,9 +57,15 @@ class GraphBuilder:
         self._n += 1
         return f"{hint}_{self._n}"
 
-    def weight(self, name: str, array: np.ndarray, onnx_type: int | None = None) -> str:
-        """An initializer stored in the part's external-data file (written once per part)."""
+    def weight(self, name: str, array: np.ndarray | Callable[[], np.ndarray], onnx_type: int | None = None) -> str:
+        """An initializer stored in the part's external-data file (written once per part).
+
+        ``array`` may be a zero-argument callable giving it: called only when the part's file
+        does not hold ``name`` yet, so a weight is read (and rotated, with ``--rotate``) once
+        per part, not once per AR graph."""
         if name not in self._init_names:
+            if callable(array):
+                array = None if name in self.data.entries else array()
             self.initializers.append(self.data.add(name, array, onnx_type))
             self._init_names.add(name)
         return name
@@ -104,13 +111,13 @@ def _rms_norm(b: GraphBuilder, x: str, weight_name: str, ws: WeightSource, eps: 
     """RMSNorm as one ``SimplifiedLayerNormalization`` node (ONNX Runtime's RMSNorm, computed
     in fp32 internally; the QNN HTP maps it to its fused RmsNorm op). A decomposed
     Mul/ReduceMean/Sqrt chain would square Qwen2's outlier activations inside 16-bit tensors."""
-    return b.op("SimplifiedLayerNormalization", [x, b.weight(weight_name, ws.tensor(weight_name))], axis=-1, epsilon=eps)
+    return b.op("SimplifiedLayerNormalization", [x, b.weight(weight_name, lambda: ws.tensor(weight_name))], axis=-1, epsilon=eps)
 
 
 def _linear(b: GraphBuilder, x: str, w_name: str, ws: WeightSource, bias_name: str | None = None, scale: float = 1.0) -> str:
-    y = b.op("MatMul", [x, b.weight(w_name, ws.tensor(w_name, transpose=True, scale=scale))])
+    y = b.op("MatMul", [x, b.weight(w_name, lambda: ws.tensor(w_name, transpose=True, scale=scale))])
     if bias_name:
-        y = b.op("Add", [y, b.weight(bias_name, ws.tensor(bias_name, scale=scale))])
+        y = b.op("Add", [y, b.weight(bias_name, lambda: ws.tensor(bias_name, scale=scale))])
     return y
 
 
@@ -239,7 +246,7 @@ def build_part_graph(cfg: ModelConfig, weights: WeightStore, part: PartSpec, ar:
     H, D, V = cfg.hidden_size, cfg.head_dim, cfg.vocab_size
     if part.embedding:
         ids = b.input("input_ids", TensorProto.INT32, (1, ar))
-        table = b.weight("model.embed_tokens.weight", ws.tensor("model.embed_tokens.weight"))
+        table = b.weight("model.embed_tokens.weight", lambda: ws.tensor("model.embed_tokens.weight"))
         b.op("Gather", [table, ids], out=part.hidden_out, axis=0)
         b.output(part.hidden_out, T, (1, ar, H))
     else:
@@ -257,7 +264,7 @@ def build_part_graph(cfg: ModelConfig, weights: WeightStore, part: PartSpec, ar:
             weights.release()  # the layer's pages of the memory map stop counting in RSS
         if part.head:
             x = _rms_norm(b, hidden, "model.norm.weight", ws, cfg.rms_norm_eps)
-            b.op("MatMul", [x, b.weight("lm_head.weight", ws.tensor("lm_head.weight", transpose=True))], out="logits")
+            b.op("MatMul", [x, b.weight("lm_head.weight", lambda: ws.tensor("lm_head.weight", transpose=True))], out="logits")
             b.output("logits", T, (1, ar, V))
         else:
             b.op("Identity", [hidden], out=part.hidden_out)
