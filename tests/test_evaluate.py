@@ -89,3 +89,44 @@ def test_identical_engines_score_ratio_one_and_no_kl():
 def test_refusals(window, by_position, message):
     with pytest.raises(UserError, match=message):
         evaluate_engines(FixedLogits(1, 1.0), FixedLogits(2, 1.0), list(range(2 * CL)), window, by_position=by_position)
+
+
+def test_perplexity_ratio_interval_from_batch_means_of_torch_nll():
+    """The ratio's 95% interval: blocks of up to BLOCK_TOKENS consecutive positions per window
+    (here each window's 15 positions, or its part of a span, are one block), their mean NLL
+    differences from torch, exp(mean -+ 1.96 s / sqrt(k)); and the last span's change over the first."""
+    from qwen_ondevice.eval.evaluate import BLOCK_TOKENS
+
+    assert WINDOW - 1 < BLOCK_TOKENS
+    ids = [int(x) for x in np.random.default_rng(4).integers(0, V, 4 * WINDOW)]
+    bundle, ref = FixedLogits(1, 2.0), FixedLogits(2, 2.0)
+    r = evaluate_engines(bundle, ref, ids, WINDOW, "random", by_position=6)
+
+    def interval(positions):
+        d = []
+        for w in range(4):
+            chunk = ids[w * WINDOW : (w + 1) * WINDOW]
+            one = reference_metrics(bundle, ref, chunk, WINDOW, positions)
+            d.append(np.log(one["perplexity_ratio"]))  # this window's mean NLL difference
+        m, half = np.mean(d), 1.959964 * np.std(d, ddof=1) / np.sqrt(len(d))
+        return np.exp(m), [np.exp(m - half), np.exp(m + half)]
+
+    center, want = interval(slice(None))
+    assert r.perplexity_ratio == pytest.approx(center, rel=REL)
+    assert r.perplexity_ratio_ci95 == pytest.approx(want, rel=REL)
+    assert r.perplexity_ratio_ci95[0] < r.perplexity_ratio < r.perplexity_ratio_ci95[1]
+    first, last = interval(slice(0, 6)), interval(slice(12, 15))
+    assert r.by_position[0]["perplexity_ratio_ci95"] == pytest.approx(first[1], rel=REL)
+    assert r.by_position[-1]["perplexity_ratio_ci95"] == pytest.approx(last[1], rel=REL)
+    # delta method: sd(exp m) = exp(m) sd(m), sd(m) from the log-scale half width
+    sd = np.hypot(*(c * np.log(hi / lo) / (2 * 1.959964) for c, (lo, hi) in (first, last)))
+    change = 100 * (last[0] - first[0])
+    assert r.depth_change["points"] == pytest.approx(change, rel=REL)
+    assert r.depth_change["ci95_points"] == pytest.approx([change - 196 * sd, change + 196 * sd], rel=1e-4)
+    assert "last span vs first" in r.format() and "95% interval" in r.format()
+
+
+def test_identical_engines_have_a_zero_width_interval():
+    ids = [int(x) for x in np.random.default_rng(1).integers(0, V, 3 * WINDOW)]
+    r = evaluate_engines(FixedLogits(3, 1.0), FixedLogits(3, 1.0), ids, WINDOW)
+    assert r.perplexity_ratio_ci95 == pytest.approx([1.0, 1.0], abs=1e-9) and r.depth_change is None

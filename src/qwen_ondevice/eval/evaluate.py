@@ -7,7 +7,11 @@ on ONNX Runtime CPU: the host simulation of the device numerics); the reference 
 checkpoint on the torch backend.
 
 perplexity = exp(mean negative log-likelihood) (Jelinek et al. 1977); KL is KL(reference ||
-bundle) of the next-token distributions, in nats, averaged over positions.
+bundle) of the next-token distributions, in nats, averaged over positions. The perplexity ratio
+is exp(mean d), d = NLL(bundle) - NLL(reference) per scored token, and its 95% interval comes
+from batch means of d over blocks of :data:`BLOCK_TOKENS` consecutive positions
+(``eval/stats.py`` :func:`mean_interval`): a few thousand tokens of one text leave the ratio a
+point or more of noise, which the interval shows.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+import math
 
 import numpy as np
 
@@ -24,11 +30,16 @@ from qwen_ondevice.core.errors import UserError
 from qwen_ondevice.core.progress import bar
 from qwen_ondevice.core.texts import default_evaluation_text, text_token_ids
 from qwen_ondevice.eval.fidelity import measure_fidelity
+from qwen_ondevice.eval.stats import Z_95, mean_interval
 from qwen_ondevice.runtime.engine import Engine
 from qwen_ondevice.runtime.open_model import open_runtime
 
 DEFAULT_EVAL_TOKENS = 16384
 DEFAULT_WINDOW = 1024
+#: Consecutive scored positions averaged into one batch mean for the perplexity ratio's interval:
+#: long enough that neighbouring blocks are nearly independent, short enough to give a few dozen
+#: blocks per span of 1024 positions.
+BLOCK_TOKENS = 64
 
 
 @dataclass
@@ -49,6 +60,12 @@ class AccuracyReport:
     #: With ``by_position``: per span of window positions, ``positions`` [start, end), ``tokens``
     #: and the same metrics over that span.
     by_position: list[dict] = field(default_factory=list)
+    #: 95% interval of ``perplexity_ratio`` (batch means, see the module docstring); None with
+    #: fewer than two blocks
+    perplexity_ratio_ci95: list[float] | None = None
+    #: With two spans or more: the last span's perplexity ratio minus the first's, in points
+    #: (percent), and its 95% interval (the two spans' intervals combined as independent).
+    depth_change: dict | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -60,11 +77,28 @@ class AccuracyReport:
             f"top-1 agreement {100 * self.top1_agreement:.2f}%, mean KL {self.mean_kl:.4f} nats "
             f"[{self.tokens} tokens, {self.windows} windows of {self.window}, {self.text}"
             + (f", {self.host_numerics} host numerics]" if self.host_numerics != "exact" else "]")
+            + (f"\n  perplexity ratio 95% interval {_points(self.perplexity_ratio_ci95)}" if self.perplexity_ratio_ci95 else "")
             + "".join(f"\n  positions {r['positions'][0]}-{r['positions'][1] - 1}: perplexity ratio "
-                      f"{r['perplexity_ratio']:.4f} ({100 * (r['perplexity_ratio'] - 1):+.2f}%), top-1 "
-                      f"{100 * r['top1_agreement']:.2f}%, mean KL {r['mean_kl']:.4f} [{r['tokens']} tokens]"
+                      f"{r['perplexity_ratio']:.4f} ({100 * (r['perplexity_ratio'] - 1):+.2f}%"
+                      + (f", 95% interval {_points(r['perplexity_ratio_ci95'])}" if r.get("perplexity_ratio_ci95") else "")
+                      + f"), top-1 {100 * r['top1_agreement']:.2f}%, mean KL {r['mean_kl']:.4f} [{r['tokens']} tokens]"
                       for r in self.by_position)
+            + (f"\n  last span vs first: {self.depth_change['points']:+.2f} points of perplexity ratio "
+               f"(95% interval {self.depth_change['ci95_points'][0]:+.2f} to {self.depth_change['ci95_points'][1]:+.2f})"
+               if self.depth_change else "")
         )
+
+
+def _points(ci: list[float]) -> str:
+    return f"{100 * (ci[0] - 1):+.2f}% to {100 * (ci[1] - 1):+.2f}%"
+
+
+def _log_ratio(d: np.ndarray) -> tuple[float, float, float] | None:
+    """(mean, low, high) of the mean of ``d`` (n_windows, m): NLL differences, nats) from batch
+    means over blocks of :data:`BLOCK_TOKENS` consecutive positions of each window; None with
+    fewer than two blocks."""
+    blocks = [float(b.mean()) for row in d for b in np.array_split(row, max(1, row.size // BLOCK_TOKENS))]
+    return mean_interval(blocks) if len(blocks) >= 2 else None
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:
@@ -123,12 +157,15 @@ def evaluate_engines(engine, reference, ids: list[int], window: int, text_name: 
     span = by_position or window
     spans = np.arange(window - 1) // span  # the span of each scored position
     sums = np.zeros((4, int(spans[-1]) + 1))  # nll, nll_ref, top1, kl per span
+    diffs = np.empty((n_win, window - 1))  # NLL(bundle) - NLL(reference) per scored position, nats
     t0 = time.perf_counter()
     with bar(total=n_win, desc="[evaluate]", unit="window") as progress:
         for w in range(n_win):
             chunk = ids[w * window : (w + 1) * window]
-            for k, values in enumerate(window_metrics(engine.logits_all(chunk), reference.logits_all(chunk), chunk)):
+            metrics = window_metrics(engine.logits_all(chunk), reference.logits_all(chunk), chunk)
+            for k, values in enumerate(metrics):
                 sums[k] += np.bincount(spans, weights=values, minlength=sums.shape[1])
+            diffs[w] = metrics[0] - metrics[1]
             done = (w + 1) * (window - 1)
             progress.set_postfix_str(f"perplexity {np.exp(sums[0].sum() / done):.3f} "
                                      f"(float {np.exp(sums[1].sum() / done):.3f})", refresh=False)
@@ -136,17 +173,30 @@ def evaluate_engines(engine, reference, ids: list[int], window: int, text_name: 
     n = n_win * (window - 1)
     nll, nll_ref, top1, kl = sums.sum(axis=1)
     ppl, ppl_ref = float(np.exp(nll / n)), float(np.exp(nll_ref / n))
-    rows = []
+    rows, intervals = [], []
     if by_position:
         counts = np.bincount(spans) * n_win
         for s in range(sums.shape[1]):
             c = int(counts[s])
+            intervals.append(_log_ratio(diffs[:, spans == s]))
             rows.append({"positions": [s * span, min((s + 1) * span, window - 1)], "tokens": c,
                          "perplexity": float(np.exp(sums[0, s] / c)), "reference_perplexity": float(np.exp(sums[1, s] / c)),
                          "perplexity_ratio": float(np.exp((sums[0, s] - sums[1, s]) / c)),
+                         "perplexity_ratio_ci95": [math.exp(intervals[-1][1]), math.exp(intervals[-1][2])] if intervals[-1] else None,
                          "top1_agreement": float(sums[2, s] / c), "mean_kl": float(sums[3, s] / c)})
+    overall = _log_ratio(diffs)
+    depth = None
+    if len(rows) >= 2 and intervals[0] and intervals[-1]:
+        # delta method: r = exp(m), so sd(r) = r sd(m); the spans' errors taken as independent
+        (r0, (_, lo0, hi0)), (r1, (_, lo1, hi1)) = ((rows[0]["perplexity_ratio"], intervals[0]), (rows[-1]["perplexity_ratio"], intervals[-1]))
+        sd = math.hypot(r0 * (hi0 - lo0) / (2 * Z_95), r1 * (hi1 - lo1) / (2 * Z_95))
+        change = 100 * (r1 - r0)
+        depth = {"from": rows[0]["positions"], "to": rows[-1]["positions"], "points": change,
+                 "ci95_points": [change - 100 * Z_95 * sd, change + 100 * Z_95 * sd]}
     return AccuracyReport(text_name, n, window, n_win, ppl, ppl_ref, ppl / ppl_ref, float(top1 / n), float(kl / n),
-                          round(time.perf_counter() - t0, 1), by_position=rows)
+                          round(time.perf_counter() - t0, 1), by_position=rows,
+                          perplexity_ratio_ci95=[math.exp(overall[1]), math.exp(overall[2])] if overall else None,
+                          depth_change=depth)
 
 
 def reference_engine(model: str, window: int):

@@ -4,6 +4,9 @@
   the normal-approximation interval stays inside [0, 1] and behaves well near 0 and 1.
 * :func:`mcnemar_exact`: the exact McNemar test (McNemar 1947) for two models scored on the same
   tasks, which looks only at the discordant tasks (solved by one model and not the other).
+* :func:`mean_interval`: a normal-approximation confidence interval for a mean from batch means
+  (consecutive tokens are correlated, so the caller averages blocks of them first; the method of
+  batch means, e.g. Law and Kelton, "Simulation Modeling and Analysis", section 9.5.3).
 
 References:
     E. B. Wilson (1927), "Probable inference, the law of succession, and statistical
@@ -81,3 +84,29 @@ def mcnemar_exact(b: int, c: int) -> float:
         return 1.0
     tail = sum(math.comb(n, i) for i in range(min(b, c) + 1))
     return min(1.0, 2 * tail / 2**n)
+
+
+def mean_interval(values: list[float], z: float = Z_95) -> tuple[float, float, float]:
+    """The mean of ``values`` and its normal-approximation confidence interval,
+    ``mean -+ z * s / sqrt(k)`` with ``s`` the sample standard deviation (k - 1 in the
+    denominator) of the k values.
+
+    Meant for batch means: pass the means of k blocks of consecutive, correlated observations
+    (tokens of a text), not the observations themselves, and k of at least about 20 so that the
+    normal quantile fits (Law and Kelton, "Simulation Modeling and Analysis", section 9.5.3).
+
+    Returns:
+        ``(mean, low, high)``.
+
+    Raises:
+        ValueError: fewer than two values, or ``z`` not positive and finite.
+    """
+    k = len(values)
+    if k < 2:
+        raise ValueError(f"need at least two values for an interval, got {k}")
+    if not (z > 0 and math.isfinite(z)):
+        raise ValueError(f"z must be a positive number, got {z}")
+    mean = math.fsum(values) / k
+    s = math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (k - 1))
+    half = z * s / math.sqrt(k)
+    return mean, mean - half, mean + half
