@@ -1,11 +1,11 @@
 """Speculative decoding (runtime/speculative.py): prompt lookup, a draft model, and the acceptance
 rule, held to plain decoding.
 
-Greedy losslessness is bitwise: an oracle drafter injects right and wrong tokens at every place
-(all accepted, all rejected, a rejection at each index, a stop string inside an accepted run,
-max_tokens mid draft, the last slots of the context), and the tokens and the bytes of every kept
-cache slot must equal plain greedy decoding through the same verify graph, one real token per
-call. Sampling is checked against the target distribution with a chi-square test."""
+Greedy losslessness: an oracle drafter injects right and wrong tokens at every place (all
+accepted, all rejected, a rejection at each index, a stop string inside an accepted run,
+max_tokens mid draft, the last slots of the context), and the tokens must equal plain greedy
+decoding through the same verify graph, one real token per call, and every kept cache slot too,
+up to the host's float32 rounding of a row by its place in the call (see ``_same``). Sampling is checked against the target distribution with a chi-square test."""
 
 from __future__ import annotations
 
@@ -79,20 +79,34 @@ def _run(rt, ids, max_new, drafter=None, verify_always=False, stop=None, params=
     return r, list(e.tokens), cache
 
 
+#: float32 relative rounding a token's K/V may carry with its row in the call (fp32 bundles).
+F32_REL = 1e-5
+#: Share of a uint8 cache that may sit one step off: a value moved by F32_REL of itself crosses a
+#: rounding boundary with probability at most F32_REL * |v| / step <= F32_REL * 127.5 (|v| at most
+#: 127.5 steps from the zero point); four times that expectation bounds a sample of thousands.
+UINT8_FLIP_SHARE = 4 * F32_REL * 127.5
+
+
 def _same(a, b):
-    """Same tokens, text and finish; the same bytes in every kept cache slot. A float32 cache
-    (fp32 bundles) is held to float32 rounding instead: ONNX Runtime's CPU GEMM computes rows in
-    blocks, so a token's K/V can differ in the last bit with its row in the call (measured: a
-    few units in the last place); the quantized bundles' uint8 cache must match byte for byte."""
+    """Same tokens, text and finish, and the same KV cache up to the host's row rounding.
+
+    ONNX Runtime's CPU kernels do not give a row the same float32 result whatever its place in
+    the call (measured: a few units in the last place on the fp32 bundle's K/V), so a float32
+    cache is held to F32_REL; in a uint8 cache that rounding tips a value sitting at a rounding
+    boundary by one step (measured once: one byte of 5,376, after the rotation default changed
+    the tiny model's values), so every byte is held within one step and all but
+    UINT8_FLIP_SHARE of them equal."""
     ra, ta, ca = a
     rb, tb, cb = b
     assert ra.token_ids == rb.token_ids and ra.finish_reason == rb.finish_reason and ra.text == rb.text
     assert ta == tb
     for (ka, va), (kb, vb) in zip(ca, cb):
         if ka.dtype == np.float32:
-            assert np.allclose(ka, kb, rtol=1e-5, atol=1e-6) and np.allclose(va, vb, rtol=1e-5, atol=1e-6)
+            assert np.allclose(ka, kb, rtol=F32_REL, atol=1e-6) and np.allclose(va, vb, rtol=F32_REL, atol=1e-6)
         else:
-            assert np.array_equal(ka, kb) and np.array_equal(va, vb)
+            for x, y in ((ka, kb), (va, vb)):
+                d = np.abs(x.astype(np.int16) - y.astype(np.int16))
+                assert d.max() <= 1 and np.count_nonzero(d) <= UINT8_FLIP_SHARE * d.size, (d.max(), np.count_nonzero(d))
 
 
 SCENARIOS = {
@@ -104,7 +118,7 @@ SCENARIOS = {
 
 
 @pytest.mark.parametrize("precision", ["fp32", "w4a16"])
-def test_greedy_is_bitwise_plain_decoding_through_the_verify_graph(tiny_bundles, precision):
+def test_greedy_is_plain_decoding_through_the_verify_graph(tiny_bundles, precision):
     _, bundles = tiny_bundles
     rt = open_runtime(str(bundles[precision]))
     assert rt.engine.verify_ar == K + 1  # the bundle's verify graph, not the prompt processor
