@@ -1,4 +1,4 @@
-"""Speculative decoding: drafted tokens verified by the target in one call, exactly lossless.
+"""Speculative decoding: drafted tokens verified by the target in one call, lossless.
 
 Decode on the NPU is bound by memory bandwidth: each call reads every weight once, and a call over
 a few tokens costs about what a call over one costs. A drafter proposes k tokens; the target runs
@@ -8,7 +8,9 @@ own pick at the first miss, and rolls the host-owned KV cache back over the reje
 are overwritten later, masked until then).
 
 - Greedy: a drafted token is accepted iff it is the target's argmax (after the repetition
-  penalty), so the tokens are those of plain greedy decoding through the same graph.
+  penalty), so the tokens are those of plain greedy decoding through the same graph, as far as
+  the backend gives a row the same result whatever its place in the call (ONNX Runtime's CPU
+  kernels can differ in the last float32 bit, which can tip a uint8 cache byte by one step).
 - Sampling: the rejection rule of Leviathan et al. 2023 ("Fast Inference from Transformers via
   Speculative Decoding", Algorithm 1) and Chen et al. 2023: accept ``d`` with probability
   ``min(1, p(d) / q(d))``, else draw from ``norm(max(0, p - q))``; after k acceptances draw a bonus
