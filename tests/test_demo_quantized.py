@@ -184,6 +184,26 @@ def test_w4a16_default_rotates_the_residual_stream(demo_w4a16, demo_hf_model):
     assert np.all(np.linalg.norm(x - e, axis=1) > 0.5 * ne)
 
 
+def test_inspect_names_the_quantization_scheme(demo_w4a16, demo_hf_model, capsys):
+    """``inspect`` says how the default bundle is quantized: the rotated residual stream and the
+    int8 projections, their count being what the ONNX graphs store as int8 2-D weights (v_proj and
+    o_proj in every layer, the default's ``--int8-projections``)."""
+    m = json.loads((demo_w4a16 / "manifest.json").read_text())
+    int8 = set()
+    for part in m["parts"]:
+        for g in part["graphs"].values():
+            model = onnx.load(str(demo_w4a16 / g["file"]), load_external_data=False)
+            int8 |= {t.name for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 2
+                     and t.name.endswith("proj.weight.q")}
+    layers = demo_hf_model.config.num_hidden_layers
+    assert sorted(int8) == sorted(f"model.layers.{i}.self_attn.{k}_proj.weight.q" for i in range(layers) for k in "vo")
+    assert main(["inspect", str(demo_w4a16)]) == 0
+    text = capsys.readouterr().out
+    assert f"v_proj/o_proj int8 ({len(int8)} tensors)" in text
+    assert "residual stream rotated: random orthogonal (Haar)" in text
+    assert "quantization w4a16: projections int4 symmetric per block of 32 input rows (gptq)" in text
+
+
 #: Runs model-written code in a child Python: define it, find its Fibonacci function, print fn(2..11).
 _FIB_HARNESS = """
 import json, sys

@@ -356,6 +356,7 @@ def test_inspect_reports_parts_ops_and_integrity(tiny_bundle, capsys):
     r = inspect_bundle(out)
     cfg = read_manifest(out).config
     assert r["bad_files"] == []
+    assert r["quantization"] is None  # fp32: no scheme to name
     assert [p["name"] for p in r["parts"]] == ["part_1_of_3", "part_2_of_3", "part_3_of_3"]
     layers_in_part2 = r["parts"][1]["layers"][1] - r["parts"][1]["layers"][0]
     assert r["parts"][1]["graphs"]["1"]["ops"]["Softmax"] == layers_in_part2
@@ -372,6 +373,7 @@ def test_inspect_reports_parts_ops_and_integrity(tiny_bundle, capsys):
     assert main(["inspect", str(out)]) == 0
     text = capsys.readouterr().out
     assert "all" in text and "match their sha256" in text and "part_3_of_3" in text
+    assert "quantization" not in text
 
 
 def test_report_of_fp32_bundle_matches_its_float_reference(tiny_bundle):

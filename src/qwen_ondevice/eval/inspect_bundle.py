@@ -17,10 +17,24 @@ def op_histogram(path: Path) -> dict[str, int]:
     return dict(sorted(Counter(n.op_type for n in model.graph.node).items(), key=lambda kv: (-kv[1], kv[0])))
 
 
+def quantization_scheme(manifest: dict) -> dict | None:
+    """The bundle's quantization scheme from its manifest's ``quantization`` section, without the
+    per-tensor detail: weights, activations, KV cache, rotation, calibration, smoothing, the count of
+    int8 projection tensors and of float tensors. None for a float bundle."""
+    q = manifest.get("quantization")
+    if not q:
+        return None
+    keep = ("precision", "weights", "activations", "kv_cache", "rotation", "calibration", "smoothing")
+    return {**{k: q.get(k) for k in keep},
+            "int8_projection_tensors": q.get("mixed_precision", {}).get("count", 0),
+            "float_tensors": sum(len(f["tensors"]) for f in q.get("float_islands", []))}
+
+
 def inspect_bundle(root: Path) -> dict:
-    """A report dict: parts (files, bytes, graphs with I/O and op histograms), KV-cache bytes
-    per token and at full context, weight bytes per generated token, and the files whose
-    sha256 no longer matches (``bad_files``; empty when intact)."""
+    """A report dict: parts (files, bytes, graphs with I/O and op histograms), the quantization
+    scheme (:func:`quantization_scheme`), KV-cache bytes per token and at full context, weight
+    bytes per generated token, and the files whose sha256 no longer matches (``bad_files``;
+    empty when intact)."""
     m = read_manifest(root, verify=False)
     cfg = m.config
     parts = []
@@ -51,6 +65,7 @@ def inspect_bundle(root: Path) -> dict:
         "ar": m.ar_lengths,
         "context_length": m.context_length,
         "model": {"source": m.data["model"]["source"], **cfg.to_dict()},
+        "quantization": quantization_scheme(m.data),
         "parts": parts,
         "weight_bytes": sizes["weight_bytes"],
         "kv_cache_bytes_per_token": sizes["kv_cache_bytes_per_token"],
@@ -72,6 +87,27 @@ def _qnn_report(root: Path, qnn: dict | None) -> dict:
                              "htp_optimization": qnn.get("htp_optimization"), "parts": describe_context(root, qnn)}}
 
 
+def format_scheme(q: dict | None) -> list[str]:
+    """Lines for :func:`quantization_scheme`'s dict (none for a float bundle)."""
+    if q is None:
+        return []
+    w = q["weights"]
+    int8 = w.get("int8_projections") or []
+    rot = q.get("rotation")
+    cal = q.get("calibration") or {}
+    lines = [
+        f"quantization {q['precision']}: projections {w['projections']} ({w.get('method')})"
+        + (f", {'/'.join(int8)} int8 ({q['int8_projection_tensors']} tensors)" if int8 else "")
+        + f"; lm_head {w['lm_head']}; embedding {w['embedding']}",
+        "  activations " + q["activations"].replace(", see float_islands", "") + f" ({q['float_tensors']} float tensors); KV cache {q['kv_cache']}",
+        "  residual stream " + (f"rotated: {rot['residual_stream']}, seed {rot['seed']}" if rot else "not rotated")
+        + f"; calibration {cal.get('tokens')} tokens of {cal.get('text')}",
+    ]
+    if q.get("smoothing"):
+        lines.append(f"  smoothing: {q['smoothing']['down_proj_input']}, alpha {q['smoothing']['alpha']:g}")
+    return lines
+
+
 def format_report(r: dict) -> str:
     mb = lambda b: f"{b / 1e6:.1f} MB"  # noqa: E731
     lines = [
@@ -82,6 +118,7 @@ def format_report(r: dict) -> str:
         f"read per generated token at full context: {mb(r['bytes_per_token']['weight_bytes_read_per_token'])} of weights "
         f"(the embedding one row) + {mb(r['kv_cache_bytes_full_context'])} of KV cache = "
         f"{mb(r['bytes_read_per_token_full_context'])}",
+        *format_scheme(r["quantization"]),
     ]
     for p in r["parts"]:
         what = "embedding" if p["embedding"] else f"layers {p['layers'][0]}-{p['layers'][1] - 1}" + (" + head" if p["head"] else "")
