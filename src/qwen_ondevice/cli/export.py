@@ -61,6 +61,10 @@ def register(sub) -> None:
                    help="fold a random orthogonal rotation of the residual stream into the weights (exact in float; "
                         "spreads the outlier channels that activation and weight quantization meet, as QuaRot does); "
                         "default on at w4a16, off at the other precisions")
+    p.add_argument("--rotate-heads", action=argparse.BooleanOptionalAction, default=None,
+                   help="with the rotation, also rotate each attention head's values by a Hadamard matrix folded "
+                        "into v_proj and o_proj (exact in float; spreads outlier value channels over the head, "
+                        "for the value cache and o_proj); default off")
     p.add_argument("--lm-head", choices=("int8", "int4"), default=None,
                    help="quantized precisions: the lm_head's weights, int8 per output channel or int4 in blocks like "
                         "the projections (half the bytes); default int4 at w4a16, int8 at w8a16")
@@ -118,6 +122,7 @@ def run(args: argparse.Namespace) -> int:
         lm_head=args.lm_head,
         verify_tokens=args.verify_tokens,
         rotate=args.rotate,
+        rotate_heads=args.rotate_heads,
         eval_tokens=args.eval_tokens,
         eval_window=args.eval_window,
         fidelity_prompts=args.fidelity_prompts,

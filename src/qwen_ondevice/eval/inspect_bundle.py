@@ -101,6 +101,7 @@ def format_scheme(q: dict | None) -> list[str]:
         + f"; lm_head {w['lm_head']}; embedding {w['embedding']}",
         "  activations " + q["activations"].replace(", see float_islands", "") + f" ({q['float_tensors']} float tensors); KV cache {q['kv_cache']}",
         "  residual stream " + (f"rotated: {rot['residual_stream']}, seed {rot['seed']}" if rot else "not rotated")
+        + (f"; values rotated: {rot['heads']}" if rot and rot.get("heads") else "")
         + f"; calibration {cal.get('tokens')} tokens of {cal.get('text')}",
     ]
     if q.get("smoothing"):

@@ -63,6 +63,9 @@ class ExportOptions:
     # fold a random orthogonal rotation of the residual stream into the weights (quantize/rotation.py);
     # None: the precision's default, on at w4a16 (ROTATE_BY_DEFAULT), off otherwise
     rotate: bool | None = None
+    # with rotate: also rotate each head's values (v_proj rows, o_proj columns) by a Hadamard matrix
+    # (quantize/rotation.py head_rotation); None: the default, off
+    rotate_heads: bool | None = None
     # quantized precisions: the lm_head's weights, "int8" per channel or "int4" (as the projections);
     # None: int4 at w4a16 (DEFAULT_INT8_PROJECTIONS), int8 at w8a16
     lm_head: str | None = None
@@ -84,6 +87,8 @@ class ExportOptions:
     def __post_init__(self) -> None:
         if self.rotate is None:  # resolved here, so a resume compares what was done, not "default"
             self.rotate = self.precision in ROTATE_BY_DEFAULT
+        if self.rotate_heads is None:
+            self.rotate_heads = False
 
     @property
     def int8_projection_kinds(self) -> tuple[str, ...]:
@@ -192,13 +197,15 @@ def prepare_output(out: Path, options: ExportOptions, force: bool) -> ExportStat
 
 def check_options(options: ExportOptions, ckpt: Checkpoint) -> None:
     """Raises UserError for an unknown precision, AR >= CL, CL beyond the checkpoint, a verify
-    graph that does not fit between AR-1 and the prompt processor, or an unknown projection kind
-    in ``int8_projections``."""
+    graph that does not fit between AR-1 and the prompt processor, an unknown projection kind
+    in ``int8_projections``, or ``rotate_heads`` without ``rotate``."""
     if options.precision not in PRECISIONS:
         raise UserError(f"unknown precision {options.precision!r}; choose one of {', '.join(PRECISIONS)}")
     unknown = [p for p in options.int8_projection_kinds if p not in PROJECTIONS]
     if unknown:
         raise UserError(f"--int8-projections: unknown projection {', '.join(unknown)}; choose among {', '.join(PROJECTIONS)}")
+    if options.rotate_heads and not options.rotate:
+        raise UserError("--rotate-heads rotates on top of the residual-stream rotation: drop --no-rotate, or --rotate-heads")
     if options.prompt_length < 1 or options.prompt_length >= options.context_length:
         raise UserError(
             f"--prompt-length (AR) {options.prompt_length} must be at least 1 and below --context-length (CL) {options.context_length}"

@@ -78,7 +78,8 @@ def export(options: ExportOptions, out: Path, force: bool = False) -> Path:
     # whether this machine holds the plan, before anything is written (a resume has the same plan)
     check_weights_present(ckpt.weights, cfg)
     if options.rotate:  # exact in float: the graphs read the rotated weights (quantize/rotation.py)
-        ckpt = ckpt.with_weights(RotatedWeights(ckpt.weights, cfg.hidden_size, ROTATION_SEED))
+        ckpt = ckpt.with_weights(RotatedWeights(ckpt.weights, cfg.hidden_size, ROTATION_SEED,
+                                                head_dim=cfg.head_dim if options.rotate_heads else None))
     planned = plan_parts(cfg, options.precision, options.num_parts, options.max_part_bytes)
     fp = export_footprint(cfg, planned, options)
     log(f"[fit] {fp.describe()}")
@@ -294,7 +295,9 @@ def _quantization_summary(options: ExportOptions, parts: list[dict]) -> dict | N
         "activations": "uint16 asymmetric per tensor"
         + ("; the residual stream float (fp16 on the HTP), see float_islands" if options.residual == "fp16" else "")
         + (f"; MLP down_proj input range widened {options.down_proj_headroom:g}x" if options.down_proj_headroom != 1 else ""), "kv_cache": f"{options.kv_cache} per layer, in/out share one encoding",
-        "rotation": {"residual_stream": "random orthogonal (Haar), folded into the weights", "seed": ROTATION_SEED} if options.rotate else None,
+        "rotation": {"residual_stream": "random orthogonal (Haar), folded into the weights", "seed": ROTATION_SEED,
+                     "heads": "Hadamard per head, folded into v_proj and o_proj" if options.rotate_heads else None}
+        if options.rotate else None,
         "calibration": {"text": options.calibration_text or "wikitext2_valid.txt (shipped)", "tokens": options.calibration_tokens},
         "mixed_precision": summarize_weights(parts),
         "smoothing": {"down_proj_input": "SmoothQuant, folded into up_proj/down_proj", "alpha": options.smooth_alpha}

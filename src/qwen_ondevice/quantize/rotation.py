@@ -13,6 +13,13 @@ invariance). In the checkpoint's (out, in) layout, ``y = x W^T``:
 - lm_head (V, H), fed by the final norm: ``W diag(g_final) Q`` (a tied lm_head becomes untied:
   the embedding gets ``E Q`` and the head ``E diag(g) Q``).
 
+With ``heads``, each attention head's values are rotated too, by ``R`` (d, d) orthogonal, the same
+for every head (QuaRot's offline head rotation; SpinQuant's R2): v_proj's rows of head j become
+``R^T W_j`` and its bias ``b_j R``, so the value cache holds ``v R``; attention mixes positions,
+not channels, so each head's output is ``o R``, and o_proj's columns of head j become ``W_j R``.
+``R`` is the Sylvester Hadamard matrix over sqrt(d) where d is a power of two (Qwen2's 64 and
+128), a Haar-random one otherwise. It spreads a head's outlier value channels over all d.
+
 Every weight is then a mix of H original rows or columns, so a checkpoint that came from a block
 quantized file (the demo's Q4_K_M GGUF) no longer sits on that file's 4-bit grid: this is how the
 project makes a test model whose weights do not flatter block-wise int4 (``benchmarks/
@@ -47,6 +54,18 @@ def random_orthogonal(n: int, seed: int) -> np.ndarray:
     g = np.random.default_rng(seed).standard_normal((n, n))
     q, r = np.linalg.qr(g)
     return q * np.sign(np.diag(r))[None, :]
+
+
+def head_rotation(d: int, seed: int) -> np.ndarray:
+    """The per-head rotation R (d, d) float64: the Sylvester Hadamard matrix scaled by 1/sqrt(d)
+    when d is a power of two (symmetric, orthogonal; Sylvester 1867), else
+    :func:`random_orthogonal` (d, seed + 1)."""
+    if d & (d - 1) == 0:
+        h = np.ones((1, 1))
+        while h.shape[0] < d:
+            h = np.block([[h, h], [h, -h]])
+        return h / np.sqrt(d)
+    return random_orthogonal(d, seed + 1)
 
 
 def rotate_state_dict(tensors: dict[str, np.ndarray], num_layers: int, q: np.ndarray,
@@ -144,12 +163,15 @@ class RotatedWeights:
     of the module docstring. Memory: the tensor, its rotated copy and Q (H x H float32).
     """
 
-    def __init__(self, store, hidden_size: int, seed: int):
+    def __init__(self, store, hidden_size: int, seed: int, head_dim: int | None = None):
+        """head_dim: also rotate each head's values by :func:`head_rotation` (head_dim, seed);
+        None rotates the residual stream only."""
         import torch
 
         self.store = store
         self.seed = seed
         self.q = torch.from_numpy(random_orthogonal(hidden_size, seed).astype(np.float32))
+        self.r = None if head_dim is None else torch.from_numpy(head_rotation(head_dim, seed).astype(np.float32))
 
     def names(self) -> list[str]:
         return self.store.names()
@@ -173,6 +195,21 @@ class RotatedWeights:
         return out if dtype is None else out.to(dtype)
 
     def _rotated(self, name: str):
+        out = self._residual_rotated(name)
+        if self.r is None or ".self_attn." not in name:
+            return out
+        d = self.r.shape[0]
+        if name.endswith("v_proj.weight"):  # rows of head j: R^T W_j
+            n, h = out.shape
+            return (self.r.T @ out.reshape(n // d, d, h)).reshape(n, h)
+        if name.endswith("v_proj.bias"):  # b_j R
+            return (out.reshape(-1, d) @ self.r).reshape(-1)
+        if name.endswith("o_proj.weight"):  # columns of head j: W_j R
+            h, n = out.shape
+            return (out.reshape(h, n // d, d) @ self.r).reshape(h, n)
+        return out
+
+    def _residual_rotated(self, name: str):
         import torch
 
         get = self.store.get
