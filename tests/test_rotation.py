@@ -166,3 +166,19 @@ def test_rotated_weights_give_the_demo_logits_of_transformers(demo_checkpoint, d
         b1 = rotated.weights.get("model.layers.0.self_attn.v_proj.bias").float()
         assert torch.allclose(torch.linalg.norm(b1), torch.linalg.norm(b0), rtol=1e-5)
         assert torch.linalg.norm(b1 - b0) > 0.5 * torch.linalg.norm(b0)
+
+
+def test_an_export_started_before_rotate_heads_existed_resumes(tmp_path):
+    """A state.json written before the option existed lacks it; it counts as its default (off), so
+    the same export resumes, and one asked for --rotate-heads does not."""
+    from dataclasses import asdict
+
+    from qwen_ondevice.export.options import ExportOptions, ExportState
+
+    old = asdict(ExportOptions(model="demo"))
+    del old["rotate_heads"]
+    state = tmp_path / ".export" / "state.json"
+    state.parent.mkdir()
+    state.write_text(json.dumps({"options": old, "done": {"files": {}}}))
+    assert ExportState(tmp_path, ExportOptions(model="demo")).load() is True
+    assert ExportState(tmp_path, ExportOptions(model="demo", rotate_heads=True)).load() is False

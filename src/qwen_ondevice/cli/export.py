@@ -61,7 +61,7 @@ def register(sub) -> None:
                    help="fold a random orthogonal rotation of the residual stream into the weights (exact in float; "
                         "spreads the outlier channels that activation and weight quantization meet, as QuaRot does); "
                         "default on at w4a16, off at the other precisions")
-    p.add_argument("--rotate-heads", action=argparse.BooleanOptionalAction, default=None,
+    p.add_argument("--rotate-heads", action=argparse.BooleanOptionalAction, default=False,
                    help="with the rotation, also rotate each attention head's values by a Hadamard matrix folded "
                         "into v_proj and o_proj (exact in float; spreads outlier value channels over the head, "
                         "for the value cache and o_proj); default off")

@@ -64,8 +64,8 @@ class ExportOptions:
     # None: the precision's default, on at w4a16 (ROTATE_BY_DEFAULT), off otherwise
     rotate: bool | None = None
     # with rotate: also rotate each head's values (v_proj rows, o_proj columns) by a Hadamard matrix
-    # (quantize/rotation.py head_rotation); None: the default, off
-    rotate_heads: bool | None = None
+    # (quantize/rotation.py head_rotation); off by default (docs/numerics.md: measured, no gain)
+    rotate_heads: bool = False
     # quantized precisions: the lm_head's weights, "int8" per channel or "int4" (as the projections);
     # None: int4 at w4a16 (DEFAULT_INT8_PROJECTIONS), int8 at w8a16
     lm_head: str | None = None
@@ -87,8 +87,6 @@ class ExportOptions:
     def __post_init__(self) -> None:
         if self.rotate is None:  # resolved here, so a resume compares what was done, not "default"
             self.rotate = self.precision in ROTATE_BY_DEFAULT
-        if self.rotate_heads is None:
-            self.rotate_heads = False
 
     @property
     def int8_projection_kinds(self) -> tuple[str, ...]:
