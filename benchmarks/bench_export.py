@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import re
-import resource
 import subprocess
 import sys
 import time
@@ -44,15 +43,15 @@ AI_HUB_BYTES_PER_TOKEN = 5.06e9 - 152064 * 3584 * 2 + 3584 * 2 + 28 * 2 * 4 * 12
 
 
 def _run(cmd: list[str], log: Path) -> tuple[int, float, int]:
-    """Run ``cmd`` with its output in ``log``; returns (exit code, wall seconds, child's peak RSS bytes)."""
+    """Run ``cmd`` with its output in ``log``; returns (exit code, wall seconds, the child's own
+    peak RSS bytes: ``os.wait4``'s ru_maxrss of that child, not the maximum over all children)."""
     env = dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     t0 = time.perf_counter()
     with open(log, "w") as f:
-        code = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
-    seconds = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return code, seconds, (peak if peak > before else before) * 1024
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    return proc.returncode, time.perf_counter() - t0, usage.ru_maxrss * 1024
 
 
 def _gb(x) -> str:
