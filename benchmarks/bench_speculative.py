@@ -22,8 +22,9 @@ per token) and a cost model of one forward over N tokens:
     t(N) = B / W + (N - 1) * c
 
 - B, bytes read per token: the 7B bundle's .bin bytes as ``docs/numerics.md`` counts them
-  (computed from the measured .bin fit: 4.10 GB for the default, int8 v_proj/o_proj with an int4
-  lm_head; 4.16 GB all int4 with an int8 lm_head); ``--bytes`` overrides.
+  (4.13 GB for the default, int8 v_proj/o_proj with an int4 lm_head, measured from the .bin files
+  of the 28-layer export; 4.16 GB all int4 with an int8 lm_head, computed from the .bin fit);
+  ``--bytes`` overrides.
 - W, the bandwidth decode achieves: AI Hub's published 13.65 tok/s for Qwen2-7B-Instruct on
   Snapdragon 8 Elite times its 4.09 GB read per token (computed from its published .bin files)
   = 55.8 GB/s, two thirds of the chip's 84.8 GB/s peak.
@@ -62,8 +63,9 @@ AI_HUB_TPS = 13.65
 AI_HUB_BYTES = 4.09e9
 #: Snapdragon 8 Elite peak memory bandwidth, bytes/s (Qualcomm's LPDDR5X-5300 figure).
 PEAK_BANDWIDTH = 84.8e9
-#: What our Qwen2-7B bundle reads per token (docs/numerics.md, computed from the measured .bin fit).
-BUNDLE_BYTES = {"default (int8 v/o, int4 lm_head)": 4.10e9, "all int4 (--int8-projections none --lm-head int8)": 4.16e9}
+#: What our Qwen2-7B bundle reads per token (docs/numerics.md): the default measured from the .bin
+#: files of the 28-layer export, all int4 computed from the measured .bin fit.
+BUNDLE_BYTES = {"default (int8 v/o, int4 lm_head)": 4.13e9, "all int4 (--int8-projections none --lm-head int8)": 4.16e9}
 PROMPT_PROCESSOR_AR = 128
 
 EDITS = (
