@@ -78,7 +78,7 @@ def test_fp32_bundle_writes_what_its_float_model_writes(tiny_factory, tmp_path, 
 
 def test_interrupted_float_run_goes_on_from_what_it_finished(tiny_factory, tmp_path, monkeypatch):
     """The float continuations are saved prompt by prompt: a run that dies after the first goes
-    on from the second, and the result equals an uninterrupted run."""
+    on with the other two only, and the result equals an uninterrupted run."""
     from qwen_ondevice.eval import fidelity
     from qwen_ondevice.runtime.open_model import open_runtime
 
@@ -94,17 +94,41 @@ def test_interrupted_float_run_goes_on_from_what_it_finished(tiny_factory, tmp_p
     calls = []
     real = fidelity.greedy_continuations
 
-    def dies_after_one(engine, tokenizer, prompt_ids, lims, desc, done=None, on_each=None):
-        calls.append(len(done or []))
+    def dies_after_one(engine, tokenizer, prompt_ids, lims, desc, on_each=None):
+        calls.append(len(prompt_ids))
         def first_only(out):
             on_each(out)
             raise KeyboardInterrupt
-        return real(engine, tokenizer, prompt_ids, lims, desc, done, first_only)
+        return real(engine, tokenizer, prompt_ids, lims, desc, first_only)
 
     monkeypatch.setattr(fidelity, "greedy_continuations", dies_after_one)
     with pytest.raises(KeyboardInterrupt):
         fidelity.reference_continuations(ckpt, ids, limits)
-    assert len(list((tmp_path / "cache" / "fidelity").glob("*.partial.json"))) == 1
-    monkeypatch.setattr(fidelity, "greedy_continuations", real)
+    monkeypatch.setattr(fidelity, "greedy_continuations",
+                        lambda e, t, p, lims, desc, on_each=None: calls.append(len(p)) or real(e, t, p, lims, desc, on_each))
     assert fidelity.reference_continuations(ckpt, ids, limits) == whole
-    assert calls == [0] and not list((tmp_path / "cache" / "fidelity").glob("*.partial.json"))
+    assert calls == [3, 2]
+
+
+def test_float_continuations_are_reused_across_prompt_sets_and_shorter_limits(tiny_factory, tmp_path, monkeypatch):
+    """A prompt's float continuation is cached by its own token ids: a later set that holds it (in
+    another place, beside new prompts) or asks for fewer tokens runs the float model only for what
+    the cache cannot answer, and each answer equals a run from an empty cache."""
+    from qwen_ondevice.eval import fidelity
+    from qwen_ondevice.runtime.open_model import open_runtime
+
+    monkeypatch.setenv("QWEN_ONDEVICE_CACHE", str(tmp_path / "cache"))
+    ckpt = str(tiny_factory(layers=2))
+    tok = open_runtime(ckpt, "torch", context_length=512).tokenizer
+    ids = [tok.apply_chat_template(p.messages) for p in fidelity_prompts(4)]
+    first = fidelity.reference_continuations(ckpt, ids[:2], [10, 10])
+    real, ran = fidelity.greedy_continuations, []
+    monkeypatch.setattr(fidelity, "greedy_continuations",
+                        lambda e, t, p, lims, desc, on_each=None: ran.append(p) or real(e, t, p, lims, desc, on_each))
+    mixed = fidelity.reference_continuations(ckpt, [ids[3], ids[1], ids[0]], [10, 4, 12])
+    assert ran == [[ids[3]] + ([ids[0]] if len(first[0]) == 10 else [])]  # ids[0] again only if it ran to its limit
+    assert mixed[1] == first[1][:4]
+    for f in (tmp_path / "cache" / "fidelity").glob("*.json"):
+        f.unlink()
+    monkeypatch.setattr(fidelity, "greedy_continuations", real)
+    assert fidelity.reference_continuations(ckpt, [ids[3], ids[1], ids[0]], [10, 4, 12]) == mixed

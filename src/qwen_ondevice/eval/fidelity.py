@@ -13,8 +13,9 @@ one wrong token breaks the program; this module measures that directly:
   subprocess with limits, ``eval.code_tasks``), with Wilson intervals for both pass rates and the
   exact McNemar test of the paired difference (``eval.stats``).
 
-Greedy decoding makes the measure deterministic; the float continuations are cached (they do not
-depend on the bundle) under ``$QWEN_ONDEVICE_CACHE/fidelity/``.
+Greedy decoding makes the measure deterministic; the float continuations are cached per prompt
+(they do not depend on the bundle, nor on the other prompts of the set) under
+``$QWEN_ONDEVICE_CACHE/fidelity/``.
 """
 
 from __future__ import annotations
@@ -49,8 +50,8 @@ CHAT_TEMPLATES = (
 CHAT_PROMPTS = 40
 #: Passage length in words (WikiText-2 paragraphs outside this range are skipped).
 PASSAGE_WORDS = (60, 160)
-#: Bumped when the prompt set or the decoding changes, so cached float continuations are redone.
-CACHE_VERSION = 1
+#: Bumped when the decoding or the cache's format changes, so cached float continuations are redone.
+CACHE_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -101,14 +102,13 @@ def fidelity_prompts(limit: int | None = None) -> list[FidelityPrompt]:
 
 
 def greedy_continuations(engine, tokenizer, prompt_ids: list[list[int]], limits: list[int],
-                         desc: str, done: list[list[int]] | None = None, on_each=None) -> list[list[int]]:
+                         desc: str, on_each=None) -> list[list[int]]:
     """Greedy token ids (stop token excluded) after each prompt, at most ``limits[i]`` new tokens
-    for prompt ``i``: one list per prompt. ``done``: the continuations of the first prompts, from
-    an interrupted run; ``on_each(out)`` is called with the list so far after each prompt."""
-    out = list(done or [])
+    for prompt ``i``: one list per prompt. ``on_each(out)`` is called with the list so far after
+    each prompt."""
+    out: list[list[int]] = []
     with bar(total=len(prompt_ids), desc=desc, unit="prompt") as progress:
-        progress.update(len(out))
-        for ids, limit in list(zip(prompt_ids, limits, strict=True))[len(out):]:
+        for ids, limit in zip(prompt_ids, limits, strict=True):
             out.append(generate(engine, tokenizer, ids, max_new_tokens=limit).token_ids)
             if on_each is not None:
                 on_each(out)
@@ -218,36 +218,72 @@ def compare_continuations(prompts: list[FidelityPrompt], reference: list[list[in
                           total["prefix_mean"], kinds, code_report, round(seconds, 1), rows)
 
 
-def _reference_key(model_path: Path, prompt_ids: list[list[int]], limits: list[int]) -> str:
-    """Cache key of the float continuations: the checkpoint's files (name, size, mtime), the
-    prompts' token ids, their length limits and :data:`CACHE_VERSION`."""
+def _model_key(model_path: Path) -> str:
+    """Cache key of a float model: the checkpoint's files (name, size, mtime), its path and
+    :data:`CACHE_VERSION`."""
     files = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in model_path.iterdir()
                    if f.is_file() and f.suffix in (".safetensors", ".json"))
-    blob = json.dumps([CACHE_VERSION, str(model_path.resolve()), files, prompt_ids, limits]).encode()
+    blob = json.dumps([CACHE_VERSION, str(model_path.resolve()), files]).encode()
     return hashlib.sha256(blob).hexdigest()[:24]
+
+
+def _prompt_key(ids: list[int]) -> str:
+    """Cache key of one prompt: its token ids."""
+    return hashlib.sha256(json.dumps(ids).encode()).hexdigest()[:24]
+
+
+def _cached(entry: dict | None, limit: int) -> list[int] | None:
+    """The greedy continuation of at most ``limit`` tokens that a cache ``entry`` ({"limit",
+    "tokens"}) answers, or None. Greedy decoding is prefix-consistent: a continuation run to a
+    larger limit, cut at ``limit``, is the continuation run to ``limit``, and one that stopped
+    before its limit (a stop token) is complete."""
+    if entry is None:
+        return None
+    tokens, ran_to = entry["tokens"], entry["limit"]
+    if limit <= ran_to or len(tokens) < ran_to:
+        return tokens[:limit]
+    return None
+
+
+def _read_cache(path: Path) -> dict:
+    return json.loads(path.read_text())["continuations"] if path.is_file() else {}
 
 
 def reference_continuations(model: str, prompt_ids: list[list[int]], limits: list[int]) -> list[list[int]]:
     """The float model's greedy continuations (torch backend, float32; :func:`greedy_continuations`),
-    from the cache when the same checkpoint files, prompts and limits were run before; an
-    interrupted run keeps what it finished (``<key>.partial.json``) and goes on from there.
+    one list of token ids per prompt, at most ``limits[i]`` tokens for prompt ``i``.
+
+    Cached per prompt, whatever set it was run in (``$QWEN_ONDEVICE_CACHE/fidelity/<model key>.json``,
+    keyed by the prompt's token ids, with the limit each was run to): the float model runs only for
+    the prompts the cache cannot answer (:func:`_cached`), and each continuation is saved as soon
+    as it is done, so an interrupted run goes on from there. The torch backend attends over the
+    filled cache slots only, so a continuation does not depend on the other prompts of the set.
 
     Raises:
         UserError: MODEL cannot be loaded (see ``core.checkpoint.load_checkpoint``).
     """
     ckpt = load_checkpoint(model)
-    path = cache_dir() / "fidelity" / f"{_reference_key(ckpt.path, prompt_ids, limits)}.json"
-    if path.is_file():
-        return json.loads(path.read_text())["continuations"]
-    partial = path.with_suffix(".partial.json")
-    done = json.loads(partial.read_text())["continuations"] if partial.is_file() else []
-    context = max(len(ids) + n for ids, n in zip(prompt_ids, limits)) + 1
+    path = cache_dir() / "fidelity" / f"{_model_key(ckpt.path)}.json"
+    keys = [_prompt_key(ids) for ids in prompt_ids]
+    cache = _read_cache(path)
+    out = [_cached(cache.get(k), n) for k, n in zip(keys, limits, strict=True)]
+    todo = [i for i, got in enumerate(out) if got is None]
+    if not todo:
+        return out
+    context = max(len(prompt_ids[i]) + limits[i] for i in todo) + 1
     rt = open_runtime(str(ckpt.path), "torch", context_length=min(ckpt.config.max_position_embeddings, max(context, 256)))
     path.parent.mkdir(parents=True, exist_ok=True)
-    save = lambda out, where=partial: write_json(where, {"model": model, "limits": limits, "continuations": out})  # noqa: E731
-    out = greedy_continuations(rt.engine, rt.tokenizer, prompt_ids, limits, "[fidelity] float", done, save)
-    save(out, path)
-    partial.unlink(missing_ok=True)
+
+    def save(done: list[list[int]]) -> None:  # the newest continuation, merged with what another run saved
+        i = todo[len(done) - 1]
+        merged = _read_cache(path)
+        merged[keys[i]] = {"limit": limits[i], "tokens": done[-1]}
+        write_json(path, {"model": model, "continuations": merged})
+
+    got = greedy_continuations(rt.engine, rt.tokenizer, [prompt_ids[i] for i in todo], [limits[i] for i in todo],
+                               "[fidelity] float", on_each=save)
+    for i, tokens in zip(todo, got):
+        out[i] = tokens
     return out
 
 
