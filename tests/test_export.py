@@ -558,3 +558,23 @@ def _hf_params(cfg):
         "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
         "num_key_value_heads", "tie_word_embeddings")}))
     return list(hf.parameters())
+
+
+def test_a_resume_with_other_options_is_refused_naming_them(tmp_path):
+    """An export folder asked for other graph options (here one started when 4096 calibration tokens
+    was the default) is left untouched, and the refusal names each option with both values, so the
+    user can ask for the same and resume."""
+    from dataclasses import asdict
+
+    from qwen_ondevice.core.errors import UserError
+    from qwen_ondevice.export.options import prepare_output
+
+    old = asdict(ExportOptions(model="demo", calibration_tokens=4096))
+    state = tmp_path / ".export" / "state.json"
+    state.parent.mkdir()
+    state.write_text(json.dumps({"options": old, "done": {"files": {}}}))
+    before = state.read_text()
+    with pytest.raises(UserError, match=r"calibration-tokens 4096 there, 8192 asked\); ask for the same to resume"):
+        prepare_output(tmp_path, ExportOptions(model="demo", calibration_tokens=8192), force=False)
+    assert state.read_text() == before
+    assert prepare_output(tmp_path, ExportOptions(model="demo", calibration_tokens=4096), force=False).done == {"files": {}}

@@ -24,7 +24,9 @@ def register(sub) -> None:
     p.add_argument("--out", required=True, type=Path, help="the bundle folder to write")
     p.add_argument("--precision", default=DEFAULT_PRECISION, choices=PRECISIONS, help=f"default {DEFAULT_PRECISION}")
     p.add_argument("--calibration-text", default=None, help="plain-text file for calibration (default: WikiText-2 validation, shipped)")
-    p.add_argument("--calibration-tokens", type=int, default=DEFAULT_CALIBRATION_TOKENS)
+    p.add_argument("--calibration-tokens", type=int, default=DEFAULT_CALIBRATION_TOKENS,
+                   help=f"tokens of the calibration text (default {DEFAULT_CALIBRATION_TOKENS}; fewer export faster: "
+                        "calibration runs every layer over every token)")
     p.add_argument("--weight-method", choices=["mse", "gptq"], default="gptq",
                    help="weight rounding after the per-channel MSE clipping search: GPTQ (default) or plain rounding (mse)")
     p.add_argument("--int8-fraction", type=float, default=0.0,

@@ -20,7 +20,13 @@ from qwen_ondevice.qnn.ep_options import DEFAULT_HTP_OPTIMIZATION
 PRECISIONS = ("fp32", "fp16", "w8a16", "w4a16")
 QUANTIZED = ("w8a16", "w4a16")
 DEFAULT_PRECISION = "w4a16"
-DEFAULT_CALIBRATION_TOKENS = 4096
+#: Calibration tokens (sequences of 2048, see quantize/calibrate.py). Chosen at w4a16 on both test
+#: models against 4096 and 16384 (docs/numerics.md "Calibration length"): lower KL than 4096, and on
+#: the off-grid model no more error growth deep into the context. GPTQ's Hessian of a projection
+#: whose input has K features has rank at most the number of calibration tokens: the MLP's down_proj
+#: has K = 4864 on the demo and 18944 on Qwen2-7B. 16384 lowers the KL further, but calibration runs
+#: every layer over every token, and at 16384 a Qwen2-7B export would pass its 2-hour budget.
+DEFAULT_CALIBRATION_TOKENS = 8192
 #: w4a16 int4 block size: on the demo model, blocks of 32 lose far less perplexity and top-1
 #: agreement than one scale per output channel (the measurements are in docs/numerics.md "Accuracy of the bundle"). 32 is
 #: also the block of the GGUF Q4_K weights the demo comes from.
@@ -132,17 +138,23 @@ class ExportState:
         self.path = out / STATE_DIR / STATE_FILE
         self.options = asdict(options)
         self.done: dict[str, dict] = {}
+        #: after a :meth:`load` that found other graph options: (option, its value there, the value asked)
+        self.differences: list[tuple[str, object, object]] = []
 
     def load(self) -> bool:
         """Load an earlier state; True when it exists and was made with the same graph options
-        (all but :data:`FINISHING_OPTIONS`). Stages that a changed finishing option decides are
-        dropped, so they run again; the manifest is always rewritten then."""
+        (all but :data:`FINISHING_OPTIONS`; the ones that differ are kept in ``differences``).
+        Stages that a changed finishing option decides are dropped, so they run again; the
+        manifest is always rewritten then."""
         if not self.path.exists():
             return False
         state = json.loads(self.path.read_text())
         # an option added since that export was started counts as its default there
         earlier = {**_defaults(), **(state.get("options") or {})}
-        if _graph_options(earlier) != _graph_options(self.options):
+        there, asked = _graph_options(earlier), _graph_options(self.options)
+        if there != asked:
+            self.differences = [(k, there.get(k), asked.get(k)) for k in sorted(set(there) | set(asked))
+                                if there.get(k) != asked.get(k)]
             return False
         self.done = state.get("done", {})
         changed = [k for k in FINISHING_OPTIONS if k in earlier and earlier[k] != self.options[k]]
@@ -187,6 +199,10 @@ def prepare_output(out: Path, options: ExportOptions, force: bool) -> ExportStat
             else:
                 log(f"resuming the export in {out} (finished: {', '.join(state.done) or 'nothing'})")
             return state
+        if state.differences:  # an unfinished or finished export of these files, asked for other options
+            differ = "; ".join(f"{k.replace('_', '-')} {there!r} there, {asked!r} asked" for k, there, asked in state.differences)
+            raise UserError(f"{out}: folder holds an export with other options ({differ}); ask for the same to resume it, "
+                            "choose another --out, or pass --force to overwrite it")
         what = "an export with other options" if (out / STATE_DIR).exists() or (out / MANIFEST).exists() else "other files"
         raise UserError(f"{out}: folder holds {what}; choose another --out or pass --force to overwrite it")
     out.mkdir(parents=True, exist_ok=True)
